@@ -1,0 +1,35 @@
+# Two commands a newcomer runs on a fresh machine; each sets itself up first.
+#   make test   everything CI checks: ruff, the test suite (Triton kernels under the
+#               interpreter on CPU tensors), the ahead-of-time compile of every kernel
+#   make demo   the benchmark comparison, printed as a table (small shapes without a GPU)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test demo lint pytest aot clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+pytest: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+aot: $(VENV)/.installed
+	$(PY) -m fastssl.kernels.aot --arch 80 90
+
+test: lint pytest aot
+
+demo: $(VENV)/.installed
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

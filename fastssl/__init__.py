@@ -1,0 +1,12 @@
+"""fastssl: fused GPU kernels for self-supervised vision training.
+
+The public API is flat: ``from fastssl import DinoLoss``. Every fused op takes
+``backend="auto" | "torch" | "triton"`` (see ``fastssl._backend``).
+"""
+
+from . import functional
+from .losses import DinoLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["DinoLoss", "functional", "__version__"]

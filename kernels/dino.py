@@ -1,0 +1,326 @@
+r"""Triton kernels for the DINO loss over all crop pairs, and their launchers.
+
+Notation: V = ncrops student crops of B rows each (crop-major, row ``v*B + b``),
+2 teacher crops, K = out_dim, tau_s / tau_t the student / teacher temperatures.
+
+    z_vb = s_vb / tau_s                      q_ib = softmax((t_ib - c) / tau_t)
+    T(v) = {i in {0, 1} : i != v},  n(v) = |T(v)|,  P = 2V - 2 pairs,  Q_vb = sum_{i in T(v)} q_ib
+
+Because every q_ib sums to one, the authors' mean over pairs of H(q_i, softmax(z_v))
+has the closed form
+
+    loss      = 1 / (P B) * sum_{v, b} [ n(v) * lse(z_vb) - <Q_vb, z_vb> ]
+    dloss/ds  = ( n(v) * softmax(z_vb) - Q_vb ) / (tau_s P B)
+
+so no per-pair tensor is ever built. Four kernels, all in base-2 units
+(``exp2``/``log2``, the logits pre-scaled by log2(e)):
+
+1. ``_teacher_kernel``: one program per column block reads every teacher row once,
+   writing per-(row, block) partial max / sum-exp and the column means (the batch
+   center).
+2. ``_combine_kernel``: one program merges those partials into each teacher row's
+   log-sum-exp.
+3. ``_student_fwd_kernel``: a (b, K-split) grid; a program holds the two teacher rows
+   of sample b and all V student rows of it as one [V_PAD, BLOCK_K] tile, recomputes
+   q from the teacher logits and the saved log-sum-exp, and keeps an online
+   log-sum-exp and the dot <Q, z> per student row. The same ``_combine_kernel``
+   merges the splits and sums the loss.
+4. ``_student_bwd_kernel``: the same grid, writing the gradient directly.
+
+Memory beyond inputs and gradient: the partials, O(rows * splits), and the per-row
+log-sum-exps that the backward recomputes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _teacher_kernel(T, C, PART_M, PART_L, BATCH_CENTER, n_rows, K, stride_t, inv_rows, t_scale2,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    nsplit = tl.num_programs(0)
+    cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
+    colsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & cmask[None, :]
+        t = tl.load(T + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=mask, other=0.0)
+        t = t.to(tl.float32)
+        colsum += tl.sum(t, axis=0)
+        y = tl.where(mask, (t - c[None, :]) * t_scale2, float("-inf"))
+        m = tl.max(y, axis=1)
+        l = tl.sum(tl.exp2(y - m[:, None]), axis=1)
+        tl.store(PART_M + rows * nsplit + pid, m, mask=rmask)
+        tl.store(PART_L + rows * nsplit + pid, l, mask=rmask)
+    tl.store(BATCH_CENTER + cols, colsum * inv_rows, mask=cmask)
+
+
+@triton.jit
+def _combine_kernel(PART_M, PART_L, PART_D, LSE, LOSS, n_rows, nsplit, B, loss_scale,
+                    HAS_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # A single program, so the loss is summed in a fixed order (deterministic).
+    splits = tl.arange(0, BLOCK_S)
+    smask = splits < nsplit
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & smask[None, :]
+        offs = rows[:, None] * nsplit + splits[None, :]
+        m = tl.load(PART_M + offs, mask=mask, other=float("-inf"))
+        l = tl.load(PART_L + offs, mask=mask, other=0.0)
+        m_row = tl.max(m, axis=1)
+        lse = m_row + tl.log2(tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1))
+        tl.store(LSE + rows, lse, mask=rmask)
+        if HAS_DOT:
+            dot = tl.sum(tl.load(PART_D + offs, mask=mask, other=0.0), axis=1)
+            crop = rows // B
+            n = (crop != 0).to(tl.float32) + (crop != 1).to(tl.float32)
+            acc += tl.where(rmask, n * lse - dot, 0.0)
+    if HAS_DOT:
+        tl.store(LOSS, tl.sum(acc, axis=0) * loss_scale)
+
+
+@triton.jit
+def _teacher_probs(T, C, row_off, lse, cols, cmask, t_scale2):
+    t = tl.load(T + row_off + cols, mask=cmask, other=0.0).to(tl.float32)
+    c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
+    return tl.where(cmask, tl.exp2((t - c) * t_scale2 - lse), 0.0)
+
+
+@triton.jit
+def _student_fwd_kernel(S, T, C, LSE_T, PART_M, PART_L, PART_D, ncrops, B, K, stride_s, stride_t,
+                        chunk, s_scale2, t_scale2, V_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    v = tl.arange(0, V_PAD)
+    vmask = v < ncrops
+    # Student crop v is scored against teacher crop i for every i in {0, 1} other than v.
+    w0 = (v != 0).to(tl.float32)
+    w1 = (v != 1).to(tl.float32)
+    s_rows = (v * B + b).to(tl.int64) * stride_s
+    t0_off = b.to(tl.int64) * stride_t
+    t1_off = (b + B).to(tl.int64) * stride_t
+    lse_t0 = tl.load(LSE_T + b)
+    lse_t1 = tl.load(LSE_T + b + B)
+    m = tl.full([V_PAD], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([V_PAD], dtype=tl.float32)
+    d = tl.zeros([V_PAD], dtype=tl.float32)
+    k_start = split * chunk
+    k_end = tl.minimum(k_start + chunk, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < k_end
+        q0 = _teacher_probs(T, C, t0_off, lse_t0, cols, cmask, t_scale2)
+        q1 = _teacher_probs(T, C, t1_off, lse_t1, cols, cmask, t_scale2)
+        mask = vmask[:, None] & cmask[None, :]
+        z = tl.load(S + s_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * s_scale2
+        d += tl.sum((w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]) * z, axis=1)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+        m = m_new
+    offs = (v * B + b) * nsplit + split
+    tl.store(PART_M + offs, m, mask=vmask)
+    tl.store(PART_L + offs, l, mask=vmask)
+    tl.store(PART_D + offs, d, mask=vmask)
+
+
+@triton.jit
+def _student_bwd_kernel(GRAD_LOSS, S, T, C, LSE_S, LSE_T, DS, ncrops, B, K, stride_s, stride_t, stride_ds,
+                        chunk, s_scale2, t_scale2, grad_scale, V_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    v = tl.arange(0, V_PAD)
+    vmask = v < ncrops
+    w0 = (v != 0).to(tl.float32)
+    w1 = (v != 1).to(tl.float32)
+    g = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
+    row = (v * B + b).to(tl.int64)
+    lse_s = tl.load(LSE_S + row, mask=vmask, other=0.0)
+    t0_off = b.to(tl.int64) * stride_t
+    t1_off = (b + B).to(tl.int64) * stride_t
+    lse_t0 = tl.load(LSE_T + b)
+    lse_t1 = tl.load(LSE_T + b + B)
+    k_start = split * chunk
+    k_end = tl.minimum(k_start + chunk, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < k_end
+        q0 = _teacher_probs(T, C, t0_off, lse_t0, cols, cmask, t_scale2)
+        q1 = _teacher_probs(T, C, t1_off, lse_t1, cols, cmask, t_scale2)
+        mask = vmask[:, None] & cmask[None, :]
+        z = tl.load(S + row[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp2(z * s_scale2 - lse_s[:, None])
+        ds = g * ((w0 + w1)[:, None] * p - (w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]))
+        tl.store(DS + row[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# Enough programs to fill any current GPU several times over; a constant rather than the
+# SM count so that results (the order of the split-K sums) do not depend on the device.
+_TARGET_PROGRAMS = 1024
+_TILE = 4096  # elements per [rows, BLOCK_K] tile: 32 fp32 registers a thread at 4 warps
+_NUM_WARPS = 4
+_NUM_STAGES = 2
+
+
+def teacher_config(n_rows: int, K: int) -> dict:
+    """Block sizes of the teacher pass: ~2 column blocks per SM of an H100."""
+    block_k = min(512, max(64, triton.next_power_of_2(triton.cdiv(K, 264))))
+    block_r = min(max(1, _TILE // block_k), triton.next_power_of_2(n_rows))
+    return dict(BLOCK_R=block_r, BLOCK_K=block_k, nsplit=triton.cdiv(K, block_k),
+                num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+
+
+def student_config(ncrops: int, B: int, K: int) -> dict:
+    """Block sizes and the K-split of the student passes (shared by forward and backward)."""
+    v_pad = triton.next_power_of_2(ncrops)
+    block_k = min(max(16, _TILE // v_pad), max(16, triton.next_power_of_2(K)))
+    nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B), triton.cdiv(K, block_k)))
+    chunk = triton.cdiv(triton.cdiv(K, nsplit), block_k) * block_k
+    return dict(V_PAD=v_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk,
+                num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+
+
+def combine_config(n_rows: int, nsplit: int) -> dict:
+    # A single program reads four [BLOCK_R, BLOCK_S] tiles: a smaller tile keeps it clear of spills.
+    block_s = triton.next_power_of_2(nsplit)
+    block_r = min(max(1, _TILE // 4 // block_s), triton.next_power_of_2(n_rows))
+    return dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_NUM_WARPS, num_stages=1)
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by a stride and columns contiguously."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _combine(part_m, part_l, part_d, n_rows, nsplit, B, loss_scale, device):
+    lse = torch.empty(n_rows, device=device, dtype=torch.float32)
+    loss = torch.empty((), device=device, dtype=torch.float32) if part_d is not None else None
+    cfg = combine_config(n_rows, nsplit)
+    has_dot = part_d is not None
+    _combine_kernel[(1,)](
+        part_m, part_l, part_d if has_dot else part_m, lse, loss if has_dot else lse,
+        n_rows, nsplit, max(B, 1), loss_scale, HAS_DOT=has_dot, **cfg)
+    return lse, loss
+
+
+def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int,
+                      student_temp: float, teacher_temp: float):
+    """Fused forward. Returns ``(loss, batch_center, lse_student, lse_teacher)``.
+
+    ``loss`` is a float32 scalar, ``batch_center`` the float32 ``[1, K]`` mean of the
+    teacher rows, the two log-sum-exps (base 2, float32, one per row) are what the
+    backward recomputes from. Inputs are assumed validated by the caller.
+    """
+    student, teacher, center = _rows(student), _rows(teacher), center.contiguous()
+    n_s, K = student.shape
+    n_t = teacher.shape[0]
+    B = n_t // 2
+    dev = student.device
+    s_scale2 = LOG2E / student_temp
+    t_scale2 = LOG2E / teacher_temp
+    with _device(student):
+        tc = teacher_config(n_t, K)
+        part_m = torch.empty(n_t, tc["nsplit"], device=dev, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        batch_center = torch.empty(1, K, device=dev, dtype=torch.float32)
+        _teacher_kernel[(tc["nsplit"],)](
+            teacher, center, part_m, part_l, batch_center, n_t, K, teacher.stride(0), 1.0 / n_t, t_scale2,
+            BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"], num_warps=tc["num_warps"],
+            num_stages=tc["num_stages"])
+        lse_t, _ = _combine(part_m, part_l, None, n_t, tc["nsplit"], B, 1.0, dev)
+
+        sc = student_config(ncrops, B, K)
+        part_m = torch.empty(n_s, sc["nsplit"], device=dev, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_d = torch.empty_like(part_m)
+        _student_fwd_kernel[(B, sc["nsplit"])](
+            student, teacher, center, lse_t, part_m, part_l, part_d, ncrops, B, K,
+            student.stride(0), teacher.stride(0), sc["chunk"], s_scale2, t_scale2,
+            V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], num_warps=sc["num_warps"],
+            num_stages=sc["num_stages"])
+        n_pairs = 2 * ncrops - 2
+        lse_s, loss = _combine(part_m, part_l, part_d, n_s, sc["nsplit"], B, LN2 / (n_pairs * B), dev)
+    return loss, batch_center, lse_s, lse_t
+
+
+def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                       center: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, ncrops: int,
+                       student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """Gradient of the loss with respect to the student logits, in the student's dtype."""
+    student, teacher, center = _rows(student), _rows(teacher), center.contiguous()
+    n_s, K = student.shape
+    B = teacher.shape[0] // 2
+    grad = torch.empty(n_s, K, device=student.device, dtype=student.dtype)
+    sc = student_config(ncrops, B, K)
+    n_pairs = 2 * ncrops - 2
+    with _device(student):
+        _student_bwd_kernel[(B, sc["nsplit"])](
+            grad_loss.reshape(()), student, teacher, center, lse_s, lse_t, grad, ncrops, B, K,
+            student.stride(0), teacher.stride(0), grad.stride(0), sc["chunk"], LOG2E / student_temp,
+            LOG2E / teacher_temp, 1.0 / (student_temp * n_pairs * B),
+            V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], num_warps=sc["num_warps"],
+            num_stages=sc["num_stages"])
+    return grad
+
+
+# ----------------------------------------------------------------------------- ahead-of-time specs
+
+def aot_specs(ncrops: int, B: int, K: int, dtype: str = "fp32"):
+    """What the launchers above compile for this problem: ``(kernel, signature, constexprs, options)``.
+
+    Used by ``fastssl.kernels.aot`` to build every kernel for real GPUs without one.
+    """
+    n_t, n_s = 2 * B, ncrops * B
+    tc, sc = teacher_config(n_t, K), student_config(ncrops, B, K)
+    f32, i32 = "*fp32", "i32"
+    yield (_teacher_kernel,
+           dict(T=f"*{dtype}", C=f32, PART_M=f32, PART_L=f32, BATCH_CENTER=f32, n_rows=i32, K=i32,
+                stride_t=i32, inv_rows="fp32", t_scale2="fp32"),
+           dict(BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"]), tc)
+    for rows, nsplit, has_dot in ((n_t, tc["nsplit"], False), (n_s, sc["nsplit"], True)):
+        cc = combine_config(rows, nsplit)
+        yield (_combine_kernel,
+               dict(PART_M=f32, PART_L=f32, PART_D=f32, LSE=f32, LOSS=f32, n_rows=i32, nsplit=i32, B=i32,
+                    loss_scale="fp32"),
+               dict(HAS_DOT=has_dot, BLOCK_R=cc["BLOCK_R"], BLOCK_S=cc["BLOCK_S"]), cc)
+    scalars = dict(ncrops=i32, B=i32, K=i32, stride_s=i32, stride_t=i32)
+    yield (_student_fwd_kernel,
+           dict(S=f"*{dtype}", T=f"*{dtype}", C=f32, LSE_T=f32, PART_M=f32, PART_L=f32, PART_D=f32, **scalars,
+                chunk=i32, s_scale2="fp32", t_scale2="fp32"),
+           dict(V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"]), sc)
+    yield (_student_bwd_kernel,
+           dict(GRAD_LOSS=f32, S=f"*{dtype}", T=f"*{dtype}", C=f32, LSE_S=f32, LSE_T=f32, DS=f"*{dtype}",
+                **scalars, stride_ds=i32, chunk=i32, s_scale2="fp32", t_scale2="fp32", grad_scale="fp32"),
+           dict(V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"]), sc)
+
+
+# The shapes the AOT check builds for: the benchmark's target problem (2+8 and 2+10
+# crops), the fewest crops, and an odd small problem, in each logits dtype.
+AOT_PROBLEMS = [
+    dict(ncrops=10, B=64, K=65536, dtype="fp32"),
+    dict(ncrops=10, B=64, K=65536, dtype="bf16"),
+    dict(ncrops=12, B=256, K=131072, dtype="fp32"),
+    dict(ncrops=12, B=32, K=4096, dtype="fp16"),
+    dict(ncrops=2, B=3, K=1000, dtype="fp32"),
+]
