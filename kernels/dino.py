@@ -13,22 +13,23 @@ has the closed form
     dloss/ds  = ( n(v) * softmax(z_vb) - Q_vb ) / (tau_s P B)
 
 so no per-pair tensor is ever built. Four kernels, all in base-2 units
-(``exp2``/``log2``, the logits pre-scaled by log2(e)):
+(``exp2``/``log2``, the logits pre-scaled by log2(e)); a row's softmax statistics are
+its max M and its sum L of 2^(x - M), kept apart because M + log2(L) in fp32 loses
+the low bits once |x| is large (fp16 logits of 6e4 over tau_s = 0.1):
 
 1. ``_teacher_kernel``: one program per column block reads every teacher row once,
-   writing per-(row, block) partial max / sum-exp and the column means (the batch
+   writing per-(row, block) partial (max, sum) and the column means (the batch
    center).
-2. ``_combine_kernel``: one program merges those partials into each teacher row's
-   log-sum-exp.
+2. ``_combine_kernel``: one program merges the partials into each row's (M, L).
 3. ``_student_fwd_kernel``: a (b, K-split) grid; a program holds the two teacher rows
    of sample b and all V student rows of it as one [V_PAD, BLOCK_K] tile, recomputes
-   q from the teacher logits and the saved log-sum-exp, and keeps an online
-   log-sum-exp and the dot <Q, z> per student row. The same ``_combine_kernel``
-   merges the splits and sums the loss.
+   q from the teacher logits and (M, L), and keeps per student row an online (max,
+   sum), the dot <Q, z - max> and sum(Q) (so the loss is n * log2(L) - <Q, z - M>,
+   without cancellation). ``_combine_kernel`` merges the splits and sums the loss.
 4. ``_student_bwd_kernel``: the same grid, writing the gradient directly.
 
-Memory beyond inputs and gradient: the partials, O(rows * splits), and the per-row
-log-sum-exps that the backward recomputes from.
+Memory beyond inputs and gradient: the split partials, O(rows * splits), and the
+[2, rows] statistics the backward recomputes from.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def _teacher_kernel(T, C, PART_M, PART_L, BATCH_CENTER, n_rows, K, stride_t, inv
 
 
 @triton.jit
-def _combine_kernel(PART_M, PART_L, PART_D, LSE, LOSS, n_rows, nsplit, B, loss_scale,
+def _combine_kernel(PART_M, PART_L, PART_D, PART_Q, STATS, LOSS, n_rows, nsplit, B, loss_scale,
                     HAS_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Merges split partials into each row's max M and sum L = sum 2^(x - M), kept apart rather
+    # than as M + log2(L): at |x| ~ 1e6 an fp32 log-sum-exp is only good to ~0.06.
     # A single program, so the loss is summed in a fixed order (deterministic).
     splits = tl.arange(0, BLOCK_S)
     smask = splits < nsplit
@@ -82,26 +85,31 @@ def _combine_kernel(PART_M, PART_L, PART_D, LSE, LOSS, n_rows, nsplit, B, loss_s
         m = tl.load(PART_M + offs, mask=mask, other=float("-inf"))
         l = tl.load(PART_L + offs, mask=mask, other=0.0)
         m_row = tl.max(m, axis=1)
-        lse = m_row + tl.log2(tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1))
-        tl.store(LSE + rows, lse, mask=rmask)
+        l_row = tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1)
+        tl.store(STATS + rows, m_row, mask=rmask)
+        tl.store(STATS + n_rows + rows, l_row, mask=rmask)
         if HAS_DOT:
-            dot = tl.sum(tl.load(PART_D + offs, mask=mask, other=0.0), axis=1)
+            # <Q, z - M> = sum over splits of <Q, z - m_j> + (m_j - M) * sum(Q)_j
+            qs = tl.load(PART_Q + offs, mask=mask, other=0.0)
+            shift = tl.where(qs > 0, (m - m_row[:, None]) * qs, 0.0)
+            dot = tl.sum(tl.load(PART_D + offs, mask=mask, other=0.0) + shift, axis=1)
             crop = rows // B
             n = (crop != 0).to(tl.float32) + (crop != 1).to(tl.float32)
-            acc += tl.where(rmask, n * lse - dot, 0.0)
+            # n * lse - <Q, z> = n * log2(L) - <Q, z - M>, as sum(Q) = n: no cancellation.
+            acc += tl.where(rmask, n * tl.log2(l_row) - dot, 0.0)
     if HAS_DOT:
         tl.store(LOSS, tl.sum(acc, axis=0) * loss_scale)
 
 
 @triton.jit
-def _teacher_probs(T, C, row_off, lse, cols, cmask, t_scale2):
+def _teacher_probs(T, C, row_off, m, inv_l, cols, cmask, t_scale2):
     t = tl.load(T + row_off + cols, mask=cmask, other=0.0).to(tl.float32)
     c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
-    return tl.where(cmask, tl.exp2((t - c) * t_scale2 - lse), 0.0)
+    return tl.where(cmask, tl.exp2((t - c) * t_scale2 - m) * inv_l, 0.0)
 
 
 @triton.jit
-def _student_fwd_kernel(S, T, C, LSE_T, PART_M, PART_L, PART_D, ncrops, B, K, stride_s, stride_t,
+def _student_fwd_kernel(S, T, C, STATS_T, PART_M, PART_L, PART_D, PART_Q, ncrops, B, K, stride_s, stride_t,
                         chunk, s_scale2, t_scale2, V_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -114,33 +122,40 @@ def _student_fwd_kernel(S, T, C, LSE_T, PART_M, PART_L, PART_D, ncrops, B, K, st
     s_rows = (v * B + b).to(tl.int64) * stride_s
     t0_off = b.to(tl.int64) * stride_t
     t1_off = (b + B).to(tl.int64) * stride_t
-    lse_t0 = tl.load(LSE_T + b)
-    lse_t1 = tl.load(LSE_T + b + B)
+    n_t = 2 * B
+    m_t0, inv_l_t0 = tl.load(STATS_T + b), 1.0 / tl.load(STATS_T + n_t + b)
+    m_t1, inv_l_t1 = tl.load(STATS_T + b + B), 1.0 / tl.load(STATS_T + n_t + b + B)
+    # Per student row: running max m, sum 2^(z - m), <Q, z - m> and sum(Q).
     m = tl.full([V_PAD], float("-inf"), dtype=tl.float32)
     l = tl.zeros([V_PAD], dtype=tl.float32)
     d = tl.zeros([V_PAD], dtype=tl.float32)
+    qs = tl.zeros([V_PAD], dtype=tl.float32)
     k_start = split * chunk
     k_end = tl.minimum(k_start + chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < k_end
-        q0 = _teacher_probs(T, C, t0_off, lse_t0, cols, cmask, t_scale2)
-        q1 = _teacher_probs(T, C, t1_off, lse_t1, cols, cmask, t_scale2)
+        q0 = _teacher_probs(T, C, t0_off, m_t0, inv_l_t0, cols, cmask, t_scale2)
+        q1 = _teacher_probs(T, C, t1_off, m_t1, inv_l_t1, cols, cmask, t_scale2)
+        Q = w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]
         mask = vmask[:, None] & cmask[None, :]
         z = tl.load(S + s_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * s_scale2
-        d += tl.sum((w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]) * z, axis=1)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+        d += tl.where(qs > 0, (m - m_new) * qs, 0.0)
+        d += tl.sum(tl.where(mask, Q * (z - m_new[:, None]), 0.0), axis=1)
+        qs += tl.sum(Q, axis=1)
         m = m_new
     offs = (v * B + b) * nsplit + split
     tl.store(PART_M + offs, m, mask=vmask)
     tl.store(PART_L + offs, l, mask=vmask)
     tl.store(PART_D + offs, d, mask=vmask)
+    tl.store(PART_Q + offs, qs, mask=vmask)
 
 
 @triton.jit
-def _student_bwd_kernel(GRAD_LOSS, S, T, C, LSE_S, LSE_T, DS, ncrops, B, K, stride_s, stride_t, stride_ds,
+def _student_bwd_kernel(GRAD_LOSS, S, T, C, STATS_S, STATS_T, DS, ncrops, B, K, stride_s, stride_t, stride_ds,
                         chunk, s_scale2, t_scale2, grad_scale, V_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -150,22 +165,26 @@ def _student_bwd_kernel(GRAD_LOSS, S, T, C, LSE_S, LSE_T, DS, ncrops, B, K, stri
     w1 = (v != 1).to(tl.float32)
     g = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
     row = (v * B + b).to(tl.int64)
-    lse_s = tl.load(LSE_S + row, mask=vmask, other=0.0)
+    n_s = ncrops * B
+    m_s = tl.load(STATS_S + row, mask=vmask, other=0.0)
+    # n(v) / L folded into one factor: softmax(z) * n = 2^(z - M) * (n / L)
+    p_scale = (w0 + w1) / tl.load(STATS_S + n_s + row, mask=vmask, other=1.0)
     t0_off = b.to(tl.int64) * stride_t
     t1_off = (b + B).to(tl.int64) * stride_t
-    lse_t0 = tl.load(LSE_T + b)
-    lse_t1 = tl.load(LSE_T + b + B)
+    n_t = 2 * B
+    m_t0, inv_l_t0 = tl.load(STATS_T + b), 1.0 / tl.load(STATS_T + n_t + b)
+    m_t1, inv_l_t1 = tl.load(STATS_T + b + B), 1.0 / tl.load(STATS_T + n_t + b + B)
     k_start = split * chunk
     k_end = tl.minimum(k_start + chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < k_end
-        q0 = _teacher_probs(T, C, t0_off, lse_t0, cols, cmask, t_scale2)
-        q1 = _teacher_probs(T, C, t1_off, lse_t1, cols, cmask, t_scale2)
+        q0 = _teacher_probs(T, C, t0_off, m_t0, inv_l_t0, cols, cmask, t_scale2)
+        q1 = _teacher_probs(T, C, t1_off, m_t1, inv_l_t1, cols, cmask, t_scale2)
         mask = vmask[:, None] & cmask[None, :]
         z = tl.load(S + row[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp2(z * s_scale2 - lse_s[:, None])
-        ds = g * ((w0 + w1)[:, None] * p - (w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]))
+        p = tl.exp2(z * s_scale2 - m_s[:, None]) * p_scale[:, None]
+        ds = g * (p - (w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]))
         tl.store(DS + row[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
 
 
@@ -175,8 +194,12 @@ def _student_bwd_kernel(GRAD_LOSS, S, T, C, LSE_S, LSE_T, DS, ncrops, B, K, stri
 # SM count so that results (the order of the split-K sums) do not depend on the device.
 _TARGET_PROGRAMS = 1024
 _TILE = 4096  # elements per [rows, BLOCK_K] tile: 32 fp32 registers a thread at 4 warps
+# The student passes keep several tiles live (logits, Q, exponentials): half the tile over
+# 8 warps keeps them near 100 registers a thread (sm_90 AOT build), 16 warps an SM.
+_STUDENT_TILE = 2048
+_STUDENT_WARPS = 8
 _NUM_WARPS = 4
-_NUM_STAGES = 2
+_NUM_STAGES = 1
 
 
 def teacher_config(n_rows: int, K: int) -> dict:
@@ -190,11 +213,11 @@ def teacher_config(n_rows: int, K: int) -> dict:
 def student_config(ncrops: int, B: int, K: int) -> dict:
     """Block sizes and the K-split of the student passes (shared by forward and backward)."""
     v_pad = triton.next_power_of_2(ncrops)
-    block_k = min(max(16, _TILE // v_pad), max(16, triton.next_power_of_2(K)))
+    block_k = min(max(16, _STUDENT_TILE // v_pad), max(16, triton.next_power_of_2(K)))
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B), triton.cdiv(K, block_k)))
     chunk = triton.cdiv(triton.cdiv(K, nsplit), block_k) * block_k
     return dict(V_PAD=v_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk,
-                num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                num_warps=_STUDENT_WARPS, num_stages=_NUM_STAGES)
 
 
 def combine_config(n_rows: int, nsplit: int) -> dict:
@@ -213,24 +236,26 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _combine(part_m, part_l, part_d, n_rows, nsplit, B, loss_scale, device):
-    lse = torch.empty(n_rows, device=device, dtype=torch.float32)
-    loss = torch.empty((), device=device, dtype=torch.float32) if part_d is not None else None
-    cfg = combine_config(n_rows, nsplit)
+def _combine(part_m, part_l, part_d, part_q, n_rows, nsplit, B, loss_scale, device):
+    """Row statistics ``[2, n_rows]`` (max, sum; base 2) and, given the dots, the loss."""
+    stats = torch.empty(2, n_rows, device=device, dtype=torch.float32)
     has_dot = part_d is not None
-    _combine_kernel[(1,)](
-        part_m, part_l, part_d if has_dot else part_m, lse, loss if has_dot else lse,
-        n_rows, nsplit, max(B, 1), loss_scale, HAS_DOT=has_dot, **cfg)
-    return lse, loss
+    loss = torch.empty((), device=device, dtype=torch.float32) if has_dot else stats
+    if not has_dot:
+        part_d = part_q = part_m  # unused
+    _combine_kernel[(1,)](part_m, part_l, part_d, part_q, stats, loss, n_rows, nsplit, max(B, 1), loss_scale,
+                          HAS_DOT=has_dot, **combine_config(n_rows, nsplit))
+    return stats, (loss if has_dot else None)
 
 
 def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int,
                       student_temp: float, teacher_temp: float):
-    """Fused forward. Returns ``(loss, batch_center, lse_student, lse_teacher)``.
+    """Fused forward. Returns ``(loss, batch_center, stats_student, stats_teacher)``.
 
     ``loss`` is a float32 scalar, ``batch_center`` the float32 ``[1, K]`` mean of the
-    teacher rows, the two log-sum-exps (base 2, float32, one per row) are what the
-    backward recomputes from. Inputs are assumed validated by the caller.
+    teacher rows; the statistics (float32 ``[2, rows]``: each row's max and sum of
+    2^(x - max) of its base-2 logits) are what the backward recomputes from. Inputs
+    are assumed validated by the caller.
     """
     student, teacher, center = _rows(student), _rows(teacher), center.contiguous()
     n_s, K = student.shape
@@ -248,24 +273,22 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
             teacher, center, part_m, part_l, batch_center, n_t, K, teacher.stride(0), 1.0 / n_t, t_scale2,
             BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"], num_warps=tc["num_warps"],
             num_stages=tc["num_stages"])
-        lse_t, _ = _combine(part_m, part_l, None, n_t, tc["nsplit"], B, 1.0, dev)
+        stats_t, _ = _combine(part_m, part_l, None, None, n_t, tc["nsplit"], B, 1.0, dev)
 
         sc = student_config(ncrops, B, K)
-        part_m = torch.empty(n_s, sc["nsplit"], device=dev, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
-        part_d = torch.empty_like(part_m)
+        part_m, part_l, part_d, part_q = torch.empty(4, n_s, sc["nsplit"], device=dev, dtype=torch.float32)
         _student_fwd_kernel[(B, sc["nsplit"])](
-            student, teacher, center, lse_t, part_m, part_l, part_d, ncrops, B, K,
+            student, teacher, center, stats_t, part_m, part_l, part_d, part_q, ncrops, B, K,
             student.stride(0), teacher.stride(0), sc["chunk"], s_scale2, t_scale2,
             V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], num_warps=sc["num_warps"],
             num_stages=sc["num_stages"])
         n_pairs = 2 * ncrops - 2
-        lse_s, loss = _combine(part_m, part_l, part_d, n_s, sc["nsplit"], B, LN2 / (n_pairs * B), dev)
-    return loss, batch_center, lse_s, lse_t
+        stats_s, loss = _combine(part_m, part_l, part_d, part_q, n_s, sc["nsplit"], B, LN2 / (n_pairs * B), dev)
+    return loss, batch_center, stats_s, stats_t
 
 
 def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                       center: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, ncrops: int,
+                       center: torch.Tensor, stats_s: torch.Tensor, stats_t: torch.Tensor, ncrops: int,
                        student_temp: float, teacher_temp: float) -> torch.Tensor:
     """Gradient of the loss with respect to the student logits, in the student's dtype."""
     student, teacher, center = _rows(student), _rows(teacher), center.contiguous()
@@ -276,7 +299,7 @@ def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: 
     n_pairs = 2 * ncrops - 2
     with _device(student):
         _student_bwd_kernel[(B, sc["nsplit"])](
-            grad_loss.reshape(()), student, teacher, center, lse_s, lse_t, grad, ncrops, B, K,
+            grad_loss.reshape(()), student, teacher, center, stats_s, stats_t, grad, ncrops, B, K,
             student.stride(0), teacher.stride(0), grad.stride(0), sc["chunk"], LOG2E / student_temp,
             LOG2E / teacher_temp, 1.0 / (student_temp * n_pairs * B),
             V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], num_warps=sc["num_warps"],
@@ -301,16 +324,17 @@ def aot_specs(ncrops: int, B: int, K: int, dtype: str = "fp32"):
     for rows, nsplit, has_dot in ((n_t, tc["nsplit"], False), (n_s, sc["nsplit"], True)):
         cc = combine_config(rows, nsplit)
         yield (_combine_kernel,
-               dict(PART_M=f32, PART_L=f32, PART_D=f32, LSE=f32, LOSS=f32, n_rows=i32, nsplit=i32, B=i32,
-                    loss_scale="fp32"),
+               dict(PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32, STATS=f32, LOSS=f32, n_rows=i32,
+                    nsplit=i32, B=i32, loss_scale="fp32"),
                dict(HAS_DOT=has_dot, BLOCK_R=cc["BLOCK_R"], BLOCK_S=cc["BLOCK_S"]), cc)
     scalars = dict(ncrops=i32, B=i32, K=i32, stride_s=i32, stride_t=i32)
     yield (_student_fwd_kernel,
-           dict(S=f"*{dtype}", T=f"*{dtype}", C=f32, LSE_T=f32, PART_M=f32, PART_L=f32, PART_D=f32, **scalars,
+           dict(S=f"*{dtype}", T=f"*{dtype}", C=f32, STATS_T=f32, PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32,
+                **scalars,
                 chunk=i32, s_scale2="fp32", t_scale2="fp32"),
            dict(V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"]), sc)
     yield (_student_bwd_kernel,
-           dict(GRAD_LOSS=f32, S=f"*{dtype}", T=f"*{dtype}", C=f32, LSE_S=f32, LSE_T=f32, DS=f"*{dtype}",
+           dict(GRAD_LOSS=f32, S=f"*{dtype}", T=f"*{dtype}", C=f32, STATS_S=f32, STATS_T=f32, DS=f"*{dtype}",
                 **scalars, stride_ds=i32, chunk=i32, s_scale2="fp32", t_scale2="fp32", grad_scale="fp32"),
            dict(V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"]), sc)
 

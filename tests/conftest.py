@@ -1,22 +1,22 @@
-"""Test setup: Triton kernels run through the interpreter on CPU tensors.
+"""Test setup: where the kernels run, and fresh random inputs.
 
-TRITON_INTERPRET must be set before triton is imported, hence here. Every test
-gets fresh random inputs: an autouse fixture seeds torch from the OS and prints
-the seed (shown on failure); set FASTSSL_TEST_SEED to replay one.
+Without a GPU, the Triton kernels run through the interpreter on CPU tensors
+(TRITON_INTERPRET=1, set here before triton is imported). With a GPU and no
+TRITON_INTERPRET, the same tests run the real kernels on CUDA tensors
+(``helpers.DEVICE``). Every test gets fresh random inputs: an autouse fixture seeds
+torch from the OS and prints the seed (shown on failure); set FASTSSL_TEST_SEED to
+replay one.
 """
 
 import os
 import secrets
-import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-# The interpreter evaluates masked-out lanes too (e.g. -inf - -inf in padded rows of an
-# online softmax); numpy warns about them although they are never stored.
-warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
 
 
 @pytest.fixture(autouse=True)

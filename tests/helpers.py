@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# The device every test puts its tensors on: CUDA when there is a GPU and the kernels are
+# not being interpreted, else the CPU (set up in conftest.py).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
 
 # Relative-norm tolerances for a result returned in each dtype (fp32 math inside).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}

@@ -71,21 +71,22 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
 # ----------------------------------------------------------------------------- PyTorch path
 
 def _dino_loss_torch(student, teacher, center, ncrops, student_temp, teacher_temp):
-    """The closed form in plain PyTorch, fp32 math; autograd gives the gradient."""
+    """The closed form in plain PyTorch, fp32 math; autograd gives the gradient.
+
+    Written with log_softmax, -<Q_v, log_softmax(z_v)> = n(v) lse(z_v) - <Q_v, z_v>,
+    which stays exact for huge logits (no large lse minus large dot).
+    """
     B, K = teacher.shape[0] // 2, student.shape[1]
     # Elementwise products, not matmuls: exact under autocast and with TF32 enabled.
     with torch.autocast(student.device.type, enabled=False):
-        z = (student.float() / student_temp).view(ncrops, B, K)
+        logp = torch.log_softmax(student.float().view(ncrops, B, K) / student_temp, dim=-1)
         with torch.no_grad():
             t = teacher.detach().float()
             q0, q1 = torch.softmax((t - center.float().view(1, K)) / teacher_temp, dim=-1).view(2, B, K)
             batch_center = t.mean(dim=0, keepdim=True)
-        n = torch.full((ncrops, 1), 2.0, device=z.device)
-        n[:2] = 1.0
-        lse = torch.logsumexp(z, dim=-1)
-        # sum_v <Q_v, z_v> = <q0 + q1, sum_v z_v> - <q0, z_0> - <q1, z_1>
-        dots = ((q0 + q1) * z.sum(0)).sum() - (q0 * z[0]).sum() - (q1 * z[1]).sum()
-        loss = ((n * lse).sum() - dots) / ((2 * ncrops - 2) * B)
+        # sum_v <Q_v, logp_v> = <q0 + q1, sum_v logp_v> - <q0, logp_0> - <q1, logp_1>
+        dots = ((q0 + q1) * logp.sum(0)).sum() - (q0 * logp[0]).sum() - (q1 * logp[1]).sum()
+        loss = -dots / ((2 * ncrops - 2) * B)
     return loss, batch_center
 
 
@@ -104,38 +105,37 @@ def _dino_forward_op(student: torch.Tensor, teacher: torch.Tensor, center: torch
 def _(student, teacher, center, ncrops, student_temp, teacher_temp):
     f32 = dict(dtype=torch.float32, device=student.device)
     return (torch.empty((), **f32), torch.empty(1, student.shape[1], **f32),
-            torch.empty(student.shape[0], **f32), torch.empty(teacher.shape[0], **f32))
+            torch.empty(2, student.shape[0], **f32), torch.empty(2, teacher.shape[0], **f32))
 
 
 @torch.library.custom_op("fastssl::dino_loss_backward", mutates_args=())
 def _dino_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                      center: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, ncrops: int,
+                      center: torch.Tensor, stats_s: torch.Tensor, stats_t: torch.Tensor, ncrops: int,
                       student_temp: float, teacher_temp: float) -> torch.Tensor:
     from ..kernels.dino import dino_loss_backward
 
-    return dino_loss_backward(grad_loss, student, teacher, center, lse_s, lse_t, ncrops, student_temp,
+    return dino_loss_backward(grad_loss, student, teacher, center, stats_s, stats_t, ncrops, student_temp,
                               teacher_temp)
 
 
 @_dino_backward_op.register_fake
-def _(grad_loss, student, teacher, center, lse_s, lse_t, ncrops, student_temp, teacher_temp):
+def _(grad_loss, student, teacher, center, stats_s, stats_t, ncrops, student_temp, teacher_temp):
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, center, ncrops, student_temp, teacher_temp = inputs
-    _, batch_center, lse_s, lse_t = output
-    ctx.mark_non_differentiable(batch_center, lse_s, lse_t)
-    # DinoLoss updates its center in place right after the forward: keep this step's (K floats).
-    ctx.save_for_backward(student, teacher, center.clone(), lse_s, lse_t)
+    _, batch_center, stats_s, stats_t = output
+    ctx.mark_non_differentiable(batch_center, stats_s, stats_t)
+    ctx.save_for_backward(student, teacher, center, stats_s, stats_t)
     ctx.args = (ncrops, student_temp, teacher_temp)
 
 
-def _backward(ctx, grad_loss, _grad_center, _grad_lse_s, _grad_lse_t):
-    student, teacher, center, lse_s, lse_t = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_center, _grad_stats_s, _grad_stats_t):
+    student, teacher, center, stats_s, stats_t = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _dino_backward_op(grad_loss, student, teacher, center, lse_s, lse_t, *ctx.args)
+        grad = _dino_backward_op(grad_loss, student, teacher, center, stats_s, stats_t, *ctx.args)
     # No gradient to the teacher (the authors detach its softmax) nor to the center.
     return grad, None, None, None, None, None
 
@@ -253,7 +253,9 @@ class DinoLoss(nn.Module):
         """EMA of the center from this process's teacher-row mean, averaged over ranks."""
         batch_center = distributed.all_reduce_mean_(batch_center.detach().float())
         m = self.center_momentum
-        self.center.copy_(self.center * m + batch_center.view_as(self.center) * (1 - m))
+        # A new tensor, as the authors do, not an in-place update: the backward of this
+        # step's loss still reads the center it was computed with.
+        self.center = self.center * m + batch_center.view_as(self.center) * (1 - m)
 
     def extra_repr(self) -> str:
         return (f"out_dim={self.out_dim}, ncrops={self.ncrops}, student_temp={self.student_temp}, "
