@@ -1,12 +1,12 @@
 """Build script.
 
 The Triton kernels live in the top-level ``kernels/`` folder and install as the
-subpackage ``fastssl.kernels``; everything else is plain Python.
+subpackage ``fastssl.kernels``; everything else is plain Python under ``fastssl/``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["fastssl", "fastssl.reference", "fastssl.kernels"],
+    packages=[*find_packages(include=["fastssl", "fastssl.*"]), "fastssl.kernels"],
     package_dir={"fastssl": "fastssl", "fastssl.kernels": "kernels"},
 )
