@@ -75,10 +75,11 @@ def test_non_contiguous_rows(backend):
     student, teacher = wide_s[:, 3:3 + K].requires_grad_(), wide_t[:, :K]
     center = torch.randn(K, device=DEVICE)
     loss, _ = dino_loss(student, teacher, center, ncrops, 0.05, backend=backend)
-    (grad,) = torch.autograd.grad(loss, student)
+    # An upstream gradient other than 1 (a loss weight) scales the gradient.
+    (grad,) = torch.autograd.grad(loss * 2.5, student)
     ref_loss, ref_grad, _ = _reference(student, teacher, center.view(1, K), ncrops, 0.05)
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
-    assert_rel_close(grad, ref_grad, 1e-5, "gradient")
+    assert_rel_close(grad, 2.5 * ref_grad, 1e-5, "gradient")
 
 
 def test_module_several_steps_match_authors(backend):
@@ -252,8 +253,12 @@ def test_opcheck():
     # The custom op's schema, fake (meta) implementation and autograd registration.
     student, teacher, center = _logits(4, 3, 70)
     student.requires_grad_()
-    torch.library.opcheck(torch.ops.fastssl.dino_loss_forward.default,
-                          (student, teacher, center, 4, 0.1, 0.04))
+    args = (student, teacher, center, 4, 0.1, 0.04)
+    torch.library.opcheck(torch.ops.fastssl.dino_loss_forward.default, args)
+    _, _, stats_s, stats_t = torch.ops.fastssl.dino_loss_forward(*args)
+    grad_loss = torch.tensor(1.5, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastssl.dino_loss_backward.default,
+                          (grad_loss, student.detach(), teacher, center, stats_s, stats_t, 4, 0.1, 0.04))
 
 
 def test_torch_compile_fullgraph(backend):
