@@ -1,0 +1,132 @@
+"""The benchmark harness and a smoke run of the DINO benchmark (CPU, tiny shapes)."""
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import benchmarks  # noqa: F401
+except ImportError:  # plain `pytest` does not put the repository root on sys.path, `python -m pytest` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import dino, harness  # noqa: E402
+
+
+def test_roofline_pct():
+    # 1 GB in 1 ms is 1000 GB/s: half of a 2000 GB/s device.
+    assert harness.roofline_pct(1e9, 1.0, 2000.0) == pytest.approx(50.0)
+    assert harness.roofline_pct(3e9, 2.0, 1500.0) == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        harness.roofline_pct(1e9, 0.0, 1000.0)
+
+
+def test_markdown_table():
+    records = [{"contender": "a", "median_ms": 1.23456, "n": 3, "extra": None},
+               {"contender": "b|c", "median_ms": 2e-5, "n": 4}]
+    lines = harness.markdown_table(records, ["contender", "median_ms", "n", "extra"]).splitlines()
+    assert lines[0] == "| contender | median_ms | n | extra |"
+    assert lines[1].startswith("|---|") and lines[1].count("|") == 5
+    assert lines[2] == "| a | 1.235 | 3 |  |"
+    assert lines[3] == "| b\\|c | 2.00e-05 | 4 |  |"
+
+
+def test_time_fn_and_combine():
+    x = torch.randn(256, 256)
+    stats = harness.time_fn(lambda: x @ x, torch.device("cpu"), warmup=1, reps=7)
+    assert stats["reps"] == 7
+    assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+    calls = []
+    stats = harness.time_fn(lambda arg: calls.append(arg), "cpu", warmup=2, reps=3, setup=lambda: "fresh")
+    assert calls == ["fresh"] * 5 and stats["reps"] == 3
+    assert harness.peak_memory_bytes(lambda: x @ x, "cpu") is None
+
+    sets = [{"f": {"median_ms": m, "min_ms": m - 1, "max_ms": m + 1, "reps": 5, "peak_mem_bytes": None}}
+            for m in (3.0, 1.0, 2.0)]
+    combined = harness.combine_sets(sets)["f"]
+    assert combined["median_ms"] == 2.0 and combined["min_ms"] == 0.0 and combined["max_ms"] == 4.0
+    assert combined["reps"] == 15 and combined["sets"] == 3
+
+
+def test_device_info():
+    info = harness.device_info(torch.device("cpu"))
+    assert info["slug"] == "cpu" and info["torch"] == torch.__version__
+    assert info["copy_bandwidth_gbs"] > 0
+    assert harness.results_dir(info, root="/x") == Path("/x/cpu")
+
+
+def test_dino_smoke(tmp_path):
+    paths = dino.main(["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu"])
+    for kind in ("json", "md", "png"):
+        assert paths[kind].exists() and paths[kind].stat().st_size > 0
+    data = json.loads(paths["json"].read_text())
+    assert data["meta"]["slug"] == "cpu" and data["meta"]["preset"] == "smoke"
+    records = data["records"]
+    assert {r["contender"] for r in records} == {"fastssl", "authors", "authors+compile"}
+    assert {r["mode"] for r in records} == set(dino.MODES)
+    assert {r["dtype"] for r in records} == {"fp32", "bf16"}
+    for r in records:
+        for key in ("median_ms", "min_ms", "max_ms", "speedup"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert r["max_rel_err"] <= dino.TOLERANCE[r["dtype"]]
+        if r["contender"] == "fastssl":
+            assert r["bytes_moved"] > 0 and r["roofline_pct"] > 0
+            if r["mode"] == "fwd+bwd":
+                assert r["bytes_issue"] > 0 and r["roofline_pct_issue"] > 0
+    # The median over input sets of the per-set medians.
+    r = records[0]
+    assert r["median_ms"] == pytest.approx(statistics.median(r["set_medians_ms"]))
+    md = paths["md"].read_text()
+    assert "| case | mode | contender |" in md and "commit" in md
+
+
+def test_dino_bytes():
+    case = dino.Case(B=64, K=65536, local=8, dtype="bf16")
+    student, teacher = 10 * 64 * 65536 * 2, 2 * 64 * 65536 * 2
+    assert dino.design_bytes(case, "fwd") == 2 * teacher + student
+    assert dino.design_bytes(case, "bwd") == 2 * student + teacher
+    assert dino.design_bytes(case, "fwd+bwd") == 3 * teacher + 3 * student
+    assert dino.issue_bytes(case) == 3 * student + teacher
+
+
+def test_dino_mismatch_is_an_error():
+    case = dino.Case(B=2, K=64, local=2, dtype="fp32")
+    student, teacher = dino.make_inputs(case, torch.device("cpu"), 0)
+    wrong = dino.build("authors", dino.Case(B=2, K=64, local=2, dtype="fp32"), torch.device("cpu"))
+    wrong.student_temp = 0.2
+    with pytest.raises(dino.CorrectnessError, match="authors loss"):
+        dino.check({"authors": wrong}, case, student, teacher)
+
+
+def test_entry_point_passes_preset_and_out(tmp_path, monkeypatch, capsys):
+    from benchmarks import __main__ as entry
+
+    seen = []
+
+    def fake_main(argv):
+        seen.append(argv)
+        return {"json": tmp_path / "dino-x.json"}
+
+    monkeypatch.setattr(dino, "main", fake_main)
+    entry.main(["--only", "dino", "--preset", "smoke", "--out", str(tmp_path)])
+    entry.main(["--preset", "no-such-preset"])  # unknown to dino: its default, with a note
+    assert seen == [["--preset", "smoke", "--out", str(tmp_path)], []]
+    out = capsys.readouterr()
+    assert f"Results written to {tmp_path}" in out.out and "no-such-preset" in out.err
+
+
+def test_write_results_default_plot(tmp_path):
+    info = {"slug": "cpu", "name": "test CPU", "device": "cpu", "torch": torch.__version__, "date": "today",
+            "copy_bandwidth_gbs": 10.0, "commit": None}
+    records = [{"case": "n=1", "contender": c, "median_ms": m, "min_ms": m / 2, "max_ms": m * 2}
+               for c, m in (("ours", 1.0), ("theirs", 3.0))]
+    paths = harness.write_results(records, info, tmp_path / "sub", "toy",
+                                  columns=["case", "contender", "median_ms"])
+    assert json.loads(paths["json"].read_text()) == {"meta": info, "records": records}
+    assert "| n=1 | theirs | 3 |" in paths["md"].read_text()
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
