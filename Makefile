@@ -12,7 +12,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q setuptools wheel ninja
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
@@ -23,8 +23,10 @@ lint: $(VENV)/.installed
 pytest: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
+# A fresh Triton cache, so every kernel is really compiled (not read back from a cache).
 aot: $(VENV)/.installed
-	$(PY) -m fastssl.kernels.aot --arch 80 90
+	@cache=$$(mktemp -d); TRITON_CACHE_DIR=$$cache $(PY) -m fastssl.kernels.aot --arch 80 90; \
+	rc=$$?; rm -rf $$cache; exit $$rc
 
 test: lint pytest aot
 
