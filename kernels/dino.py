@@ -193,12 +193,12 @@ def _student_bwd_kernel(GRAD_LOSS, S, T, C, STATS_S, STATS_T, DS, ncrops, B, K, 
 # Enough programs to fill any current GPU several times over; a constant rather than the
 # SM count so that results (the order of the split-K sums) do not depend on the device.
 _TARGET_PROGRAMS = 1024
-_TILE = 4096  # elements per [rows, BLOCK_K] tile: 32 fp32 registers a thread at 4 warps
-# The student passes keep several tiles live (logits, Q, exponentials): half the tile over
-# 8 warps keeps them near 100 registers a thread (sm_90 AOT build), 16 warps an SM.
+# Elements per [rows, BLOCK_K] tile of the streaming kernels, over 8 warps. The student
+# passes keep several tiles live (logits, Q, exponentials), hence half the teacher's tile:
+# both then stay at ~100 registers a thread or less with no spills (sm_80/sm_90 AOT builds).
+_TILE = 4096
 _STUDENT_TILE = 2048
-_STUDENT_WARPS = 8
-_NUM_WARPS = 4
+_STREAM_WARPS = 8
 _NUM_STAGES = 1
 
 
@@ -207,7 +207,7 @@ def teacher_config(n_rows: int, K: int) -> dict:
     block_k = min(512, max(64, triton.next_power_of_2(triton.cdiv(K, 264))))
     block_r = min(max(1, _TILE // block_k), triton.next_power_of_2(n_rows))
     return dict(BLOCK_R=block_r, BLOCK_K=block_k, nsplit=triton.cdiv(K, block_k),
-                num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                num_warps=_STREAM_WARPS, num_stages=_NUM_STAGES)
 
 
 def student_config(ncrops: int, B: int, K: int) -> dict:
@@ -217,14 +217,14 @@ def student_config(ncrops: int, B: int, K: int) -> dict:
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B), triton.cdiv(K, block_k)))
     chunk = triton.cdiv(triton.cdiv(K, nsplit), block_k) * block_k
     return dict(V_PAD=v_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk,
-                num_warps=_STUDENT_WARPS, num_stages=_NUM_STAGES)
+                num_warps=_STREAM_WARPS, num_stages=_NUM_STAGES)
 
 
 def combine_config(n_rows: int, nsplit: int) -> dict:
     # A single program reads four [BLOCK_R, BLOCK_S] tiles: a smaller tile keeps it clear of spills.
     block_s = triton.next_power_of_2(nsplit)
     block_r = min(max(1, _TILE // 4 // block_s), triton.next_power_of_2(n_rows))
-    return dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_NUM_WARPS, num_stages=1)
+    return dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4, num_stages=1)
 
 
 def _device(t: torch.Tensor):
