@@ -10,7 +10,8 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: test demo lint pytest aot clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+# Re-installed when the build inputs change (the editable install compiles csrc/ into fastssl._C).
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel ninja
 	$(PY) -m pip install -q $(TORCH_PIN)

@@ -1,0 +1,304 @@
+// fastssl::resized_crops: the schema, the shared argument checks and the CPU kernel.
+//
+// Every crop is independent: at::parallel_for runs over crops. Per crop, the per-axis taps
+// (resample.h) are computed once, then a horizontal pass over the box's rows into a float
+// buffer and a vertical pass into the output, with the normalisation and the cast folded into
+// the store.
+
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+#include "resample.h"
+
+namespace fastssl {
+
+namespace {
+
+bool is_supported_input(at::ScalarType t) {
+  return t == at::kByte || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool is_supported_output(at::ScalarType t) {
+  return t == at::kByte || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+int check_resized_crops_args(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
+                             const std::optional<at::Tensor>& flips, int64_t channels, int64_t size,
+                             const std::string& interpolation, const std::optional<at::Tensor>& mean,
+                             const std::optional<at::Tensor>& stdev, at::ScalarType out_dtype) {
+  TORCH_CHECK(interpolation == "bilinear" || interpolation == "bicubic",
+              "resized_crops: interpolation must be 'bilinear' or 'bicubic', got '", interpolation, "'");
+  TORCH_CHECK(size > 0, "resized_crops: size must be positive, got ", size);
+  TORCH_CHECK(channels > 0, "resized_crops: channels must be positive, got ", channels);
+  TORCH_CHECK(data.dim() == 1 && data.is_contiguous(), "resized_crops: data must be a contiguous 1-D buffer, got ",
+              data.sizes());
+  TORCH_CHECK(is_supported_input(data.scalar_type()),
+              "resized_crops: images must be uint8, float32, float16 or bfloat16, got ", data.scalar_type());
+  TORCH_CHECK(is_supported_output(out_dtype),
+              "resized_crops: out_dtype must be uint8, float32, float16 or bfloat16, got ", out_dtype);
+  TORCH_CHECK(image_info.dim() == 2 && image_info.size(1) == kInfoCols && image_info.size(0) > 0 &&
+                  image_info.scalar_type() == at::kLong && image_info.is_contiguous(),
+              "resized_crops: image_info must be a contiguous int64 [B, 3] tensor with B > 0, got ",
+              image_info.scalar_type(), " ", image_info.sizes());
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == kBoxCols && boxes.scalar_type() == at::kFloat &&
+                  boxes.is_contiguous(),
+              "resized_crops: boxes must be a contiguous float32 [N, 5] tensor, got ", boxes.scalar_type(), " ",
+              boxes.sizes());
+  const auto dev = data.device();
+  TORCH_CHECK(image_info.device() == dev && boxes.device() == dev,
+              "resized_crops: data, image_info and boxes must be on one device, got ", dev, ", ",
+              image_info.device(), ", ", boxes.device());
+  if (flips.has_value()) {
+    TORCH_CHECK(flips->dim() == 1 && flips->size(0) == boxes.size(0) && flips->scalar_type() == at::kBool &&
+                    flips->is_contiguous() && flips->device() == dev,
+                "resized_crops: flips must be a contiguous bool [N] tensor on ", dev, " with N=", boxes.size(0),
+                ", got ", flips->scalar_type(), " ", flips->sizes(), " on ", flips->device());
+  }
+  for (const auto* t : {&mean, &stdev}) {
+    if (t->has_value()) {
+      const at::Tensor& v = t->value();
+      TORCH_CHECK(v.dim() == 1 && v.size(0) == channels && v.scalar_type() == at::kFloat && v.is_contiguous() &&
+                      v.device() == dev,
+                  "resized_crops: mean and std must be contiguous float32 [C] tensors on ", dev, " with C=",
+                  channels, ", got ", v.scalar_type(), " ", v.sizes(), " on ", v.device());
+    }
+  }
+  return interpolation == "bicubic" ? kBicubic : kBilinear;
+}
+
+at::Tensor empty_crops(const at::Tensor& data, int64_t n, int64_t channels, int64_t size, at::ScalarType out_dtype,
+                       bool channels_last) {
+  auto opts = data.options().dtype(out_dtype);
+  if (channels_last) {
+    return at::empty({n, channels, size, size}, opts, at::MemoryFormat::ChannelsLast);
+  }
+  return at::empty({n, channels, size, size}, opts);
+}
+
+namespace {
+
+template <typename out_t>
+inline out_t store_value(float v) {
+  return static_cast<out_t>(v);
+}
+
+template <>
+inline uint8_t store_value<uint8_t>(float v) {
+  v = std::nearbyint(v);
+  return static_cast<uint8_t>(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
+}
+
+struct Axis {
+  int width = 0;                 // taps per output (the widest window along the axis)
+  std::vector<int64_t> index;    // [out_size * width]
+  std::vector<float> weight;     // [out_size * width], 0 for padding taps
+};
+
+Axis make_axis(float origin, float length, int64_t extent, int64_t out_size, bool cubic, bool antialias,
+               bool flip) {
+  std::vector<AxisTaps> taps(out_size);
+  int width = 1;
+  for (int64_t i = 0; i < out_size; ++i) {
+    taps[i] = axis_taps(origin, length, extent, out_size, flip ? out_size - 1 - i : i, cubic, antialias);
+    width = std::max(width, taps[i].count);
+  }
+  Axis a;
+  a.width = width;
+  a.index.assign(out_size * width, taps.empty() ? 0 : taps[0].lo);
+  a.weight.assign(out_size * width, 0.f);
+  for (int64_t i = 0; i < out_size; ++i) {
+    for (int k = 0; k < taps[i].count; ++k) {
+      a.weight[i * width + k] = tap(taps[i], k, a.index[i * width + k]);
+    }
+  }
+  return a;
+}
+
+template <typename in_t, typename out_t>
+void crops_cpu_kernel(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
+                      const std::optional<at::Tensor>& flips, const std::optional<at::Tensor>& mean,
+                      const std::optional<at::Tensor>& stdev, int64_t C, int64_t S, bool cubic, bool antialias,
+                      float input_scale, at::Tensor& out) {
+  const in_t* src = data.const_data_ptr<in_t>();
+  const int64_t* info = image_info.const_data_ptr<int64_t>();
+  const float* box = boxes.const_data_ptr<float>();
+  const bool* flip = flips.has_value() ? flips->const_data_ptr<bool>() : nullptr;
+  const float* mu = mean.has_value() ? mean->const_data_ptr<float>() : nullptr;
+  const float* sd = stdev.has_value() ? stdev->const_data_ptr<float>() : nullptr;
+  out_t* dst = out.mutable_data_ptr<out_t>();
+  const int64_t sn = out.stride(0), sc = out.stride(1), sy = out.stride(2), sx = out.stride(3);
+  const int64_t N = boxes.size(0);
+
+  std::vector<float> shift(C, 0.f), mult(C, input_scale);
+  for (int64_t c = 0; c < C; ++c) {
+    const float inv = sd ? 1.f / sd[c] : 1.f;
+    mult[c] = input_scale * inv;
+    shift[c] = mu ? -mu[c] * inv : 0.f;
+  }
+
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows;
+    for (int64_t n = begin; n < end; ++n) {
+      const float* b = box + n * kBoxCols;
+      const int64_t img = static_cast<int64_t>(b[0]);
+      const int64_t offset = info[img * kInfoCols], H = info[img * kInfoCols + 1], W = info[img * kInfoCols + 2];
+      const Axis ay = make_axis(b[1], b[3], H, S, cubic, antialias, false);
+      const Axis ax = make_axis(b[2], b[4], W, S, cubic, antialias, flip != nullptr && flip[n]);
+      // The box's rows [y0, y1): every row a vertical tap can land on.
+      const int64_t y0 = *std::min_element(ay.index.begin(), ay.index.end());
+      const int64_t y1 = *std::max_element(ay.index.begin(), ay.index.end()) + 1;
+      const int64_t R = y1 - y0;
+      rows.assign(C * R * S, 0.f);
+      // Horizontal pass: rows[c][r][x] = sum_k wx * image[c][y0 + r][ix].
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t r = 0; r < R; ++r) {
+          const in_t* line = src + offset + (c * H + y0 + r) * W;
+          float* o = rows.data() + (c * R + r) * S;
+          for (int64_t x = 0; x < S; ++x) {
+            const int64_t* ix = ax.index.data() + x * ax.width;
+            const float* wx = ax.weight.data() + x * ax.width;
+            float acc = 0.f;
+            for (int k = 0; k < ax.width; ++k) acc += wx[k] * static_cast<float>(line[ix[k]]);
+            o[x] = acc;
+          }
+        }
+      }
+      // Vertical pass, then normalise and store.
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t y = 0; y < S; ++y) {
+          const int64_t* iy = ay.index.data() + y * ay.width;
+          const float* wy = ay.weight.data() + y * ay.width;
+          out_t* o = dst + n * sn + c * sc + y * sy;
+          for (int64_t x = 0; x < S; ++x) {
+            float acc = 0.f;
+            for (int k = 0; k < ay.width; ++k) acc += wy[k] * rows[(c * R + iy[k] - y0) * S + x];
+            o[x * sx] = store_value<out_t>(acc * mult[c] + shift[c]);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename in_t>
+void dispatch_out(at::ScalarType out_dtype, const at::Tensor& data, const at::Tensor& image_info,
+                  const at::Tensor& boxes, const std::optional<at::Tensor>& flips,
+                  const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& stdev, int64_t C, int64_t S,
+                  bool cubic, bool antialias, float input_scale, at::Tensor& out) {
+  switch (out_dtype) {
+    case at::kFloat:
+      return crops_cpu_kernel<in_t, float>(data, image_info, boxes, flips, mean, stdev, C, S, cubic, antialias,
+                                           input_scale, out);
+    case at::kHalf:
+      return crops_cpu_kernel<in_t, c10::Half>(data, image_info, boxes, flips, mean, stdev, C, S, cubic, antialias,
+                                               input_scale, out);
+    case at::kBFloat16:
+      return crops_cpu_kernel<in_t, c10::BFloat16>(data, image_info, boxes, flips, mean, stdev, C, S, cubic,
+                                                   antialias, input_scale, out);
+    case at::kByte:
+      return crops_cpu_kernel<in_t, uint8_t>(data, image_info, boxes, flips, mean, stdev, C, S, cubic, antialias,
+                                             input_scale, out);
+    default:
+      TORCH_CHECK(false, "resized_crops: unsupported out_dtype ", out_dtype);
+  }
+}
+
+// The values of the boxes: each inside its image, positive sides, a valid image index.
+void check_box_values(const at::Tensor& image_info, const at::Tensor& boxes) {
+  const int64_t B = image_info.size(0);
+  const int64_t* info = image_info.const_data_ptr<int64_t>();
+  const float* box = boxes.const_data_ptr<float>();
+  for (int64_t n = 0; n < boxes.size(0); ++n) {
+    const float* b = box + n * kBoxCols;
+    const float idx = b[0];
+    TORCH_CHECK(idx >= 0 && idx < static_cast<float>(B) && std::floor(idx) == idx, "resized_crops: box ", n,
+                " has image index ", idx, ", out of range for ", B, " images");
+    const int64_t i = static_cast<int64_t>(idx);
+    const int64_t H = info[i * kInfoCols + 1], W = info[i * kInfoCols + 2];
+    TORCH_CHECK(b[3] > 0 && b[4] > 0, "resized_crops: box ", n, " has non-positive height/width (", b[3], ", ",
+                b[4], ")");
+    TORCH_CHECK(b[1] >= 0 && b[2] >= 0 && b[1] + b[3] <= static_cast<float>(H) + 1e-3f &&
+                    b[2] + b[4] <= static_cast<float>(W) + 1e-3f,
+                "resized_crops: box ", n, " (top=", b[1], ", left=", b[2], ", height=", b[3], ", width=", b[4],
+                ") is outside its image ", i, " of height ", H, " and width ", W);
+  }
+}
+
+at::Tensor resized_crops_cpu(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
+                             const std::optional<at::Tensor>& flips, int64_t channels, int64_t size,
+                             std::string interpolation, bool antialias, const std::optional<at::Tensor>& mean,
+                             const std::optional<at::Tensor>& stdev, double input_scale, at::ScalarType out_dtype,
+                             bool channels_last) {
+  const int interp = check_resized_crops_args(data, image_info, boxes, flips, channels, size, interpolation, mean,
+                                              stdev, out_dtype);
+  check_box_values(image_info, boxes);
+  at::Tensor out = empty_crops(data, boxes.size(0), channels, size, out_dtype, channels_last);
+  if (boxes.size(0) == 0) return out;
+  const bool cubic = interp == kBicubic;
+  const float scale = static_cast<float>(input_scale);
+  switch (data.scalar_type()) {
+    case at::kByte:
+      dispatch_out<uint8_t>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic, antialias,
+                            scale, out);
+      break;
+    case at::kFloat:
+      dispatch_out<float>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic, antialias,
+                          scale, out);
+      break;
+    case at::kHalf:
+      dispatch_out<c10::Half>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic,
+                              antialias, scale, out);
+      break;
+    case at::kBFloat16:
+      dispatch_out<c10::BFloat16>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic,
+                                  antialias, scale, out);
+      break;
+    default:
+      TORCH_CHECK(false, "resized_crops: unsupported image dtype ", data.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastssl, m) {
+  // Where torch finds the fake (meta) implementation, registered in Python.
+  m.set_python_module("fastssl.ops._crops");
+  m.def(
+      "resized_crops(Tensor data, Tensor image_info, Tensor boxes, Tensor? flips, int channels, int size, "
+      "str interpolation, bool antialias, Tensor? mean, Tensor? std, float input_scale, ScalarType out_dtype, "
+      "bool channels_last) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastssl, CPU, m) { m.impl("resized_crops", &resized_crops_cpu); }
+
+}  // namespace fastssl
+
+// A Python extension module, so that `import fastssl._C` loads the library and runs the
+// registrations above; it has no Python-level functions (the ops live under torch.ops.fastssl).
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define FASTSSL_CONCAT_(a, b) a##b
+#define FASTSSL_CONCAT(a, b) FASTSSL_CONCAT_(a, b)
+#define FASTSSL_STR_(a) #a
+#define FASTSSL_STR(a) FASTSSL_STR_(a)
+
+static PyModuleDef fastssl_module = {PyModuleDef_HEAD_INIT, FASTSSL_STR(TORCH_EXTENSION_NAME),
+                                     "fastssl C++/CUDA ops (registered under torch.ops.fastssl)", -1, nullptr};
+
+PyMODINIT_FUNC FASTSSL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&fastssl_module); }
