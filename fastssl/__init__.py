@@ -4,9 +4,10 @@ The public API is flat: ``from fastssl import DinoLoss``. Every fused op takes
 ``backend="auto" | "torch" | "triton"`` (see ``fastssl._backend``).
 """
 
-from . import functional
+from . import functional, ops
+from .ema import MomentumTeacher, ema_update_
 from .losses import DinoLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["DinoLoss", "functional", "__version__"]
+__all__ = ["DinoLoss", "MomentumTeacher", "ema_update_", "functional", "ops", "__version__"]
