@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import DEVICE, DTYPES, TOL, assert_rel_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastssl
 from fastssl.functional import dino_loss
@@ -282,3 +284,16 @@ def test_torch_compile_fullgraph(backend):
         assert_rel_close(comp, eager, 1e-5, "compiled loss")
         assert_rel_close(g_comp, g_eager, 1e-4, "compiled gradient")
         assert_rel_close(loss_comp.center, loss_eager.center, 1e-6, "compiled center")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ncrops=st.integers(2, 12), B=st.integers(1, 4), K=st.integers(1, 300),
+       teacher_temp=st.floats(0.02, 0.2), student_temp=st.floats(0.05, 0.5), scale=st.floats(0.1, 20.0))
+def test_random_problems_match_authors(backend, ncrops, B, K, teacher_temp, student_temp, scale):
+    student, teacher, center = _logits(ncrops, B, K, scale=scale)
+    student.requires_grad_()
+    loss, _ = dino_loss(student, teacher, center, ncrops, teacher_temp, student_temp, backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_loss, ref_grad, _ = _reference(student, teacher, center, ncrops, teacher_temp, student_temp)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(grad, ref_grad, 1e-5, "gradient")
