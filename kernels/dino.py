@@ -20,12 +20,12 @@ the low bits once |x| is large (fp16 logits of 6e4 over tau_s = 0.1):
 1. ``_teacher_kernel``: one program per column block reads every teacher row once,
    writing per-(row, block) partial (max, sum) and the column means (the batch
    center).
-2. ``_combine_kernel``: one program merges the partials into each row's (M, L).
+2. ``_combine_kernel``: merges the partials into each row's (M, L).
 3. ``_student_fwd_kernel``: a (b, K-split) grid; a program holds the two teacher rows
    of sample b and all V student rows of it as one [V_PAD, BLOCK_K] tile, recomputes
    q from the teacher logits and (M, L), and keeps per student row an online (max,
    sum), the dot <Q, z - max> and sum(Q) (so the loss is n * log2(L) - <Q, z - M>,
-   without cancellation). ``_combine_kernel`` merges the splits and sums the loss.
+   without cancellation). ``_combine_kernel`` merges the splits and the loss shares.
 4. ``_student_bwd_kernel``: the same grid, writing the gradient directly.
 
 Memory beyond inputs and gradient: the split partials, O(rows * splits), and the
@@ -69,36 +69,34 @@ def _teacher_kernel(T, C, PART_M, PART_L, BATCH_CENTER, n_rows, K, stride_t, inv
 
 
 @triton.jit
-def _combine_kernel(PART_M, PART_L, PART_D, PART_Q, STATS, LOSS, n_rows, nsplit, B, loss_scale,
+def _combine_kernel(PART_M, PART_L, PART_D, PART_Q, STATS, LOSS_PART, n_rows, nsplit, B, loss_scale,
                     HAS_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     # Merges split partials into each row's max M and sum L = sum 2^(x - M), kept apart rather
-    # than as M + log2(L): at |x| ~ 1e6 an fp32 log-sum-exp is only good to ~0.06.
-    # A single program, so the loss is summed in a fixed order (deterministic).
+    # than as M + log2(L): at |x| ~ 1e6 an fp32 log-sum-exp is only good to ~0.06. With the
+    # dots, each program also writes its rows' share of the loss; the caller sums those shares
+    # (a fixed order: deterministic, unlike atomics).
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     splits = tl.arange(0, BLOCK_S)
-    smask = splits < nsplit
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for r0 in range(0, n_rows, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < n_rows
-        mask = rmask[:, None] & smask[None, :]
-        offs = rows[:, None] * nsplit + splits[None, :]
-        m = tl.load(PART_M + offs, mask=mask, other=float("-inf"))
-        l = tl.load(PART_L + offs, mask=mask, other=0.0)
-        m_row = tl.max(m, axis=1)
-        l_row = tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1)
-        tl.store(STATS + rows, m_row, mask=rmask)
-        tl.store(STATS + n_rows + rows, l_row, mask=rmask)
-        if HAS_DOT:
-            # <Q, z - M> = sum over splits of <Q, z - m_j> + (m_j - M) * sum(Q)_j
-            qs = tl.load(PART_Q + offs, mask=mask, other=0.0)
-            shift = tl.where(qs > 0, (m - m_row[:, None]) * qs, 0.0)
-            dot = tl.sum(tl.load(PART_D + offs, mask=mask, other=0.0) + shift, axis=1)
-            crop = rows // B
-            n = (crop != 0).to(tl.float32) + (crop != 1).to(tl.float32)
-            # n * lse - <Q, z> = n * log2(L) - <Q, z - M>, as sum(Q) = n: no cancellation.
-            acc += tl.where(rmask, n * tl.log2(l_row) - dot, 0.0)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (splits < nsplit)[None, :]
+    offs = rows[:, None] * nsplit + splits[None, :]
+    m = tl.load(PART_M + offs, mask=mask, other=float("-inf"))
+    l = tl.load(PART_L + offs, mask=mask, other=0.0)
+    m_row = tl.max(m, axis=1)
+    l_row = tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1)
+    tl.store(STATS + rows, m_row, mask=rmask)
+    tl.store(STATS + n_rows + rows, l_row, mask=rmask)
     if HAS_DOT:
-        tl.store(LOSS, tl.sum(acc, axis=0) * loss_scale)
+        # <Q, z - M> = sum over splits of <Q, z - m_j> + (m_j - M) * sum(Q)_j
+        qs = tl.load(PART_Q + offs, mask=mask, other=0.0)
+        shift = tl.where(qs > 0, (m - m_row[:, None]) * qs, 0.0)
+        dot = tl.sum(tl.load(PART_D + offs, mask=mask, other=0.0) + shift, axis=1)
+        crop = rows // B
+        n = (crop != 0).to(tl.float32) + (crop != 1).to(tl.float32)
+        # n * lse - <Q, z> = n * log2(L) - <Q, z - M>, as sum(Q) = n: no cancellation.
+        share = tl.sum(tl.where(rmask, n * tl.log2(l_row) - dot, 0.0), axis=0)
+        tl.store(LOSS_PART + pid, share * loss_scale)
 
 
 @triton.jit
@@ -221,10 +219,10 @@ def student_config(ncrops: int, B: int, K: int) -> dict:
 
 
 def combine_config(n_rows: int, nsplit: int) -> dict:
-    # A single program reads four [BLOCK_R, BLOCK_S] tiles: a smaller tile keeps it clear of spills.
+    """Rows per program of the combine: [BLOCK_R, BLOCK_S] tiles of ~1k partials, many programs."""
     block_s = triton.next_power_of_2(nsplit)
-    block_r = min(max(1, _TILE // 4 // block_s), triton.next_power_of_2(n_rows))
-    return dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4, num_stages=1)
+    block_r = min(max(1, 1024 // block_s), triton.next_power_of_2(n_rows))
+    return dict(BLOCK_R=block_r, BLOCK_S=block_s, grid=triton.cdiv(n_rows, block_r), num_warps=4, num_stages=1)
 
 
 def _device(t: torch.Tensor):
@@ -239,13 +237,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _combine(part_m, part_l, part_d, part_q, n_rows, nsplit, B, loss_scale, device):
     """Row statistics ``[2, n_rows]`` (max, sum; base 2) and, given the dots, the loss."""
     stats = torch.empty(2, n_rows, device=device, dtype=torch.float32)
+    cfg = combine_config(n_rows, nsplit)
     has_dot = part_d is not None
-    loss = torch.empty((), device=device, dtype=torch.float32) if has_dot else stats
+    loss_part = torch.empty(cfg["grid"], device=device, dtype=torch.float32) if has_dot else stats
     if not has_dot:
         part_d = part_q = part_m  # unused
-    _combine_kernel[(1,)](part_m, part_l, part_d, part_q, stats, loss, n_rows, nsplit, max(B, 1), loss_scale,
-                          HAS_DOT=has_dot, **combine_config(n_rows, nsplit))
-    return stats, (loss if has_dot else None)
+    _combine_kernel[(cfg["grid"],)](part_m, part_l, part_d, part_q, stats, loss_part, n_rows, nsplit, max(B, 1),
+                                    loss_scale, HAS_DOT=has_dot, BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return stats, (loss_part.sum() if has_dot else None)
 
 
 def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int,
@@ -324,7 +324,7 @@ def aot_specs(ncrops: int, B: int, K: int, dtype: str = "fp32"):
     for rows, nsplit, has_dot in ((n_t, tc["nsplit"], False), (n_s, sc["nsplit"], True)):
         cc = combine_config(rows, nsplit)
         yield (_combine_kernel,
-               dict(PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32, STATS=f32, LOSS=f32, n_rows=i32,
+               dict(PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32, STATS=f32, LOSS_PART=f32, n_rows=i32,
                     nsplit=i32, B=i32, loss_scale="fp32"),
                dict(HAS_DOT=has_dot, BLOCK_R=cc["BLOCK_R"], BLOCK_S=cc["BLOCK_S"]), cc)
     scalars = dict(ncrops=i32, B=i32, K=i32, stride_s=i32, stride_t=i32)
