@@ -107,22 +107,30 @@ def _teacher_probs(T, C, row_off, m, inv_l, cols, cmask, t_scale2):
 
 
 @triton.jit
+def _pair_setup(STATS_T, b, B, ncrops, stride_t, V_PAD: tl.constexpr):
+    """What both student passes need for sample b: which teacher crops each student crop is
+    scored against, and the two teacher rows' offsets and softmax statistics."""
+    v = tl.arange(0, V_PAD)
+    # Student crop v is scored against teacher crop i for every i in {0, 1} other than v.
+    w0 = (v != 0).to(tl.float32)
+    w1 = (v != 1).to(tl.float32)
+    n_t = 2 * B
+    t0_off = b.to(tl.int64) * stride_t
+    t1_off = (b + B).to(tl.int64) * stride_t
+    m_t0, inv_l_t0 = tl.load(STATS_T + b), 1.0 / tl.load(STATS_T + n_t + b)
+    m_t1, inv_l_t1 = tl.load(STATS_T + b + B), 1.0 / tl.load(STATS_T + n_t + b + B)
+    return v, v < ncrops, w0, w1, t0_off, t1_off, m_t0, inv_l_t0, m_t1, inv_l_t1
+
+
+@triton.jit
 def _student_fwd_kernel(S, T, C, STATS_T, PART_M, PART_L, PART_D, PART_Q, ncrops, B, K, stride_s, stride_t,
                         chunk, s_scale2, t_scale2, V_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    v = tl.arange(0, V_PAD)
-    vmask = v < ncrops
-    # Student crop v is scored against teacher crop i for every i in {0, 1} other than v.
-    w0 = (v != 0).to(tl.float32)
-    w1 = (v != 1).to(tl.float32)
+    v, vmask, w0, w1, t0_off, t1_off, m_t0, inv_l_t0, m_t1, inv_l_t1 = _pair_setup(
+        STATS_T, b, B, ncrops, stride_t, V_PAD)
     s_rows = (v * B + b).to(tl.int64) * stride_s
-    t0_off = b.to(tl.int64) * stride_t
-    t1_off = (b + B).to(tl.int64) * stride_t
-    n_t = 2 * B
-    m_t0, inv_l_t0 = tl.load(STATS_T + b), 1.0 / tl.load(STATS_T + n_t + b)
-    m_t1, inv_l_t1 = tl.load(STATS_T + b + B), 1.0 / tl.load(STATS_T + n_t + b + B)
     # Per student row: running max m, sum 2^(z - m), <Q, z - m> and sum(Q).
     m = tl.full([V_PAD], float("-inf"), dtype=tl.float32)
     l = tl.zeros([V_PAD], dtype=tl.float32)
@@ -157,21 +165,14 @@ def _student_bwd_kernel(GRAD_LOSS, S, T, C, STATS_S, STATS_T, DS, ncrops, B, K, 
                         chunk, s_scale2, t_scale2, grad_scale, V_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     split = tl.program_id(1)
-    v = tl.arange(0, V_PAD)
-    vmask = v < ncrops
-    w0 = (v != 0).to(tl.float32)
-    w1 = (v != 1).to(tl.float32)
+    v, vmask, w0, w1, t0_off, t1_off, m_t0, inv_l_t0, m_t1, inv_l_t1 = _pair_setup(
+        STATS_T, b, B, ncrops, stride_t, V_PAD)
     g = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
     row = (v * B + b).to(tl.int64)
     n_s = ncrops * B
     m_s = tl.load(STATS_S + row, mask=vmask, other=0.0)
     # n(v) / L folded into one factor: softmax(z) * n = 2^(z - M) * (n / L)
     p_scale = (w0 + w1) / tl.load(STATS_S + n_s + row, mask=vmask, other=1.0)
-    t0_off = b.to(tl.int64) * stride_t
-    t1_off = (b + B).to(tl.int64) * stride_t
-    n_t = 2 * B
-    m_t0, inv_l_t0 = tl.load(STATS_T + b), 1.0 / tl.load(STATS_T + n_t + b)
-    m_t1, inv_l_t1 = tl.load(STATS_T + b + B), 1.0 / tl.load(STATS_T + n_t + b + B)
     k_start = split * chunk
     k_end = tl.minimum(k_start + chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
