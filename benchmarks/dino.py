@@ -22,7 +22,6 @@ checked against the authors' loop run in float32 on the same (rounded) inputs.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -429,36 +428,7 @@ def plot(records: list[dict], fig) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dino", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: target on CUDA, cpu otherwise")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/)")
-    parser.add_argument("--device", help="default: the first CUDA device, else the CPU")
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="default: all that apply")
-    parser.add_argument("--filter", nargs="+", metavar="TOKEN",
-                        help="keep the cases whose label has all these tokens, e.g. K=65536 bf16 2+8")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device) if args.device else harness.default_device()
-    preset_name = args.preset or default_preset(device)
-    preset = PRESETS[preset_name]
-    info = harness.device_info(device)
-    info.update(benchmark=NAME, preset=preset_name)
-    cases = [c for c in preset.cases if set(args.filter or ()) <= set(c.label.split())]
-    if not cases:
-        parser.error(f"--filter {args.filter} matches none of the {preset_name} cases")
-    records = run(preset, device, info, contenders=args.contenders, cases=cases, seed=args.seed)
-
-    cols = columns(records)
-    text = notes(preset_name, preset, records, device)
-    print(harness.markdown_table(records, cols))
-    print()
-    print(text)
-    out = args.out if args.out is not None else harness.results_dir(info)
-    paths = harness.write_results(records, info, out, f"{NAME}-{preset_name}", columns=cols, plot=plot,
-                                  notes=text)
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    return paths
+    return harness.benchmark_main(sys.modules[__name__], argv, filter_example="K=65536 bf16 2+8")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ checked against the update computed in float64.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -342,39 +341,7 @@ def plot(records: list[dict], fig) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ema", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: target on CUDA, cpu otherwise")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/)")
-    parser.add_argument("--device", help="default: the first CUDA device, else the CPU")
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="default: all that apply")
-    parser.add_argument("--filter", nargs="+", metavar="TOKEN",
-                        help="keep the cases whose label has all these tokens, e.g. ViT-L/16 bf16")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device) if args.device else harness.default_device()
-    preset_name = args.preset or default_preset(device)
-    preset = PRESETS[preset_name]
-    cuda_only = [c for c in args.contenders or () if c in CUDA_ONLY]
-    if device.type != "cuda" and cuda_only:
-        parser.error(f"{', '.join(cuda_only)}: CUDA only")
-    info = harness.device_info(device)
-    info.update(benchmark=NAME, preset=preset_name)
-    cases = [c for c in preset.cases if set(args.filter or ()) <= set(c.label.split())]
-    if not cases:
-        parser.error(f"--filter {args.filter} matches none of the {preset_name} cases")
-    records = run(preset, device, info, contenders=args.contenders, cases=cases, seed=args.seed)
-
-    cols = columns(records)
-    text = notes(preset_name, preset, records, device)
-    print(harness.markdown_table(records, cols))
-    print()
-    print(text)
-    out = args.out if args.out is not None else harness.results_dir(info)
-    paths = harness.write_results(records, info, out, f"{NAME}-{preset_name}", columns=cols, plot=plot,
-                                  notes=text)
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    return paths
+    return harness.benchmark_main(sys.modules[__name__], argv, filter_example="ViT-L/16 bf16")
 
 
 if __name__ == "__main__":

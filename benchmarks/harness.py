@@ -18,6 +18,7 @@ Results go to ``benchmarks/results/<device slug>/<name>.{json,md,png}``.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -35,6 +36,7 @@ import torch
 
 __all__ = [
     "bar_plot",
+    "benchmark_main",
     "combine_sets",
     "default_device",
     "device_info",
@@ -444,4 +446,53 @@ def write_results(records: list[dict], info: dict, out_dir: str | os.PathLike, n
     fig.suptitle(f"{name}: {info.get('name')}, torch {info.get('torch')}", fontsize=9)
     paths["png"] = out_dir / f"{name}.png"
     fig.savefig(paths["png"], dpi=120)
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+
+def benchmark_main(bench, argv: list[str] | None = None, *, filter_example: str = "") -> dict[str, Path]:
+    """The command line every benchmark module shares: ``python -m benchmarks.<name> [options]``.
+
+    ``bench`` is the benchmark module. It provides ``NAME``, ``PRESETS`` (each with a
+    ``cases`` list whose items have a ``label``), ``CONTENDERS``, optionally ``CUDA_ONLY``,
+    and the functions ``default_preset(device)``, ``run(preset, device, info, *,
+    contenders, cases, seed) -> records``, ``columns(records)``, ``notes(preset_name,
+    preset, records, device)`` and ``plot(records, fig)``. Prints the table and the notes,
+    writes JSON/MD/PNG and returns their paths.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{bench.NAME}",
+                                     description=(bench.__doc__ or "").split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(bench.PRESETS), help="default: target on CUDA, cpu otherwise")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>/)")
+    parser.add_argument("--device", help="default: the first CUDA device, else the CPU")
+    parser.add_argument("--contenders", nargs="+", choices=bench.CONTENDERS, help="default: all that apply")
+    parser.add_argument("--filter", nargs="+", metavar="TOKEN",
+                        help="keep the cases whose label has all these tokens"
+                        + (f", e.g. {filter_example}" if filter_example else ""))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device) if args.device else default_device()
+    preset_name = args.preset or bench.default_preset(device)
+    preset = bench.PRESETS[preset_name]
+    cuda_only = [c for c in args.contenders or () if c in getattr(bench, "CUDA_ONLY", ())]
+    if device.type != "cuda" and cuda_only:
+        parser.error(f"{', '.join(cuda_only)}: CUDA only")
+    info = device_info(device)
+    info.update(benchmark=bench.NAME, preset=preset_name)
+    cases = [c for c in preset.cases if set(args.filter or ()) <= set(c.label.split())]
+    if not cases:
+        parser.error(f"--filter {args.filter} matches none of the {preset_name} cases")
+    records = bench.run(preset, device, info, contenders=args.contenders, cases=cases, seed=args.seed)
+
+    cols = bench.columns(records)
+    text = bench.notes(preset_name, preset, records, device)
+    print(markdown_table(records, cols))
+    print()
+    print(text)
+    out = args.out if args.out is not None else results_dir(info)
+    paths = write_results(records, info, out, f"{bench.NAME}-{preset_name}", columns=cols, plot=bench.plot,
+                          notes=text)
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
     return paths
