@@ -1,6 +1,6 @@
 """fastssl benchmarks: each fused op against the baselines users run today.
 
-``python -m benchmarks`` (``make demo``) runs every module listed in
+``python -m benchmarks`` (``make bench``) runs every module listed in
 ``benchmarks.__main__.BENCHMARKS``; ``python -m benchmarks.<name>`` runs one.
 
 A benchmark module ``benchmarks/<name>.py`` provides:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks`` (``make demo``): every benchmark with its default preset for this device.
+"""``python -m benchmarks`` (``make bench``): every benchmark with its default preset for this device.
 
     python -m benchmarks [--preset NAME] [--only NAME] [--out DIR]
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 # Every benchmark module, in the order they run (see benchmarks/__init__.py for the contract).
-BENCHMARKS = ["dino", "ema"]
+BENCHMARKS = ["dino", "ema", "multicrop"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Path]]:

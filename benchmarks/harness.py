@@ -458,8 +458,8 @@ def benchmark_main(bench, argv: list[str] | None = None, *, filter_example: str 
     ``cases`` list whose items have a ``label``), ``CONTENDERS``, optionally ``CUDA_ONLY``,
     and the functions ``default_preset(device)``, ``run(preset, device, info, *,
     contenders, cases, seed) -> records``, ``columns(records)``, ``notes(preset_name,
-    preset, records, device)`` and ``plot(records, fig)``. Prints the table and the notes,
-    writes JSON/MD/PNG and returns their paths.
+    preset, records, device)`` and optionally ``plot(records, fig)`` (else the default
+    bar chart). Prints the table and the notes, writes JSON/MD/PNG and returns their paths.
     """
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{bench.NAME}",
                                      description=(bench.__doc__ or "").split("\n")[0])
@@ -492,7 +492,7 @@ def benchmark_main(bench, argv: list[str] | None = None, *, filter_example: str 
     print()
     print(text)
     out = args.out if args.out is not None else results_dir(info)
-    paths = write_results(records, info, out, f"{bench.NAME}-{preset_name}", columns=cols, plot=bench.plot,
-                          notes=text)
+    paths = write_results(records, info, out, f"{bench.NAME}-{preset_name}", columns=cols,
+                          plot=getattr(bench, "plot", None), notes=text)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
     return paths

@@ -3,7 +3,8 @@
 // Every crop is independent: at::parallel_for runs over crops. Per crop, the per-axis taps
 // (resample.h) are computed once, then a horizontal pass over the box's rows into a float
 // buffer and a vertical pass into the output, with the normalisation and the cast folded into
-// the store.
+// the store. uint8 images to uint8 crops take torch's fixed-point path instead (resample_uint8.h),
+// what torchvision computes for uint8 images on CPU.
 
 #include <Python.h>
 
@@ -21,6 +22,7 @@
 
 #include "ops.h"
 #include "resample.h"
+#include "resample_uint8.h"
 
 namespace fastssl {
 
@@ -194,6 +196,64 @@ void crops_cpu_kernel(const at::Tensor& data, const at::Tensor& image_info, cons
   });
 }
 
+// uint8 to uint8 (no normalisation): torch's fixed-point separable resize, horizontal pass first
+// into an intermediate uint8 image, then the vertical pass (resample_uint8.h).
+void crops_cpu_uint8_fixed(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
+                           const std::optional<at::Tensor>& flips, int64_t C, int64_t S, bool cubic, bool antialias,
+                           at::Tensor& out) {
+  const uint8_t* src = data.const_data_ptr<uint8_t>();
+  const int64_t* info = image_info.const_data_ptr<int64_t>();
+  const float* box = boxes.const_data_ptr<float>();
+  const bool* flip = flips.has_value() ? flips->const_data_ptr<bool>() : nullptr;
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  const int64_t sn = out.stride(0), sc = out.stride(1), sy = out.stride(2), sx = out.stride(3);
+  const int64_t N = boxes.size(0);
+
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> rows;
+    for (int64_t n = begin; n < end; ++n) {
+      const float* b = box + n * kBoxCols;
+      const int64_t img = static_cast<int64_t>(b[0]);
+      const int64_t offset = info[img * kInfoCols], H = info[img * kInfoCols + 1], W = info[img * kInfoCols + 2];
+      const FixedAxis ay = make_fixed_axis(b[1], b[3], H, S, cubic, antialias, false);
+      const FixedAxis ax = make_fixed_axis(b[2], b[4], W, S, cubic, antialias, flip != nullptr && flip[n]);
+      const int64_t y0 = *std::min_element(ay.index.begin(), ay.index.end());
+      const int64_t y1 = *std::max_element(ay.index.begin(), ay.index.end()) + 1;
+      const int64_t R = y1 - y0;
+      const int32_t half_x = ax.precision > 0 ? 1 << (ax.precision - 1) : 0;
+      const int32_t half_y = ay.precision > 0 ? 1 << (ay.precision - 1) : 0;
+      rows.assign(C * R * S, 0);
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t r = 0; r < R; ++r) {
+          const uint8_t* line = src + offset + (c * H + y0 + r) * W;
+          uint8_t* o = rows.data() + (c * R + r) * S;
+          for (int64_t x = 0; x < S; ++x) {
+            const int64_t* ix = ax.index.data() + x * ax.width;
+            const int32_t* wx = ax.weight.data() + x * ax.width;
+            int32_t acc = half_x;
+            for (int k = 0; k < ax.width; ++k) acc += wx[k] * static_cast<int32_t>(line[ix[k]]);
+            o[x] = clamp_shifted(acc, ax.precision);
+          }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t y = 0; y < S; ++y) {
+          const int64_t* iy = ay.index.data() + y * ay.width;
+          const int32_t* wy = ay.weight.data() + y * ay.width;
+          uint8_t* o = dst + n * sn + c * sc + y * sy;
+          for (int64_t x = 0; x < S; ++x) {
+            int32_t acc = half_y;
+            for (int k = 0; k < ay.width; ++k) {
+              acc += wy[k] * static_cast<int32_t>(rows[(c * R + iy[k] - y0) * S + x]);
+            }
+            o[x * sx] = clamp_shifted(acc, ay.precision);
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename in_t>
 void dispatch_out(at::ScalarType out_dtype, const at::Tensor& data, const at::Tensor& image_info,
                   const at::Tensor& boxes, const std::optional<at::Tensor>& flips,
@@ -250,6 +310,10 @@ at::Tensor resized_crops_cpu(const at::Tensor& data, const at::Tensor& image_inf
   if (boxes.size(0) == 0) return out;
   const bool cubic = interp == kBicubic;
   const float scale = static_cast<float>(input_scale);
+  if (data.scalar_type() == at::kByte && out_dtype == at::kByte && !mean.has_value() && !stdev.has_value()) {
+    crops_cpu_uint8_fixed(data, image_info, boxes, flips, channels, size, cubic, antialias, out);
+    return out;
+  }
   switch (data.scalar_type()) {
     case at::kByte:
       dispatch_out<uint8_t>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic, antialias,

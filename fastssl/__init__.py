@@ -5,9 +5,11 @@ The public API is flat: ``from fastssl import DinoLoss``. Every fused op takes
 """
 
 from . import functional, ops
+from .augment import DinoAugment, MultiCrop
 from .ema import MomentumTeacher, ema_update_
 from .losses import DinoLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["DinoLoss", "MomentumTeacher", "ema_update_", "functional", "ops", "__version__"]
+__all__ = ["DinoLoss", "MomentumTeacher", "ema_update_", "functional", "ops", "__version__",
+           "MultiCrop", "DinoAugment"]

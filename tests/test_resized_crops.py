@@ -70,6 +70,18 @@ def check_crops(out, images, boxes, size, mode, antialias, flips=None, uint8_out
                            f"antialias={antialias}, size={size})"
 
 
+def check_uint8_crops(out8, images, boxes, size, mode, antialias, flips=None, what=""):
+    """uint8 to uint8 on CPU: equal to torchvision's resized_crop of the uint8 image (torch's fixed-point path)."""
+    for n, (i, top, left, h, w) in enumerate(boxes.long().tolist()):
+        ref = TF.resized_crop(images[i], top, left, h, w, [size, size], interpolation=InterpolationMode(mode),
+                              antialias=antialias)
+        if flips is not None and bool(flips[n]):
+            ref = TF.horizontal_flip(ref)
+        err = (out8[n].cpu().int() - ref.int()).abs().max().item()
+        assert err == 0, f"{what} crop {n} box {(i, top, left, h, w)} vs torchvision uint8: {err} ({mode}, " \
+                         f"antialias={antialias}, size={size})"
+
+
 # ----------------------------------------------------------------------------- equality with torchvision
 
 @pytest.mark.parametrize("mode", MODES)
@@ -87,7 +99,10 @@ def test_matches_torchvision_random(mode, antialias, dtype, size):
     if dtype == torch.uint8:
         out8 = resized_crops(batch, boxes, size, interpolation=mode, antialias=antialias, out_dtype=torch.uint8)
         assert out8.dtype == torch.uint8
-        check_crops(out8, images, boxes, size, mode, antialias, uint8_out=True, what="uint8 out")
+        if DEVICE.type == "cpu":
+            check_uint8_crops(out8, images, boxes, size, mode, antialias, what="uint8 out")
+        else:
+            check_crops(out8, images, boxes, size, mode, antialias, uint8_out=True, what="uint8 out")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -99,15 +114,43 @@ def test_matches_torchvision_on_photos(mode, antialias):
     boxes = random_boxes([tuple(p.shape[1:]) for p in photos], 6)
     for size in (32, 224, 480):
         out8 = resized_crops(batch, boxes, size, interpolation=mode, antialias=antialias, out_dtype=torch.uint8)
-        check_crops(out8, photos, boxes, size, mode, antialias, uint8_out=True, what="photo uint8")
-        if mode == "bilinear":
-            # torchvision's own uint8 path (fixed point on CPU) agrees within 1 too.
-            for n, (i, top, left, h, w) in enumerate(boxes.long().tolist()):
-                ref = TF.resized_crop(photos[i], top, left, h, w, [size, size], antialias=antialias)
-                err = (out8[n].cpu().float() - ref.float()).abs().max().item()
-                assert err <= 1, f"crop {n} vs torchvision uint8: {err}"
+        if DEVICE.type == "cpu":
+            # torch's fixed-point uint8 path, emulated exactly (what torchvision runs on CPU).
+            check_uint8_crops(out8, photos, boxes, size, mode, antialias, what="photo uint8")
+        else:
+            # torchvision on CUDA: the float path, then clamped and rounded.
+            check_crops(out8, photos, boxes, size, mode, antialias, uint8_out=True, what="photo uint8")
     out = resized_crops(batch.float(), boxes, 224, interpolation=mode, antialias=antialias)
     check_crops(out, photos, boxes, 224, mode, antialias, what="photo float")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="torchvision's fixed-point uint8 path is its CPU path")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("antialias", [True, False])
+def test_uint8_cpu_is_torchvision_fixed_point(mode, antialias):
+    """uint8 in, uint8 out on CPU: torch's int16-weight passes with the intermediate uint8 clamp, exactly.
+
+    The float definition (rounded at the end) is up to ~30 units away for bicubic on noise images;
+    this path equals torchvision's resized_crop of the uint8 image, flipped crops and ragged lists included.
+    """
+    shapes = [(int(torch.randint(2, 70, ())), int(torch.randint(2, 70, ()))) for _ in range(3)]
+    images = random_images(torch.uint8, shapes)
+    boxes = random_boxes(shapes, 10)
+    flips = torch.rand(boxes.shape[0]) < 0.5
+    for size in (5, 31, 80):
+        out8 = resized_crops(images, boxes, size, flips=flips, interpolation=mode, antialias=antialias,
+                             out_dtype=torch.uint8)
+        check_uint8_crops(out8, images, boxes, size, mode, antialias, flips=flips, what="fixed point")
+    if mode == "bicubic":
+        # What the fix is for: the float definition misses torchvision's uint8 result by more than 1 here.
+        img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+        box = torch.tensor([[0, 3, 5, 50, 41]])
+        ref = TF.resized_crop(img, 3, 5, 50, 41, [24, 24], interpolation=InterpolationMode.BICUBIC,
+                              antialias=antialias)
+        as_float = resized_crops(img, box, 24, interpolation=mode, antialias=antialias)[0]
+        assert (as_float.clamp(0, 255).round() - ref.float()).abs().max() > 1
+        assert torch.equal(resized_crops(img, box, 24, interpolation=mode, antialias=antialias,
+                                         out_dtype=torch.uint8)[0], ref)
 
 
 def test_batch_tensor_and_list_agree():

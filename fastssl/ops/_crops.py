@@ -140,9 +140,11 @@ def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Te
 
     Each crop matches ``torchvision.transforms.v2.functional.resized_crop(image, top, left,
     height, width, [size, size], interpolation, antialias=antialias)`` of the float image
-    (then rounded and clamped for uint8 output) to fp32 rounding. For uint8 images on CPU
-    torchvision runs a separate fixed-point path: within 1 for bilinear; its bicubic clamps
-    an intermediate result, where this op (and torchvision on CUDA) does not.
+    (then rounded and clamped for uint8 output) to fp32 rounding, as torchvision computes on
+    CUDA. uint8 images to uint8 crops on CPU (no mean/std) instead take torch's fixed-point
+    path, which torchvision runs for uint8 images on CPU: int16 weights, the horizontal pass
+    rounded and clamped to uint8 before the vertical one (``csrc/resample_uint8.h``); for
+    integer boxes the crops then equal torchvision's exactly.
     """
     data, image_info, C = _pack(images)
     device = data.device
