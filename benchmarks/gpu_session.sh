@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs, one stage per device command (each must end within
+# the 10-minute limit of one command), from the repository root:
+#
+#   bash benchmarks/gpu_session.sh test            # install, versions, the whole suite on real kernels
+#   bash benchmarks/gpu_session.sh bench dino      # one benchmark's target preset (dino, ema, multicrop, paws)
+#   bash benchmarks/gpu_session.sh bench dino full K=65536   # another preset, cases filtered by label tokens
+#
+# Logs and results are copied under $OUT when it is set (the device tool brings them back);
+# commit benchmarks/results/<gpu>/ afterwards, as the README says.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+out="${OUT:-/tmp/fastssl-gpu}"
+mkdir -p "$out"
+stage="${1:-test}"
+
+# The GPU machine has no package registry: install without dependencies or build isolation
+# (torch, triton, numpy, pytest are there). This also compiles fastssl._C with nvcc.
+python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
+  || { tail -40 "$out/install.log"; exit 1; }
+
+case "$stage" in
+  test)
+    python3 -m fastssl.info | tee "$out/info.txt"
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$out/info.txt"
+    # No TRITON_INTERPRET: the tests put their tensors on the GPU and run the real kernels.
+    python3 -m pytest -q -x --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -40
+    rc=${PIPESTATUS[0]}
+    python3 -m fastssl.kernels.aot --arch 90 >"$out/aot.log" 2>&1 || rc=1
+    exit "$rc"
+    ;;
+  bench)
+    name="${2:?which benchmark: dino, ema, multicrop or paws}"
+    preset="${3:-target}"
+    shift $(( $# < 3 ? $# : 3 ))
+    args=(--preset "$preset")
+    [ $# -gt 0 ] && args+=(--filter "$@")
+    python3 -m "benchmarks.$name" "${args[@]}" 2>"$out/bench-$name.err" | tee "$out/bench-$name.md"
+    rc=${PIPESTATUS[0]}
+    tail -5 "$out/bench-$name.err"
+    # At most 8 files come back from $OUT: this run's json/md/png only.
+    for f in benchmarks/results/*/"$name-$preset".*; do [ -e "$f" ] && cp "$f" "$out/"; done
+    exit "$rc"
+    ;;
+  *)
+    echo "unknown stage $stage (test or bench)" >&2
+    exit 2
+    ;;
+esac
