@@ -1,21 +1,23 @@
 # Two commands a newcomer runs on a fresh machine; each sets itself up first.
 #   make test   everything CI checks: ruff, the test suite (Triton kernels under the
 #               interpreter on CPU tensors), the ahead-of-time compile of every kernel
-#   make demo   the benchmark comparison, printed as a table (small shapes without a GPU)
+#   make demo   DINO trained for real on the digits scikit-learn ships (a few minutes on a CPU),
+#               then k-NN of the trained teacher against the same network at random init
+#   make bench  the benchmark comparison, printed as a table (small shapes without a GPU)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo lint pytest aot clean
+.PHONY: test demo bench lint pytest aot clean
 
 # Re-installed when the build inputs change (the editable install compiles csrc/ into fastssl._C).
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel ninja
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,train]"
 	touch $@
 
 lint: $(VENV)/.installed
@@ -32,6 +34,9 @@ aot: $(VENV)/.installed
 test: lint pytest aot
 
 demo: $(VENV)/.installed
+	$(PY) -m fastssl.train demo
+
+bench: $(VENV)/.installed
 	$(PY) -m benchmarks
 
 clean:

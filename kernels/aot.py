@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # Every kernel module of the package; each exposes aot_specs(**problem) and AOT_PROBLEMS.
-MODULES = ["dino", "ema"]
+MODULES = ["dino", "ema", "snn"]
 
 
 def _resource_usage(cubin: bytes) -> dict:

@@ -5,5 +5,6 @@ fused ops, and the benchmarks time them as the baselines users run today.
 """
 
 from .dino import AuthorsDINOLoss, dino_loss_pairwise
+from .paws import init_paws_loss, make_labels_matrix, snn_reference
 
-__all__ = ["AuthorsDINOLoss", "dino_loss_pairwise"]
+__all__ = ["AuthorsDINOLoss", "dino_loss_pairwise", "init_paws_loss", "make_labels_matrix", "snn_reference"]

@@ -1,0 +1,485 @@
+r"""PAWS: soft nearest neighbours against a labelled support set, and the PAWS loss, fused.
+
+Assran et al. 2021, "Semi-Supervised Learning of Visual Features by Non-Parametrically
+Predicting View Assignments with Support Samples", https://arxiv.org/abs/2104.13963
+(``init_paws_loss`` of the authors' facebookresearch/suncet, src/losses.py).
+
+Each unlabelled view is classified by soft nearest neighbours against the supports,
+
+    snn(q, S, Y) = softmax( normalize(q) @ normalize(S).T / tau ) @ Y        [N, C]
+
+which has the shape of attention (queries q, keys S, values Y): the Triton kernels
+(``fastssl.kernels.snn``) compute it and its gradient to q and S like flash attention,
+without the N x M similarity matrix. Labels are a dense ``[M, C]`` matrix (soft labels,
+as the authors' ``make_labels_matrix`` builds) or integer class ids ``[M]`` with
+``num_classes`` and ``smoothing`` (then no ``[M, C]`` matrix exists anywhere).
+
+The loss then acts on ``[N, C]`` tensors in PyTorch: the targets are the sharpened
+predictions of the two global target views (``p**(1/T)`` renormalised; each multi-crop
+view's target the mean of the two), entries under 1e-4 zeroed, no gradient; the loss is
+their cross-entropy with the anchor predictions, mean over anchor rows, plus the
+mean-entropy-maximisation regulariser ``sum(avg * log(avg))`` of the mean sharpened
+anchor prediction, all-reduced over ranks.
+
+Layers, from the bottom: the kernels, the ``fastssl::snn_forward`` / ``_backward`` custom
+ops with their autograd and fake implementations (so ``torch.compile`` traces through),
+the plain PyTorch path beside them, the functional :func:`snn` and :func:`paws_loss`,
+the authors' closure :func:`init_paws_loss`, and the :class:`PawsLoss` module.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed
+from .._backend import BACKENDS, resolve_backend
+
+__all__ = ["PawsLoss", "init_paws_loss", "paws_loss", "sharpen", "snn"]
+
+TARGET_FLOOR = 1e-4  # the authors zero target entries under this, "for numerical stability"
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_embeddings(op: str, **tensors: torch.Tensor) -> int:
+    """2-D floating tensors with rows, one embedding width and one device; return the width."""
+    dims, devices = {}, {}
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise ValueError(f"{op}: {name} must be a non-empty 2-D [rows, d] tensor, got {tuple(x.shape)}")
+        dims[name], devices[name] = x.shape[1], x.device
+    if len(set(dims.values())) > 1:
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items())
+        raise ValueError(f"{op}: embedding dims differ: {shapes}")
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {dev}" for n, dev in devices.items())
+        raise ValueError(f"{op}: tensors are on different devices: {where}")
+    return next(iter(dims.values()))
+
+
+def _check_labels(op: str, labels: torch.Tensor, supports: torch.Tensor, rows: tuple[int, ...],
+                  num_classes: int | None, smoothing: float, name: str) -> tuple[bool, int]:
+    """Validate the labels of ``supports``; return (dense, number of classes).
+
+    ``rows`` are the accepted row counts (the supports' own, and with gathering the
+    gathered count).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.device != supports.device:
+        raise ValueError(f"{op}: {name} is on {labels.device} but the supports are on {supports.device}")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"{op}: smoothing must lie in [0, 1], got {smoothing}")
+    expect = " or ".join(str(r) for r in rows)
+    if labels.is_floating_point():
+        if labels.dim() != 2:
+            raise ValueError(f"{op}: dense {name} must be [M, C], got {tuple(labels.shape)}")
+        if labels.shape[0] not in rows:
+            raise ValueError(f"{op}: {name} {tuple(labels.shape)} has {labels.shape[0]} rows but the supports "
+                             f"{tuple(supports.shape)} need {expect} (support and label rows differ)")
+        C = labels.shape[1]
+        if C == 0:
+            raise ValueError(f"{op}: dense {name} {tuple(labels.shape)} has no class columns")
+        if num_classes is not None and num_classes != C:
+            raise ValueError(f"{op}: num_classes={num_classes} but dense {name} {tuple(labels.shape)} has {C} columns")
+        if smoothing != 0.0:
+            raise ValueError(f"{op}: smoothing={smoothing} applies to integer class ids; dense {name} carry "
+                             "their own smoothing (e.g. make_labels_matrix(..., smoothing=))")
+        return True, C
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"{op}: {name} must be floating [M, C] or integer class ids [M], got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{op}: integer {name} must be class ids [M], got {tuple(labels.shape)}")
+    if labels.shape[0] not in rows:
+        raise ValueError(f"{op}: {name} {tuple(labels.shape)} has {labels.shape[0]} entries but the supports "
+                         f"{tuple(supports.shape)} need {expect} (support and label rows differ)")
+    if num_classes is None:
+        raise ValueError(f"{op}: integer class ids need num_classes= (the width of the predictions)")
+    num_classes = operator.index(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
+    # A data-dependent check (one sync); torch.compile traces without it.
+    if not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{op}: {name} hold class ids in [{lo}, {hi}], outside [0, num_classes={num_classes})")
+    return False, num_classes
+
+
+# ----------------------------------------------------------------------------- distributed
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate every rank's rows; the backward sums the gradient over ranks and returns this
+    rank's slice (each rank's loss depends on every rank's supports), as the authors' AllGather."""
+
+    @staticmethod
+    def forward(ctx, x):
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+class _AllReduceMean(torch.autograd.Function):
+    """Mean over ranks; the backward passes the gradient through unchanged, as the authors'
+    AllReduce (with DDP averaging the parameter gradients this is the single-process gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous() / dist.get_world_size()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _gathering() -> bool:
+    return distributed.world_size() > 1
+
+
+@torch.no_grad()
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+
+def _snn_torch(query, supports, labels, tau, num_classes, smoothing):
+    """The definition in plain PyTorch, fp32 math (materialises the N x M similarities)."""
+    with torch.autocast(query.device.type, enabled=False):
+        q = F.normalize(query.float(), dim=1)
+        s = F.normalize(supports.float(), dim=1)
+        a = torch.softmax(q @ s.T / tau, dim=1)
+        if labels.is_floating_point():
+            return a @ labels.float()
+        # Class sums of A by an index_add over the columns: no [M, C] matrix.
+        probs = a.new_zeros(a.shape[0], num_classes).index_add(1, labels, a)
+        return probs * (1.0 - smoothing) + smoothing / num_classes if smoothing else probs
+
+
+# ----------------------------------------------------------------------------- Triton path (custom ops)
+
+@torch.library.custom_op("fastssl::snn_forward", mutates_args=())
+def _snn_forward_op(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float, num_classes: int,
+                    smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.snn import snn_forward
+
+    return snn_forward(query, supports, labels, tau, num_classes, smoothing)
+
+
+@_snn_forward_op.register_fake
+def _(query, supports, labels, tau, num_classes, smoothing):
+    f32 = dict(dtype=torch.float32, device=query.device)
+    N, M = query.shape[0], supports.shape[0]
+    return (torch.empty(N, num_classes, **f32), torch.empty(N, **f32), torch.empty(N, **f32),
+            torch.empty(M, **f32))
+
+
+@torch.library.custom_op("fastssl::snn_backward", mutates_args=())
+def _snn_backward_op(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor,
+                     probs: torch.Tensor, lse: torch.Tensor, inv_q: torch.Tensor, inv_s: torch.Tensor, tau: float,
+                     num_classes: int, smoothing: float, need_query: bool, need_supports: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.snn import snn_backward
+
+    return snn_backward(grad_probs, query, supports, labels, probs, lse, inv_q, inv_s, tau, num_classes, smoothing,
+                        need_query, need_supports)
+
+
+@_snn_backward_op.register_fake
+def _(grad_probs, query, supports, labels, probs, lse, inv_q, inv_s, tau, num_classes, smoothing, need_query,
+      need_supports):
+    def grad_of(x, needed):
+        return torch.empty(x.shape if needed else (0,), dtype=x.dtype, device=x.device)
+
+    return grad_of(query, need_query), grad_of(supports, need_supports)
+
+
+def _setup_context(ctx, inputs, output):
+    query, supports, labels, tau, num_classes, smoothing = inputs
+    probs, lse, inv_q, inv_s = output
+    ctx.mark_non_differentiable(lse, inv_q, inv_s)
+    ctx.save_for_backward(query, supports, labels, probs, lse, inv_q, inv_s)
+    ctx.args = (tau, num_classes, smoothing)
+
+
+def _backward(ctx, grad_probs, _grad_lse, _grad_inv_q, _grad_inv_s):
+    query, supports, labels, probs, lse, inv_q, inv_s = ctx.saved_tensors
+    need_q, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq = ds = None
+    if need_q or need_s:
+        dq, ds = _snn_backward_op(grad_probs, query, supports, labels, probs, lse, inv_q, inv_s, *ctx.args,
+                                  need_q, need_s)
+    # No gradient to the labels (class assignments, not parameters).
+    return (dq if need_q else None), (ds if need_s else None), None, None, None, None
+
+
+torch.library.register_autograd("fastssl::snn_forward", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def _prepare_snn(op: str, query, supports, labels, tau, num_classes, smoothing, gather_supports,
+                 labels_name: str = "labels"):
+    """Validate one snn call; return (labels ready for the op, number of classes, whether to gather)."""
+    if not tau > 0:
+        raise ValueError(f"{op}: tau must be positive, got {tau}")
+    gather = gather_supports and _gathering()
+    M = supports.shape[0]
+    rows = (M, M * distributed.world_size()) if gather else (M,)
+    dense, C = _check_labels(op, labels, supports, rows, num_classes, smoothing, labels_name)
+    labels = labels.detach() if dense else labels.detach().long().contiguous()
+    return labels, C, gather
+
+
+def _snn(query, supports, labels, tau, C, smoothing, gather, backend):
+    """snn on validated inputs (see :func:`snn`)."""
+    if gather:
+        if labels.shape[0] == supports.shape[0]:
+            labels = _all_gather_rows(labels)
+        supports = _AllGather.apply(supports)
+    if resolve_backend(backend, query.device, "snn") == "torch":
+        return _snn_torch(query, supports, labels, tau, C, smoothing)
+    if query.dtype != supports.dtype:
+        dtype = torch.promote_types(query.dtype, supports.dtype)
+        query, supports = query.to(dtype), supports.to(dtype)
+    probs, _, _, _ = _snn_forward_op(query, supports, labels, tau, C, smoothing)
+    return probs
+
+
+def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float, *,
+        num_classes: int | None = None, smoothing: float = 0.0, gather_supports: bool = False,
+        backend: str = "auto") -> torch.Tensor:
+    """Soft nearest-neighbour class probabilities ``softmax(q^ @ S^.T / tau) @ Y``, fused.
+
+    Args:
+        query: ``[N, d]`` embeddings (fp32, fp16 or bf16), L2-normalised inside.
+        supports: ``[M, d]`` labelled embeddings, L2-normalised inside.
+        labels: dense ``[M, C]`` soft labels (e.g. the authors' ``make_labels_matrix``,
+            smoothing included), or integer class ids ``[M]`` with ``num_classes``; then
+            each support's label is ``(1 - smoothing) * onehot + smoothing / num_classes``
+            and no ``[M, C]`` matrix is built. No gradient flows to the labels.
+        tau: the temperature of the cosine similarities.
+        num_classes, smoothing: for integer class ids (dense labels: ``num_classes`` may
+            repeat their width, ``smoothing`` must be 0).
+        gather_supports: under an initialised ``torch.distributed`` with several ranks,
+            all-gather the supports first (rank order), as the authors do; the backward
+            sums the supports' gradient over ranks and returns each rank its own slice.
+            ``labels`` then cover the gathered supports (``world * M`` rows, as
+            ``make_labels_matrix`` builds them) or this rank's ``M`` (then gathered too).
+            Every rank must pass the same number of supports.
+        backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"torch"`` or
+            ``"triton"``.
+
+    Returns:
+        float32 ``[N, C]`` probabilities (rows sum to the label rows' mass). Math is fp32
+        for fp32 inputs; for 16-bit ones the kernels multiply in that dtype with fp32
+        accumulation. Gradients come back in the inputs' dtypes.
+    """
+    tau, smoothing = float(tau), float(smoothing)
+    _check_embeddings("snn", query=query, supports=supports)
+    labels, C, gather = _prepare_snn("snn", query, supports, labels, tau, num_classes, smoothing, gather_supports)
+    return _snn(query, supports, labels, tau, C, smoothing, gather, backend)
+
+
+def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
+    """The authors' sharpening: ``p**(1/T)`` renormalised over each row."""
+    sharp = p ** (1.0 / T)
+    return sharp / sharp.sum(dim=1, keepdim=True)
+
+
+_sharpen = sharpen  # paws_loss's arguments shadow the names
+
+
+def _xlogx(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``t * log(p)``, 0 where ``t`` is 0: the value of the authors' ``log(p ** t)``. Unlike theirs
+    (and ``xlogy``) the gradient there is 0, not NaN, when ``p`` is 0 too (a class without supports)."""
+    return t * torch.log(torch.where(t > 0, p, torch.ones_like(p)))
+
+
+def paws_loss(anchor_views: torch.Tensor, anchor_supports: torch.Tensor, anchor_support_labels: torch.Tensor,
+              target_views: torch.Tensor, target_supports: torch.Tensor, target_support_labels: torch.Tensor, *,
+              multicrop: int = 6, tau: float = 0.1, T: float = 0.25, me_max: bool = True,
+              num_classes: int | None = None, smoothing: float = 0.0, gather_supports: bool = True,
+              backend: str = "auto", sharpen: Callable | None = None, snn: Callable | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PAWS loss with the authors' semantics: ``(loss, me_max_regulariser)``.
+
+    Args:
+        anchor_views: ``[(2 + multicrop) * B, d]``, view-major (the 2 global views, then
+            the multi-crop views, B rows each).
+        anchor_supports, anchor_support_labels: the supports scored against the anchors
+            and their labels (see :func:`snn`); gradients flow to the anchors and these
+            supports.
+        target_views: ``[2 * B, d]`` embeddings of the two global views, in the order
+            whose predictions become the targets of the anchor rows (the authors'
+            training loop swaps the two views before the call); no gradient.
+        target_supports, target_support_labels: likewise for the targets; no gradient.
+        multicrop, tau, T, me_max: as the authors' ``init_paws_loss``.
+        num_classes, smoothing: for integer class ids as labels.
+        gather_supports: all-gather the supports across ranks (see :func:`snn`).
+        backend: where the fused snn runs.
+        sharpen, snn: replace the sharpening ``p -> p'`` or the classifier
+            ``(query, supports, labels) -> probs``, as the authors' closure allows.
+
+    Returns:
+        float32 scalars: the cross-entropy mean over anchor rows, and
+        ``sum(avg * log(avg))`` of the mean sharpened anchor prediction (all-reduced
+        over ranks; zero when ``me_max`` is off).
+    """
+    op = "paws_loss"
+    multicrop = operator.index(multicrop)
+    tau, T, smoothing = float(tau), float(T), float(smoothing)
+    if multicrop < 0:
+        raise ValueError(f"{op}: multicrop must be >= 0, got {multicrop}")
+    if not T > 0:
+        raise ValueError(f"{op}: T must be positive, got {T}")
+    _check_embeddings(op, anchor_views=anchor_views, anchor_supports=anchor_supports, target_views=target_views,
+                      target_supports=target_supports)
+    n_views = 2 + multicrop
+    rows = anchor_views.shape[0]
+    if rows % n_views:
+        raise ValueError(f"{op}: anchor_views {tuple(anchor_views.shape)} has {rows} rows, not divisible by "
+                         f"2 + multicrop = {n_views} (expected [(2 + multicrop) * B, d], view-major)")
+    B = rows // n_views
+    if target_views.shape[0] != 2 * B:
+        raise ValueError(f"{op}: target_views {tuple(target_views.shape)} has {target_views.shape[0]} rows but "
+                         f"anchor_views {tuple(anchor_views.shape)} with multicrop={multicrop} means B={B}, so "
+                         f"2 * B = {2 * B} target rows (the 2 global views) were expected")
+
+    if sharpen is None:
+        def sharpen(p):
+            return _sharpen(p, T)
+
+    if snn is None:
+        a_labels, C, gather = _prepare_snn(op, anchor_views, anchor_supports, anchor_support_labels, tau, num_classes,
+                                           smoothing, gather_supports, "anchor_support_labels")
+        t_labels, C_t, _ = _prepare_snn(op, target_views, target_supports, target_support_labels, tau, num_classes,
+                                        smoothing, gather_supports, "target_support_labels")
+        if C_t != C:
+            raise ValueError(f"{op}: anchor_support_labels give {C} classes but target_support_labels {C_t}")
+
+        def probs_of(query, supports, labels):
+            return _snn(query, supports, labels, tau, C, smoothing, gather, backend)
+
+        probs = probs_of(anchor_views, anchor_supports, a_labels)
+        with torch.no_grad():
+            target_probs = probs_of(target_views.detach(), target_supports.detach(), t_labels)
+    else:
+        probs = snn(anchor_views, anchor_supports, anchor_support_labels)
+        with torch.no_grad():
+            target_probs = snn(target_views, target_supports, target_support_labels)
+
+    with torch.no_grad():
+        targets = sharpen(target_probs)
+        if multicrop > 0:
+            mc_target = 0.5 * (targets[:B] + targets[B:])
+            targets = torch.cat([targets, *[mc_target] * multicrop], dim=0)
+        targets = torch.where(targets < TARGET_FLOOR, torch.zeros_like(targets), targets)
+    loss = -_xlogx(targets, probs).sum(dim=1).mean()
+    rloss = torch.zeros((), device=probs.device, dtype=probs.dtype)
+    if me_max:
+        avg_probs = torch.mean(sharpen(probs), dim=0)
+        if _gathering():
+            avg_probs = _AllReduceMean.apply(avg_probs)
+        rloss = _xlogx(avg_probs, avg_probs).sum()
+    return loss, rloss
+
+
+def init_paws_loss(multicrop: int = 6, tau: float = 0.1, T: float = 0.25, me_max: bool = True, *,
+                   num_classes: int | None = None, smoothing: float = 0.0, gather_supports: bool = True,
+                   backend: str = "auto"):
+    """Drop-in for the authors' ``init_paws_loss`` (suncet src/losses.py), fused.
+
+    Returns ``loss(anchor_views, anchor_supports, anchor_support_labels, target_views,
+    target_supports, target_support_labels, sharpen=..., snn=...) -> (loss, me_max_reg)``
+    with the authors' semantics (see :func:`paws_loss`). The defaults of ``sharpen`` and
+    ``snn`` are the closure's own (``snn(query, supports, labels)`` fused, supports
+    all-gathered across ranks when ``gather_supports``); passing others replaces them.
+    """
+    multicrop = operator.index(multicrop)
+    tau, T, smoothing = float(tau), float(T), float(smoothing)
+    if multicrop < 0:
+        raise ValueError(f"init_paws_loss: multicrop must be >= 0, got {multicrop}")
+    if backend not in BACKENDS:
+        raise ValueError(f"init_paws_loss: backend must be one of {BACKENDS}, got {backend!r}")
+    if not tau > 0 or not T > 0:
+        raise ValueError(f"init_paws_loss: tau and T must be positive, got tau={tau}, T={T}")
+    options = dict(multicrop=multicrop, tau=tau, T=T, me_max=me_max, num_classes=num_classes, smoothing=smoothing,
+                   gather_supports=gather_supports, backend=backend)
+
+    def default_sharpen(p):
+        return _sharpen(p, T)
+
+    def default_snn(query, supports, labels):
+        return snn(query, supports, labels, tau, num_classes=num_classes, smoothing=smoothing,
+                   gather_supports=gather_supports, backend=backend)
+
+    def loss(anchor_views, anchor_supports, anchor_support_labels, target_views, target_supports,
+             target_support_labels, sharpen=default_sharpen, snn=default_snn):
+        # The defaults take the fused path (validated once, labels named in errors).
+        return paws_loss(anchor_views, anchor_supports, anchor_support_labels, target_views, target_supports,
+                         target_support_labels, sharpen=None if sharpen is default_sharpen else sharpen,
+                         snn=None if snn is default_snn else snn, **options)
+
+    return loss
+
+
+# ----------------------------------------------------------------------------- module
+
+class PawsLoss(nn.Module):
+    """The PAWS loss as an ``nn.Module``: ``forward(...)`` returns ``(loss, me_max_reg)``.
+
+    Same arguments and semantics as :func:`init_paws_loss` / :func:`paws_loss`; no state.
+    """
+
+    def __init__(self, multicrop: int = 6, tau: float = 0.1, T: float = 0.25, me_max: bool = True, *,
+                 num_classes: int | None = None, smoothing: float = 0.0, gather_supports: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        multicrop = operator.index(multicrop)
+        if multicrop < 0:
+            raise ValueError(f"PawsLoss: multicrop must be >= 0, got {multicrop}")
+        if not float(tau) > 0 or not float(T) > 0:
+            raise ValueError(f"PawsLoss: tau and T must be positive, got tau={tau}, T={T}")
+        if not 0.0 <= float(smoothing) <= 1.0:
+            raise ValueError(f"PawsLoss: smoothing must lie in [0, 1], got {smoothing}")
+        if backend not in BACKENDS:
+            raise ValueError(f"PawsLoss: backend must be one of {BACKENDS}, got {backend!r}")
+        self.multicrop, self.tau, self.T, self.me_max = multicrop, float(tau), float(T), bool(me_max)
+        self.num_classes, self.smoothing = num_classes, float(smoothing)
+        self.gather_supports, self.backend = bool(gather_supports), backend
+
+    def forward(self, anchor_views, anchor_supports, anchor_support_labels, target_views, target_supports,
+                target_support_labels) -> tuple[torch.Tensor, torch.Tensor]:
+        return paws_loss(anchor_views, anchor_supports, anchor_support_labels, target_views, target_supports,
+                         target_support_labels, multicrop=self.multicrop, tau=self.tau, T=self.T,
+                         me_max=self.me_max, num_classes=self.num_classes, smoothing=self.smoothing,
+                         gather_supports=self.gather_supports, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"multicrop={self.multicrop}, tau={self.tau}, T={self.T}, me_max={self.me_max}, "
+                f"num_classes={self.num_classes}, smoothing={self.smoothing}, "
+                f"gather_supports={self.gather_supports}, backend={self.backend!r}")

@@ -1,0 +1,105 @@
+"""``fastssl-train attention``: the last block's CLS self-attention of a ViT checkpoint, as PNGs.
+
+The picture of the DINO paper: for every head, how much the CLS token attends to each patch,
+upsampled to the image (nearest, one square per patch), and the mask of the patches that hold
+``threshold`` (60%) of that head's attention mass; plus the mean over heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention_command", "cls_attention"]
+
+
+@torch.no_grad()
+def cls_attention(backbone, x: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, h, w]``: the last block's attention of the CLS token to every patch token.
+
+    Recomputed from the input of the block's attention (timm's fused attention does not return
+    its weights): a hook on its ``qkv`` projection catches q and k.
+    """
+    if not hasattr(backbone, "blocks"):
+        raise ValueError("attention maps need a ViT backbone (a timm VisionTransformer)")
+    attn = backbone.blocks[-1].attn
+    caught = {}
+    hook = attn.qkv.register_forward_hook(lambda mod, inp, out: caught.__setitem__("qkv", out))
+    try:
+        backbone(x)
+    finally:
+        hook.remove()
+    qkv = caught["qkv"]
+    B, N, _ = qkv.shape
+    q, k, _ = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]  # [B, heads, N]
+    prefix = getattr(backbone, "num_prefix_tokens", 1)
+    patch = backbone.patch_embed.patch_size
+    h, w = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+    return weights[:, :, prefix:].reshape(B, -1, h, w)
+
+
+def threshold_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per head, the patches of highest attention that together hold ``threshold`` of its mass."""
+    flat = maps.flatten(-2)
+    flat = flat / flat.sum(-1, keepdim=True)
+    values, order = flat.sort(dim=-1)
+    keep_sorted = values.cumsum(-1) > (1 - threshold)
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return keep.view_as(maps)
+
+
+def _png(t: torch.Tensor, path: Path) -> None:
+    from torchvision.io import write_png
+
+    t = t.float()
+    t = (t - t.min()) / (t.max() - t.min() + 1e-12) if t.dtype.is_floating_point else t
+    img = (t * 255).round().clamp(0, 255).to(torch.uint8)
+    write_png(img.unsqueeze(0) if img.dim() == 2 else img, str(path))
+
+
+def attention_command(cfg: dict) -> list[Path]:
+    from ..augment import IMAGENET_MEAN, IMAGENET_STD
+    from ..ops import resized_crops
+    from .evaluate import model_from_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg["image"].startswith("digits:"):
+        from .data import load_digits_split
+
+        image = load_digits_split()[2][int(cfg["image"].split(":")[1])]
+    else:
+        from .data import _decode_file
+
+        path = Path(cfg["image"])
+        if not path.is_file():
+            raise FileNotFoundError(f"attention: image {str(path)!r} does not exist")
+        image = _decode_file(str(path))
+    cfg = dict(cfg, device="auto")
+    model, train_cfg = model_from_checkpoint(cfg, device)
+    backbone = model.backbone
+    patch = backbone.patch_embed.patch_size[0]
+    size = cfg["image_size"] or train_cfg.get("global_crop_size") or 480
+    size -= size % patch
+    box = torch.tensor([[0, 0, 0, image.shape[1], image.shape[2]]], dtype=torch.float32)
+    x = resized_crops(image.to(device), box, size, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    maps = cls_attention(backbone, x)[0].float().cpu()  # [heads, h, w]
+    masks = threshold_masks(maps, cfg["threshold"])
+    up = lambda t: F.interpolate(t[None].float(), scale_factor=patch, mode="nearest")[0]  # noqa: E731
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "image.png"]
+    _png(resized_crops(image, box.cpu(), size, interpolation="bicubic", out_dtype=torch.uint8).squeeze(0).float() / 255,
+         written[0])
+    for h in range(maps.shape[0]):
+        for name, t in ((f"attn-head{h}.png", maps[h]), (f"mask-head{h}.png", masks[h].float())):
+            written.append(out / name)
+            _png(up(t[None])[0], written[-1])
+    written.append(out / "attn-mean.png")
+    _png(up(maps.mean(0)[None])[0], written[-1])
+    print(f"{len(written)} PNGs in {out}: the image, each of the {maps.shape[0]} heads' CLS attention and its "
+          f"{cfg['threshold']:.0%} mask, and their mean", flush=True)
+    return written

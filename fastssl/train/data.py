@@ -1,0 +1,226 @@
+"""Training data: an ``ImageFolder``-style directory, or the digits that scikit-learn ships.
+
+Images travel as uint8 ``[3, H, W]`` tensors of their own sizes (a list per batch); the
+augmentation crops and resizes them on the device. JPEG files can be decoded on the GPU
+(``torchvision.io.decode_jpeg(device="cuda")``): the loader workers then only read bytes.
+An unreadable or corrupt image is skipped with a warning and counted, never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["Batch", "DigitsImages", "ImageFolder", "ResumableSampler", "collate", "decode_batch", "load_digits_split"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_JPEG = (".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """The data set cannot be used (missing, empty, unreadable folder)."""
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _decode_file(path: str) -> torch.Tensor:
+    """uint8 ``[3, H, W]``: torchvision's decoders, PIL for the formats they lack."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        from PIL import Image  # bmp, tif: formats torchvision.io does not decode
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3) \
+                .permute(2, 0, 1).contiguous()
+
+
+def _warn_skipped(path: str, err: Exception) -> None:
+    warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>`` (or images directly in ``root``, one class), sorted like torchvision's.
+
+    ``__getitem__`` returns ``(image, label, index)``: ``image`` a uint8 ``[3, H, W]`` tensor,
+    the file's bytes (a 1-D uint8 tensor) for JPEGs when ``raw_jpeg`` (decoded later on the
+    GPU), or None when the file cannot be read (a warning; :func:`collate` drops and counts it).
+    A missing folder or one without images raises :class:`DataError` at construction.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, raw_jpeg: bool = False, extensions=IMG_EXTENSIONS):
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise DataError(f"data folder {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise DataError(f"data path {str(root)!r} is not a folder (expected root/<class>/<image> files)")
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        samples = []
+        for label, name in enumerate(classes):
+            for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+                samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
+                            if f.lower().endswith(extensions)]
+        if not classes:  # a flat folder of images: one class
+            classes = [root.name]
+            samples = [(str(root / f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(extensions)]
+        if not samples:
+            raise DataError(f"no images ({', '.join(extensions)}) found in {str(root)!r}; expected "
+                            "root/<class>/<image> files")
+        self.root, self.classes, self.samples = root, classes, samples
+        self.targets = [label for _, label in samples]
+        self.raw_jpeg = raw_jpeg
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            if self.raw_jpeg and path.lower().endswith(_JPEG):
+                from torchvision.io import read_file
+
+                data = read_file(path)
+                if data.numel() == 0:
+                    raise RuntimeError("empty file")
+                return data, label, index
+            return _decode_file(path), label, index
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never a crash mid-epoch
+            _warn_skipped(path, e)
+            return None, label, index
+
+
+# ----------------------------------------------------------------------------- the digits of `make demo`
+
+def load_digits_split(size: int = 32, test_fraction: float = 0.2, seed: int = 0):
+    """scikit-learn's 1797 handwritten digits (8x8, 0..16) as uint8 RGB ``size x size`` images.
+
+    Returns ``(train_images, train_labels, test_images, test_labels)``, a fixed stratified split:
+    DINO trains on the train images without labels; k-NN uses the train labels as its bank and
+    scores the held-out test images.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.round().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.as_tensor(digits.target, dtype=torch.int64)
+    tr, te = train_test_split(torch.arange(len(y)).numpy(), test_size=test_fraction, stratify=y.numpy(),
+                              random_state=seed)
+    tr, te = torch.as_tensor(tr), torch.as_tensor(te)
+    return x[tr], y[tr], x[te], y[te]
+
+
+class DigitsImages(Dataset):
+    """In-memory uint8 images ``[N, 3, H, W]`` with labels, as ``(image, label, index)`` items."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes=None):
+        self.images, self.labels = images, labels
+        self.targets = labels.tolist()
+        self.classes = classes or [str(c) for c in range(int(labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.labels[index]), index
+
+
+# ----------------------------------------------------------------------------- batches
+
+@dataclass
+class Batch:
+    images: torch.Tensor | list[torch.Tensor]  # uint8 [B, 3, H, W], or a list of [3, H_i, W_i] / JPEG bytes
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: int  # unreadable images dropped from this batch
+
+
+def collate(items) -> Batch:
+    """Drop unreadable images (counted), stack same-sized images, else keep a list."""
+    kept = [it for it in items if it[0] is not None]
+    images = [it[0] for it in kept]
+    if images and all(im.dim() == 3 and im.shape == images[0].shape for im in images):
+        images = torch.stack(images)
+    return Batch(images, torch.tensor([it[1] for it in kept], dtype=torch.int64),
+                 torch.tensor([it[2] for it in kept], dtype=torch.int64), len(items) - len(kept))
+
+
+def gpu_jpeg_decoding_available(device: torch.device) -> bool:
+    """Whether ``decode_jpeg(device=...)`` works here (torchvision built with nvJPEG, a GPU)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        data = encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))
+        decode_jpeg([data], device=device)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: decode in the workers
+        return False
+
+
+def decode_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor | list[torch.Tensor], int]:
+    """The batch's images on ``device``, JPEG bytes decoded there; returns ``(images, newly skipped)``."""
+    images = batch.images
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True), 0
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = [i for i, im in enumerate(images) if im.dim() == 1]
+    out: list[torch.Tensor | None] = [None if im.dim() == 1 else im.to(device, non_blocking=True) for im in images]
+    if raw:
+        try:
+            decoded = decode_jpeg([images[i] for i in raw], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the batched call: decode one by one
+            decoded = []
+            for i in raw:
+                try:
+                    decoded.append(decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as e:
+                    _warn_skipped(f"#{int(batch.indices[i])}", e)
+                    decoded.append(None)
+        for i, im in zip(raw, decoded, strict=True):
+            out[i] = im
+    kept = [im for im in out if im is not None]
+    return kept, len(out) - len(kept)
+
+
+class ResumableSampler(Sampler):
+    """Each rank's share of a per-epoch permutation (``DistributedSampler``'s split), from any position.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed in the middle of an
+    epoch (``set_epoch(e, start=i)``, ``i`` samples already seen by this rank) sees exactly the
+    samples the uninterrupted run would have.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.per_rank = -(-n // world_size)  # padded, as DistributedSampler (drop_last=False)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world_size
+        order += order[: total - len(order)]
+        return iter(order[self.rank:total:self.world_size][self.start:])

@@ -1,0 +1,440 @@
+"""DINO training (Caron et al. 2021, https://arxiv.org/abs/2104.14294), read top to bottom.
+
+One iteration: the batch's uint8 images go to the device; :class:`~fastssl.augment.DinoAugment`
+makes every crop there; the teacher (an EMA of the student, no gradient) sees the 2 global crops,
+the student all of them (one backbone call per resolution, one head call); the fused
+:class:`~fastssl.DinoLoss` scores every (teacher, student) pair and moves its center; AdamW steps
+with the per-iteration lr and weight decay; :class:`~fastssl.MomentumTeacher` updates the teacher
+with the per-iteration momentum in one launch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import distributed
+from ..ema import MomentumTeacher, cosine_momentum_schedule
+from ..losses import DinoLoss
+from . import checkpoint as ckpt
+from .data import (
+    DataError,
+    DigitsImages,
+    ImageFolder,
+    ResumableSampler,
+    collate,
+    decode_batch,
+    gpu_jpeg_decoding_available,
+    load_digits_split,
+)
+from .knn import knn_eval
+from .models import DinoHead, MultiCropModel, build_backbone
+from .schedules import cosine_schedule
+
+__all__ = ["TrainResult", "build_dino_model", "train_dino"]
+
+
+@dataclass
+class TrainResult:
+    epoch: int  # epochs completed
+    step: int  # iterations completed (all epochs)
+    loss: float  # mean loss of the last epoch trained (nan if none)
+    out_dim: int
+    checkpoint: str | None
+    stopped_early: bool  # a signal or --stop-after-steps ended the run before the last epoch
+    knn: dict | None  # the last k-NN evaluation, if any
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup_distributed(cfg: dict) -> tuple[torch.device, int, int]:
+    """``(device, rank, world_size)``; under torchrun (``WORLD_SIZE`` set) joins the process group:
+    NCCL on GPUs, gloo on CPU."""
+    cuda = cfg["device"] in ("auto", "cuda") and torch.cuda.is_available()
+    if cfg["device"] == "cuda" and not cuda:
+        raise RuntimeError("--device cuda was asked for but torch sees no GPU")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(cfg["dist_backend"] or ("nccl" if cuda else "gloo"))
+    rank = dist.get_rank() if distributed.is_initialized() else 0
+    world = distributed.world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return device, rank, world
+
+
+def build_datasets(cfg: dict, device: torch.device):
+    """``(train set, k-NN bank set or None, k-NN query set or None)``; errors on bad folders come
+    from here, before any GPU work."""
+    if cfg["data"] == "digits":
+        xtr, ytr, xte, yte = load_digits_split(cfg["digits_size"])
+        train = DigitsImages(xtr, ytr)
+        return train, train, DigitsImages(xte, yte)
+    raw = cfg["gpu_decode"] and gpu_jpeg_decoding_available(device)
+    train = ImageFolder(cfg["data"], raw_jpeg=raw)
+    bank = ImageFolder(cfg["knn_data"]) if cfg["knn_data"] else None
+    query = ImageFolder(cfg["knn_val_data"]) if cfg["knn_val_data"] else None
+    if (bank is None) != (query is None):
+        raise DataError("--knn-data and --knn-val-data go together (the labelled bank and the images to classify)")
+    return train, bank, query
+
+
+def build_dino_model(cfg: dict, *, drop_path_rate: float | None = None) -> MultiCropModel:
+    """The student (or, with ``drop_path_rate=0``, the teacher) of a config."""
+    backbone = build_backbone(cfg["arch"], drop_path_rate=cfg["drop_path_rate"] if drop_path_rate is None
+                              else drop_path_rate, img_size=cfg["img_size"], patch_size=cfg["patch_size"])
+    head = DinoHead(backbone.num_features, cfg["out_dim"], use_bn=cfg["use_bn_in_head"],
+                    norm_last_layer=cfg["norm_last_layer"], nlayers=cfg["head_layers"],
+                    hidden_dim=cfg["head_hidden_dim"], bottleneck_dim=cfg["head_bottleneck_dim"])
+    return MultiCropModel(backbone, head)
+
+
+def build_augment(cfg: dict):
+    """The GPU multi-crop augmentation: one call on a batch of uint8 images -> (globals, locals)."""
+    try:
+        from ..augment import DinoAugment
+    except ImportError as e:
+        raise ImportError("fastssl.augment.DinoAugment is not available in this installation; the DINO trainer "
+                          "needs it for its multi-crop augmentation") from e
+    return DinoAugment(global_size=cfg["global_crop_size"], local_size=cfg["local_crop_size"],
+                       n_local=cfg["local_crops_number"], global_scale=tuple(cfg["global_crops_scale"]),
+                       local_scale=tuple(cfg["local_crops_scale"]), flip_p=cfg["flip_p"],
+                       blur_sigma=tuple(cfg["blur_sigma"]), jitter_p=cfg["color_jitter_p"],
+                       global_solarize_p=(0.0, cfg["solarize_p"]))
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """The authors' split: weight decay on weights, none on biases and norms (1-D parameters)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients_(model: nn.Module, clip: float, mode: str) -> None:
+    """``per_param`` (the authors' ``clip_gradients``): each parameter's gradient rescaled to norm at
+    most ``clip``; ``global``: all gradients together (``clip_grad_norm_``)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        return
+    norms = torch._foreach_norm([p.grad for p in params])
+    for p, n in zip(params, norms, strict=True):
+        p.grad.mul_(torch.clamp(clip / (n + 1e-6), max=1.0))
+
+
+def _plain_config(cfg: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+# ----------------------------------------------------------------------------- the training run
+
+def train_dino(cfg: dict, *, augment=None) -> TrainResult:
+    """Train DINO as ``cfg`` (the CLI's options as a dict, see ``fastssl.train.cli``) says.
+
+    ``augment`` replaces the GPU augmentation (a callable ``(uint8 images, generator=) ->
+    (globals, locals)``), e.g. in tests. Resumes from ``output_dir/checkpoint.pth`` when it exists
+    (or from ``resume``); saves a checkpoint and returns on SIGTERM / SIGINT.
+    """
+    cfg = _plain_config(cfg)
+    device, rank, world = setup_distributed(cfg)
+    main = rank == 0
+    out = Path(cfg["output_dir"])
+
+    # Data first: a missing or empty folder is an error before any model or GPU work.
+    train_set, knn_bank, knn_query = build_datasets(cfg, device)
+    batch = cfg["batch_size_per_gpu"]
+    if len(train_set) < batch * world:
+        raise DataError(f"{len(train_set)} training images cannot fill one batch of {batch} per process x {world}")
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg["seed"], rank=rank, world_size=world)
+    niter = sampler.per_rank // batch  # drop_last, as the authors
+
+    torch.manual_seed(cfg["seed"] + rank)
+    student = build_dino_model(cfg).to(device)
+    teacher_net = build_dino_model(cfg, drop_path_rate=0.0).to(device)  # the teacher never drops paths
+    if world > 1 and cfg["use_bn_in_head"]:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher_net = nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net)
+    teacher_net.load_state_dict(student.state_dict())
+    epochs = cfg["epochs"]
+    momentum = cosine_momentum_schedule(cfg["momentum_teacher"], 1.0, epochs, niter)
+    teacher = MomentumTeacher(student, momentum, teacher=teacher_net)
+    if cfg["compile"]:
+        student.backbone = torch.compile(student.backbone)
+        teacher_net.backbone = torch.compile(teacher_net.backbone)
+    student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                      else None) if world > 1 else student
+
+    ncrops = 2 + cfg["local_crops_number"]
+    dino_loss = DinoLoss(cfg["out_dim"], ncrops, cfg["warmup_teacher_temp"], cfg["teacher_temp"],
+                         cfg["warmup_teacher_temp_epochs"], epochs, student_temp=cfg["student_temp"],
+                         center_momentum=cfg["center_momentum"]).to(device)
+    groups = param_groups(student)
+    if cfg["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(groups)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    base_lr = cfg["lr"] * batch * world / 256.0  # the linear scaling rule
+    # Plain floats: numpy scalars in the optimiser state would not load with weights_only=True.
+    lr_schedule = cosine_schedule(base_lr, cfg["min_lr"], epochs, niter, cfg["warmup_epochs"]).tolist()
+    wd_schedule = cosine_schedule(cfg["weight_decay"], cfg["weight_decay_end"], epochs, niter).tolist()
+
+    precision = cfg["precision"]
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    augment = augment if augment is not None else build_augment(cfg)
+    aug_gen = torch.Generator(device=device)
+
+    # Resume: the latest checkpoint of this run folder, or the one named.
+    start_epoch, start_step = 0, 0
+    resume = Path(cfg["resume"]) if cfg["resume"] else out / "checkpoint.pth"
+    if cfg["resume"] and not resume.is_file():
+        raise ckpt.CheckpointError(f"--resume {str(resume)!r}: no such checkpoint")
+    if resume.is_file():
+        state = ckpt.load_checkpoint(resume)
+        ckpt.check_config(state.get("config", {}), cfg, resume)
+        for what, module in (("student", student), ("teacher", teacher_net), ("dino_loss", dino_loss)):
+            ckpt.check_state_dict(module, _strip(state[what]), what, resume)
+            module.load_state_dict(_strip(state[what]))
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        ckpt.set_rng_state(state["rng"], device)
+        if main:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {niter}", flush=True)
+
+    if cfg["stop_after_steps"] is not None and start_epoch * niter + start_step >= cfg["stop_after_steps"]:
+        raise ValueError(f"the checkpoint is already at iteration {start_epoch * niter + start_step}, not before "
+                         f"--stop-after-steps {cfg['stop_after_steps']}: raise it or drop it to go on")
+    log = _Logger(out, cfg, main)
+    if main:
+        log.print_config(device, world, niter, base_lr)
+
+    loader_gen = torch.Generator()  # the loader's own seeds: the global RNG is left to the model
+    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=cfg["num_workers"],
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+                        generator=loader_gen, persistent_workers=False)
+
+    def save(epoch: int, step: int, name: str = "checkpoint.pth") -> Path | None:
+        if not main:
+            return None
+        state = {"student": student.state_dict(), "teacher": teacher_net.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "dino_loss": dino_loss.state_dict(), "epoch": epoch, "step": step,
+                 "rng": ckpt.rng_state(device), "config": cfg, "fastssl_version": _version()}
+        return ckpt.save_checkpoint(state, out / name)
+
+    last_loss, knn_result, stopped, path = math.nan, None, False, None
+    it, epochs_done = start_epoch * niter + start_step - 1, start_epoch
+    with ckpt.StopSignal() as signal_received:
+        for epoch in range(start_epoch, epochs):
+            first = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, start=first * batch)
+            loader_gen.manual_seed(cfg["seed"] * 7919 + epoch)
+            student.train()
+            meter = _EpochMeter(log, epoch, epochs, niter, first, device)
+            for i, data in enumerate(loader, start=first):
+                it = epoch * niter + i
+                for j, group in enumerate(optimizer.param_groups):
+                    group["lr"] = lr_schedule[it]
+                    if j == 0:  # only the weights are regularised
+                        group["weight_decay"] = wd_schedule[it]
+                images, skipped = decode_batch(data, device)
+                skipped += data.skipped
+                if not len(images):
+                    meter.skip(skipped)
+                    continue
+                aug_gen.manual_seed(_step_seed(cfg["seed"], rank, it))  # the same crops on resume
+                global_crops, local_crops = augment(images, generator=aug_gen)
+
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    with torch.no_grad():
+                        teacher_out = teacher(global_crops)
+                    student_out = student_ddp(global_crops, local_crops)
+                    loss = dino_loss(student_out, teacher_out, epoch)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, iteration {i}: stopping "
+                                             "(lower --lr, raise --clip-grad, or try --precision fp32)")
+
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if cfg["clip_grad"] > 0:
+                    clip_gradients_(student, cfg["clip_grad"], cfg["clip_mode"])
+                if epoch < cfg["freeze_last_layer"]:  # the authors: no last-layer update in the first epoch(s)
+                    for p in student.head.last_layer.parameters():
+                        p.grad = None
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                m = teacher.update(it)
+
+                meter.update(loss_value, len(images), skipped, lr=lr_schedule[it], wd=wd_schedule[it], momentum=m,
+                             teacher_temp=dino_loss.teacher_temp_at(epoch), step=it)
+                if _should_stop(signal_received, cfg, it + 1):
+                    stopped = True
+                    path = save(epoch, i + 1) if i + 1 < niter else save(epoch + 1, 0)
+                    break
+            last_loss = meter.close()
+            if stopped:
+                break
+            epochs_done = epoch + 1
+            path = save(epoch + 1, 0)
+            if main and cfg["saveckp_freq"] and (epoch + 1) % cfg["saveckp_freq"] == 0:
+                save(epoch + 1, 0, f"checkpoint{epoch + 1:04d}.pth")
+            if knn_bank is not None and cfg["knn_freq"] and ((epoch + 1) % cfg["knn_freq"] == 0 or epoch + 1 == epochs):
+                knn_result = knn_eval(teacher_net.backbone, knn_bank, knn_query, device, cfg, amp_dtype)
+                log.write({"epoch": epoch + 1, **{f"knn_{k}": v for k, v in knn_result.items()}})
+                if main:
+                    print(f"epoch {epoch + 1}: k-NN top-1 {knn_result['top1']:.2f}% top-5 {knn_result['top5']:.2f}% "
+                          f"(k={cfg['knn_k']}, T={cfg['knn_t']})", flush=True)
+    if stopped and main:
+        why = f"signal {signal_received.received}" if signal_received \
+            else f"--stop-after-steps {cfg['stop_after_steps']}"
+        print(f"stopped by {why} after iteration {it + 1} ({epochs_done} epochs done): checkpoint {path}; rerun "
+              "the same command to resume", flush=True)
+    if main and math.isfinite(last_loss):
+        print(f"final loss {last_loss:.4f}  (ln(out_dim) = {math.log(cfg['out_dim']):.4f}: a collapsed run, uniform "
+              "outputs, sits there)", flush=True)
+    log.close()
+    return TrainResult(epoch=epochs_done, step=it + 1, loss=last_loss, out_dim=cfg["out_dim"],
+                       checkpoint=str(path) if path else None, stopped_early=stopped, knn=knn_result)
+
+
+def _strip(state: dict) -> dict:
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _step_seed(seed: int, rank: int, it: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + it * 104_729) % (2**63 - 1)
+
+
+def _should_stop(signal_received, cfg: dict, steps_done: int) -> bool:
+    stop = bool(signal_received) or (cfg["stop_after_steps"] is not None and steps_done >= cfg["stop_after_steps"])
+    if distributed.world_size() > 1:  # every rank stops at the same step (one of them got the signal)
+        flag = torch.tensor([float(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag)
+        stop = bool(flag.item())
+    return stop
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- logging
+
+class _Logger:
+    """Rank 0 only: ``log.jsonl`` (one JSON object per logging step), the config, optional TensorBoard."""
+
+    def __init__(self, out: Path, cfg: dict, main: bool):
+        self.main, self.cfg, self.tb = main, cfg, None
+        if not main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        self.file = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
+        if cfg["tensorboard"]:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(out / "tensorboard")
+
+    def print_config(self, device, world, niter, base_lr) -> None:
+        print(f"fastssl DINO training on {device} x {world} process(es), {niter} iterations per epoch, "
+              f"lr {base_lr:.3g} after scaling by batch {self.cfg['batch_size_per_gpu'] * world}/256", flush=True)
+        width = max(map(len, self.cfg))
+        for k in sorted(self.cfg):
+            print(f"  {k:<{width}}  {self.cfg[k]}")
+        sys.stdout.flush()
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.main:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class _EpochMeter:
+    """The progress bar of one epoch (rank 0) and the logged metrics."""
+
+    def __init__(self, log: _Logger, epoch: int, epochs: int, niter: int, first: int, device: torch.device):
+        self.log, self.epoch, self.device = log, epoch, device
+        self.losses, self.images, self.skipped, self.n = 0.0, 0, 0, 0
+        self.t0 = self.t_log = time.perf_counter()
+        self.images_since_log = 0
+        self.bar = None
+        if log.main and log.cfg["progress"]:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=niter, initial=first, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
+                                leave=True, file=sys.stdout)
+            except ImportError:
+                pass
+
+    def skip(self, skipped: int) -> None:
+        self.skipped += skipped
+
+    def update(self, loss: float, images: int, skipped: int, *, step: int, **values) -> None:
+        self.losses += loss
+        self.n += 1
+        self.images += images
+        self.images_since_log += images * distributed.world_size()
+        self.skipped += skipped
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.n % self.log.cfg["log_freq"] == 0:
+            now = time.perf_counter()
+            rate = self.images_since_log / max(now - self.t_log, 1e-9)
+            self.t_log, self.images_since_log = now, 0
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+            record = {"epoch": self.epoch, "step": step, "loss": loss, **values, "images_per_s": rate,
+                      "skipped_images": self.skipped, "gpu_mem_gb": mem}
+            self.log.write(record)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{rate:.0f}",
+                                     mem=f"{mem:.1f}G", refresh=False)
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        mean = self.losses / self.n if self.n else math.nan
+        self.log.write({"epoch": self.epoch, "epoch_loss": mean, "skipped_images": self.skipped,
+                        "epoch_time_s": time.perf_counter() - self.t0})
+        return mean
+

@@ -1,0 +1,141 @@
+"""Weighted k-NN classification of frozen features, as the DINO authors' ``eval_knn.py``.
+
+Features are L2-normalised; each test image's ``k`` most similar training images vote for
+their class with weight ``exp(similarity / T)`` (k = 20, T = 0.07 by default); top-1 and top-5
+accuracies are the share of test images whose class is among the 1 / 5 classes with the most votes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed
+
+__all__ = ["extract_features", "knn_classify"]
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 20, T: float = 0.07, num_classes: int | None = None,
+                 chunk_size: int = 1024) -> tuple[float, float]:
+    """``(top1, top5)`` accuracies in percent of the similarity-weighted k-NN vote.
+
+    Features are normalised here (``[N, D]`` and ``[M, D]``); labels are class ids. Test images
+    are scored ``chunk_size`` at a time (the authors' chunks of 100), so memory stays
+    ``chunk_size * N``. Ties in the vote go to the lower class id.
+    """
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError("knn_classify: empty train or test features")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"knn_classify: train features have {train_features.shape[1]} dims, test features "
+                         f"{test_features.shape[1]}")
+    k = min(k, train_features.shape[0])
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if num_classes is None else num_classes
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    train_labels = train_labels.to(train.device)
+    top1 = top5 = 0
+    for start in range(0, test.shape[0], chunk_size):
+        sim = test[start:start + chunk_size] @ train.T
+        weights, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (weights / T).exp())
+        # A stable sort: among equal votes the lower class id comes first.
+        pred = votes.sort(dim=1, descending=True, stable=True).indices
+        target = test_labels[start:start + chunk_size].to(pred.device).view(-1, 1)
+        top1 += (pred[:, :1] == target).sum().item()
+        top5 += (pred[:, :min(5, num_classes)] == target).any(dim=1).sum().item()
+    n = test.shape[0]
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+@torch.no_grad()
+def extract_features(model, loader, device: torch.device, prepare) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, labels)`` of every image of ``loader`` (a :class:`~fastssl.train.data.Batch` loader),
+    ``prepare(batch) -> (float images [B, C, S, S], labels)``, gathered from all ranks in dataset order
+    (each rank embeds its own share: the loader must use a non-shuffling ``ResumableSampler``)."""
+    feats, labels, indices = [], [], []
+    for batch in loader:
+        x, y = prepare(batch)
+        if x is None:
+            continue
+        feats.append(model(x).float())
+        labels.append(y.to(device))
+        indices.append(batch.indices[:y.shape[0]].to(device))
+    feats, labels, indices = torch.cat(feats), torch.cat(labels), torch.cat(indices)
+    if distributed.world_size() > 1:
+        feats, labels, indices = (_all_gather_varlen(t) for t in (feats, labels, indices))
+        # Drop the sampler's padding (repeated indices) and restore dataset order.
+        order = torch.argsort(indices)
+        keep = torch.ones_like(order, dtype=torch.bool)
+        keep[1:] = indices[order][1:] != indices[order][:-1]
+        order = order[keep]
+        feats, labels = feats[order], labels[order]
+    return feats, labels
+
+
+def _all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)])
+
+
+def center_crop_boxes(images, crop_fraction: float) -> torch.Tensor:
+    """``[B, 5]`` boxes of the central square of side ``crop_fraction * min(H, W)`` of each image:
+    with ``crop_fraction = 224 / 256`` the authors' ``Resize(256), CenterCrop(224)`` once resized."""
+    sizes = [(im.shape[-2], im.shape[-1]) for im in images]
+    rows = []
+    for i, (h, w) in enumerate(sizes):
+        side = crop_fraction * min(h, w)
+        rows.append((i, (h - side) / 2, (w - side) / 2, side, side))
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@torch.no_grad()
+def knn_eval(backbone, bank_set, query_set, device: torch.device, cfg: dict, amp_dtype=None) -> dict:
+    """k-NN accuracy (``cfg["knn_k"]``, ``cfg["knn_t"]``) of ``backbone``'s features: ``bank_set`` (labelled
+    images, the neighbours) against ``query_set``. Images are centre-cropped (``cfg["eval_crop_fraction"]``)
+    to ``cfg["global_crop_size"]`` and normalised as in training. Returns ``{"top1", "top5"}`` in percent."""
+    from torch.utils.data import DataLoader
+
+    from ..augment import IMAGENET_MEAN, IMAGENET_STD
+    from ..ops import resized_crops
+    from .data import ResumableSampler, collate, decode_batch
+
+    rank = torch.distributed.get_rank() if distributed.is_initialized() else 0
+    world = distributed.world_size()
+    size, fraction = cfg["global_crop_size"], cfg["eval_crop_fraction"]
+
+    def prepare(batch):
+        images, _ = decode_batch(batch, device)
+        if not len(images):
+            return None, None
+        if len(images) != batch.labels.shape[0]:  # a JPEG failed to decode on the GPU: labels of the rest unknown
+            raise RuntimeError("k-NN evaluation: an image failed to decode; remove it from the evaluation folder")
+        x = resized_crops(images, center_crop_boxes(images, fraction), size, interpolation="bicubic",
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return backbone(x), batch.labels
+
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for ds in (bank_set, query_set):
+        sampler = ResumableSampler(len(ds), shuffle=False, rank=rank, world_size=world)
+        loader = DataLoader(ds, batch_size=cfg["knn_batch_size"], sampler=sampler, collate_fn=collate,
+                            num_workers=cfg["num_workers"])
+        feats.append(extract_features(lambda x: x, loader, device, prepare))
+    backbone.train(was_training)
+    (bank, bank_labels), (query, query_labels) = feats
+    top1, top5 = knn_classify(bank, bank_labels, query, query_labels, k=cfg["knn_k"], T=cfg["knn_t"],
+                              num_classes=len(bank_set.classes))
+    return {"top1": top1, "top5": top5}

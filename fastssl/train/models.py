@@ -1,0 +1,136 @@
+"""The networks of the trainer: a timm backbone, the DINO head, and the multi-crop wrapper.
+
+The module names follow the DINO authors' ``main_dino.py`` (``backbone.*``, ``head.mlp.*``,
+``head.last_layer.weight_g`` / ``weight_v``) and timm's ViT uses the same block names as
+their ``vision_transformer.py``, so their released ``student`` / ``teacher`` state dicts load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ARCH_ALIASES", "DinoHead", "MultiCropModel", "build_backbone", "is_vit"]
+
+# Small networks that timm does not name: (timm architecture, overrides). "vit_digits" is the
+# ViT of `make demo`: 4x4 patches, so a 16x16 global crop is 4x4 tokens and an 8x8 local crop 2x2.
+ARCH_ALIASES = {
+    "vit_digits": ("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3)),
+    "vit_pico": ("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)),
+}
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
+
+
+def build_backbone(arch: str, *, drop_path_rate: float = 0.0, img_size: int | None = None,
+                   patch_size: int | None = None) -> nn.Module:
+    """A timm backbone by name, without classifier (``forward`` returns ``[B, num_features]``).
+
+    ViTs are built with ``dynamic_img_size=True`` (global and local crops share the position
+    embeddings, interpolated) and return the CLS token. No pretrained weights are fetched.
+    """
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is a dependency of the train extra
+        raise ImportError("fastssl.train needs timm: pip install 'fastssl[train]'") from e
+    name, kwargs = ARCH_ALIASES.get(arch, (arch, {}))
+    kwargs = dict(kwargs)
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown architecture {arch!r}: not a timm model nor one of {sorted(ARCH_ALIASES)}"
+                         + (f"; timm has e.g. {close}" if close else ""))
+    if name.startswith(("vit_", "deit_")):
+        kwargs.update(dynamic_img_size=True, global_pool="token")
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if patch_size is not None:
+            kwargs["patch_size"] = patch_size
+    elif img_size is not None or patch_size is not None:
+        raise ValueError(f"--img-size / --patch-size apply to ViTs only, not to {arch!r}")
+    model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    return model
+
+
+def _trunc_normal_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class WeightNormLinear(nn.Module):
+    """``y = x @ (g * v / ||v||).T`` with one norm per output row, no bias.
+
+    The parameters are named as ``torch.nn.utils.weight_norm`` names them (``weight_g``
+    ``[out, 1]``, ``weight_v`` ``[out, in]``), as in the authors' checkpoints, without the
+    deprecated hook (plain code, which ``torch.compile`` traces).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        v = torch.empty(out_features, in_features)
+        nn.init.kaiming_uniform_(v, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))  # the authors fill g with 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+        return F.linear(x, w)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight_v.shape[1]}, out_features={self.weight_v.shape[0]}"
+
+
+class DinoHead(nn.Module):
+    """The DINO projection head: an MLP to a bottleneck, L2 normalisation, a weight-normalised
+    linear layer to ``out_dim`` logits.
+
+    With ``norm_last_layer`` the norms ``g`` of the last layer stay 1 (not trained), which the
+    authors found makes training more stable (ViT-S: True; ViT-B: False for better results).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, use_bn: bool = False, norm_last_layer: bool = True,
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+            for _ in range(nlayers - 2):
+                layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+                layers += [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
+            layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+            layers += [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
+            self.mlp = nn.Sequential(*layers)
+        self.apply(_trunc_normal_init)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)
+
+
+class MultiCropModel(nn.Module):
+    """``backbone`` then ``head``: one backbone call per crop resolution, one head call for all.
+
+    ``forward(globals, locals)`` takes crop-major batches (all crops of one size stacked:
+    ``[2B, C, S, S]``, ``[n_local * B, C, s, s]``) and returns the head's output for every
+    crop, in the same order.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, *crops: torch.Tensor) -> torch.Tensor:
+        feats = [self.backbone(x) for x in crops if x is not None and x.shape[0] > 0]
+        return self.head(torch.cat(feats) if len(feats) > 1 else feats[0])

@@ -1,0 +1,662 @@
+r"""Triton kernels for soft nearest neighbours against a support set, forward and backward.
+
+Notation: queries q_i (N rows), supports s_j (M rows), both d wide; labels Y [M, C]
+(dense, soft) or class ids y_j in [0, C) with label smoothing eps; temperature tau.
+
+    q^_i = q_i / max(|q_i|, 1e-12)          s^_j likewise (``F.normalize``)
+    A    = softmax_j(q^_i . s^_j / tau)     P = A @ Y          (integer ids: Y = (1 - eps) onehot(y) + eps / C)
+
+This is attention (queries q^, keys s^, values Y), so P is computed like flash
+attention without the N x M matrix A. The similarity is taken on the raw embeddings
+and scaled by the inverse norms, c_ij = (q_i . s_j) n_i m_j, so nothing normalised is
+ever written; all exponentials are base 2 (logits pre-scaled by log2(e) / tau).
+
+Forward, for a block of queries and a range of supports: stream support blocks,
+keep each row's running max and sum of the online softmax and the unnormalised class
+accumulator, then merge the ranges (``_combine_kernel``), saving each row's base-2
+log-sum-exp for the backward.
+
+* dense labels (``_fwd_dense_kernel``): the accumulator is [BLOCK_N, C] (C tiled over
+  the grid when it is wider than ``_MAX_BLOCK_C``), updated by p @ Y_block; the support
+  ranges are splits of M, merged by a weighted sum of the partial accumulators.
+* class ids (``_fwd_ids_kernel``): the supports are visited in class order (a
+  permutation, computed by the launcher), so that a program owning a tile of
+  BLOCK_C classes only streams the supports of those classes and its accumulator
+  is [BLOCK_N, BLOCK_C], written to its own columns: the class sum is a one-hot
+  matmul over a narrow tile (C / BLOCK_C times less work than a dense one-hot), and
+  no [M, C] matrix exists.
+
+Backward, with G = dL/dP [N, C] and D_i = sum_c G_ic P_ic (= sum_j A_ij dA_ij):
+
+    dA_ij = G_i . Y_j                  (ids: (1 - eps) G[i, y_j] + eps / C sum_c G_ic, a gather)
+    dc_ij = A_ij (dA_ij - D_i) / tau   (c the cosine similarity)
+    dq^_i = sum_j dc_ij s^_j           ds^_j = sum_i dc_ij q^_i
+    dq_i  = (dq^_i - q^_i (q^_i . dq^_i)) / |q_i|    (the normalisation's backward; likewise ds)
+
+A is recomputed blockwise from the saved log-sum-exp. ``_bwd_dq_kernel`` owns query
+blocks (support range split over the grid, partials summed by ``_norm_bwd_kernel``),
+``_bwd_ds_kernel`` owns support blocks; both tile d over the grid when it is wider
+than their accumulator. ``_norm_bwd_kernel`` applies the normalisation's backward and
+writes the gradients in the embeddings' dtype.
+
+Precision: bf16/fp16 embeddings go through the tensor cores in their dtype with
+fp32 accumulation (p, dc and dense labels rounded to it, as flash attention does; the
+fp32 G enters G @ Y.T as two 16-bit parts, since dA_ij - D_i cancels); fp32 embeddings
+use ``tf32x3`` (three TF32 products, ~fp32 accurate), never plain TF32.
+
+Memory beyond inputs and outputs: O(N * C * splits) forward partials, O(M * d) fp32
+gradient scratch, O(N + M) statistics; never N x M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NORM_EPS = 1e-12  # F.normalize's default eps
+
+# fp32 dots: three TF32 products with fp32 accuracy ("ieee" would use no tensor cores).
+FP32_PRECISION = "tf32x3"
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter (CPU tensors) gets bf16 tl.dot wrong; the operands were
+    # already rounded to the dot dtype, so fp32 there computes the same products.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _raw_dots(Q, S, q_off, s_off, rmask, jmask, d, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_N, BLOCK_M] dot products of raw query and support rows (fp32 accumulate)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        kmask = ks < d
+        q = tl.load(Q + q_off[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        s = tl.load(S + s_off[:, None] + ks[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
+        acc = _mma(q, tl.trans(s), acc, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _label_grads(G, Y, g_off, js, rmask, jmask, C, stride_y, gscale, DENSE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """dA without its per-row constant: G_i . Y_j (dense) or gscale * G[i, y_j] (class ids)."""
+    if DENSE:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        y_off = js.to(tl.int64) * stride_y
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cmask = cs < C
+            g = tl.load(G + g_off[:, None] + cs[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            y = tl.load(Y + y_off[:, None] + cs[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)
+            yt = tl.trans(y.to(DT))
+            g_hi = g.to(DT)
+            acc = _mma(g_hi, yt, acc, PREC, UPCAST)
+            if DT != tl.float32:
+                # dA - D_i cancels: a second product with G's rounding error keeps G to ~16 bits.
+                acc = _mma((g - g_hi.to(tl.float32)).to(DT), yt, acc, PREC, UPCAST)
+    else:
+        ids = tl.load(Y + js, mask=jmask, other=0)
+        acc = tl.load(G + g_off[:, None] + ids[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0) * gscale
+    return acc
+
+
+@triton.jit
+def _inv_norm_kernel(X, INV, n_rows, d, stride_x, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    off = rows.to(tl.int64) * stride_x
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        x = tl.load(X + off[:, None] + ks[None, :], mask=rmask[:, None] & (ks < d)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    tl.store(INV + rows, 1.0 / tl.maximum(tl.sqrt(ss), eps), mask=rmask)
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, PART_M, PART_L, PART_ACC, N, M, d, C, stride_q, stride_s, stride_y,
+                      chunk, scale2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    DT = Q.dtype.element_ty
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    q_off = rows.to(tl.int64) * stride_q
+    row_scale = tl.load(INV_Q + rows, mask=rmask, other=0.0) * scale2
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    j_start = split * chunk
+    j_end = tl.minimum(j_start + chunk, M)
+    for j0 in range(j_start, j_end, BLOCK_M):
+        js = j0 + tl.arange(0, BLOCK_M)
+        jmask = js < j_end
+        dots = _raw_dots(Q, S, q_off, js.to(tl.int64) * stride_s, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC,
+                         UPCAST)
+        inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
+        z = tl.where(jmask[None, :], dots * row_scale[:, None] * inv_s[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        y = tl.load(Y + js.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=jmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc = _mma(p.to(DT), y.to(DT), acc * alpha[:, None], PREC, UPCAST)
+        m = m_new
+    if pid_c == 0:
+        tl.store(PART_M + split * N + rows, m, mask=rmask)
+        tl.store(PART_L + split * N + rows, l, mask=rmask)
+    out = (split * N + rows).to(tl.int64) * C
+    tl.store(PART_ACC + out[:, None] + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _fwd_ids_kernel(Q, S, PERM, SORTED_IDS, CLASS_START, INV_Q, INV_S, PART_M, PART_L, ACC, N, d, C, stride_q,
+                    stride_s, scale2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Program (query block, class tile): the supports of classes [c0, c0 + BLOCK_C) are the
+    # class-sorted positions [CLASS_START[c0], CLASS_START[c0 + BLOCK_C]); PERM maps them to rows of S.
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(1)
+    DT = Q.dtype.element_ty
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    c0 = tile * BLOCK_C
+    classes = tl.arange(0, BLOCK_C)
+    q_off = rows.to(tl.int64) * stride_q
+    row_scale = tl.load(INV_Q + rows, mask=rmask, other=0.0) * scale2
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    j_start = tl.load(CLASS_START + c0)
+    j_end = tl.load(CLASS_START + tl.minimum(c0 + BLOCK_C, C))
+    for j0 in range(j_start, j_end, BLOCK_M):
+        js = j0 + tl.arange(0, BLOCK_M)
+        jmask = js < j_end
+        src = tl.load(PERM + js, mask=jmask, other=0)
+        dots = _raw_dots(Q, S, q_off, src.to(tl.int64) * stride_s, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC,
+                         UPCAST)
+        inv_s = tl.load(INV_S + src, mask=jmask, other=0.0)
+        z = tl.where(jmask[None, :], dots * row_scale[:, None] * inv_s[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        local = tl.load(SORTED_IDS + js, mask=jmask, other=-1) - c0
+        onehot = tl.where(local[:, None] == classes[None, :], 1.0, 0.0).to(DT)
+        acc = _mma(p.to(DT), onehot, acc * alpha[:, None], PREC, UPCAST)
+        m = m_new
+    tl.store(PART_M + tile * N + rows, m, mask=rmask)
+    tl.store(PART_L + tile * N + rows, l, mask=rmask)
+    cols = c0 + classes
+    tl.store(ACC + rows.to(tl.int64)[:, None] * C + cols[None, :], acc, mask=rmask[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
+def _combine_kernel(PART_M, PART_L, PART_ACC, P, LSE, N, C, nparts, keep, spread, DENSE: tl.constexpr,
+                    TILE_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Merges the per-part (max, sum, accumulator) into P = keep * acc / sum + spread, and each
+    # row's base-2 log-sum-exp. Dense: parts are support splits with [nparts, N, C] accumulators;
+    # ids: parts are class tiles, each owning TILE_C columns of one [N, C] accumulator.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    parts = tl.arange(0, BLOCK_S)
+    pmask = rmask[:, None] & (parts < nparts)[None, :]
+    offs = parts[None, :] * N + rows[:, None]
+    pm = tl.load(PART_M + offs, mask=pmask, other=float("-inf"))
+    pl = tl.load(PART_L + offs, mask=pmask, other=0.0)
+    m = tl.max(pm, axis=1)
+    m = tl.where(rmask, m, 0.0)  # padding rows: keep -inf - -inf out of the arithmetic
+    l = tl.sum(pl * tl.exp2(pm - m[:, None]), axis=1)
+    if tl.program_id(1) == 0:
+        tl.store(LSE + rows, m + tl.log2(l), mask=rmask)
+    mask = rmask[:, None] & cmask[None, :]
+    if DENSE:
+        out = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for s in range(0, nparts):
+            w = tl.exp2(tl.load(PART_M + s * N + rows, mask=rmask, other=0.0) - m)
+            a = tl.load(PART_ACC + (s * N + rows).to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+            out += a * w[:, None]
+    else:
+        mt = tl.load(PART_M + (cols // TILE_C)[None, :] * N + rows[:, None], mask=mask, other=float("-inf"))
+        a = tl.load(PART_ACC + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        out = a * tl.exp2(mt - m[:, None])
+    out = out * (keep / l)[:, None] + spread
+    tl.store(P + rows.to(tl.int64)[:, None] * C + cols[None, :], out, mask=mask)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _bwd_dq_kernel(Q, S, Y, G, INV_Q, INV_S, LSE, E, DQ_PART, N, M, d, C, stride_q, stride_s, stride_y, stride_g,
+                   chunk, scale2, inv_tau, gscale, DENSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    # Program (query block, d tile, support split): the split's part of dq^ for that tile.
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    DT = Q.dtype.element_ty
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    q_off = rows.to(tl.int64) * stride_q
+    g_off = rows.to(tl.int64) * stride_g
+    row_scale = tl.load(INV_Q + rows, mask=rmask, other=0.0) * scale2
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    e = tl.load(E + rows, mask=rmask, other=0.0)
+    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = dcols < d
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    j_start = split * chunk
+    j_end = tl.minimum(j_start + chunk, M)
+    for j0 in range(j_start, j_end, BLOCK_M):
+        js = j0 + tl.arange(0, BLOCK_M)
+        jmask = js < j_end
+        s_off = js.to(tl.int64) * stride_s
+        dots = _raw_dots(Q, S, q_off, s_off, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC, UPCAST)
+        inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
+        a = tl.exp2(dots * row_scale[:, None] * inv_s[None, :] - lse[:, None])
+        a = tl.where(rmask[:, None] & jmask[None, :], a, 0.0)
+        da = _label_grads(G, Y, g_off, js, rmask, jmask, C, stride_y, gscale, DENSE, BLOCK_N, BLOCK_M, BLOCK_C, DT,
+                          PREC, UPCAST)
+        dc = a * (da + e[:, None]) * inv_tau
+        sv = tl.load(S + s_off[:, None] + dcols[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+        acc = _mma((dc * inv_s[None, :]).to(DT), sv, acc, PREC, UPCAST)
+    out = (split * N + rows).to(tl.int64) * d
+    tl.store(DQ_PART + out[:, None] + dcols[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _bwd_ds_kernel(Q, S, Y, G, INV_Q, INV_S, LSE, E, DS_HAT, N, M, d, C, stride_q, stride_s, stride_y, stride_g,
+                   scale2, inv_tau, gscale, DENSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    # Program (support block, d tile): ds^ of those supports over every query block.
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    DT = Q.dtype.element_ty
+    js = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    jmask = js < M
+    s_off = js.to(tl.int64) * stride_s
+    inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
+    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = dcols < d
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    for i0 in range(0, N, BLOCK_N):
+        rows = i0 + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        q_off = rows.to(tl.int64) * stride_q
+        inv_q = tl.load(INV_Q + rows, mask=rmask, other=0.0)
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        e = tl.load(E + rows, mask=rmask, other=0.0)
+        dots = _raw_dots(Q, S, q_off, s_off, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC, UPCAST)
+        a = tl.exp2(dots * (inv_q * scale2)[:, None] * inv_s[None, :] - lse[:, None])
+        a = tl.where(rmask[:, None] & jmask[None, :], a, 0.0)
+        da = _label_grads(G, Y, rows.to(tl.int64) * stride_g, js, rmask, jmask, C, stride_y, gscale, DENSE,
+                          BLOCK_N, BLOCK_M, BLOCK_C, DT, PREC, UPCAST)
+        dc = a * (da + e[:, None]) * inv_tau
+        qv = tl.load(Q + q_off[:, None] + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        acc = _mma(tl.trans((dc * inv_q[:, None]).to(DT)), qv, acc, PREC, UPCAST)
+    out = js.to(tl.int64) * d
+    tl.store(DS_HAT + out[:, None] + dcols[None, :], acc, mask=jmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _sum_parts(GHAT, rows, ks, mask, n_rows, d, nparts, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for p in range(0, nparts):
+        g += tl.load(GHAT + (p * n_rows + rows).to(tl.int64)[:, None] * d + ks[None, :], mask=mask, other=0.0)
+    return g
+
+
+@triton.jit
+def _norm_bwd_kernel(X, GHAT, DX, n_rows, d, nparts, stride_x, stride_dx, eps, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    # dx = (g - x^ (x^ . g)) / |x| with g the sum of the nparts partial gradients of x^; when
+    # F.normalize clamped the norm to eps, x^ = x / eps and dx = g / eps.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    x_off = rows.to(tl.int64) * stride_x
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    xg = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (ks < d)[None, :]
+        x = tl.load(X + x_off[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = _sum_parts(GHAT, rows, ks, mask, n_rows, d, nparts, BLOCK_R, BLOCK_D)
+        ss += tl.sum(x * x, axis=1)
+        xg += tl.sum(x * g, axis=1)
+    norm = tl.sqrt(ss)
+    inv = 1.0 / tl.maximum(norm, eps)
+    coef = tl.where(norm >= eps, xg * inv * inv * inv, 0.0)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (ks < d)[None, :]
+        x = tl.load(X + x_off[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = _sum_parts(GHAT, rows, ks, mask, n_rows, d, nparts, BLOCK_R, BLOCK_D)
+        dx = g * inv[:, None] - x * coef[:, None]
+        tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + ks[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# Enough programs to fill any current GPU several times over; a constant rather than the SM
+# count, so that the split sums (and so the results) do not depend on the device.
+_TARGET_PROGRAMS = 1024
+_MAX_BLOCK_C = 1024   # widest class accumulator a dense-label program holds
+_ACC_ELEMS = 16384    # fp32 accumulator elements a program holds: 64 registers a thread at 8 warps
+_MIN_BLOCKS_PER_SPLIT = 4
+_MAX_DENSE_SPLITS = 8
+_TORCH_TO_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def _precision(dtype) -> str:
+    # Ignored by tl.dot for 16-bit inputs; passed anyway so there is one compiled variant per dtype.
+    return FP32_PRECISION if dtype in (torch.float32, "fp32") else "ieee"
+
+
+def _splits(n_blocks: int, M: int, block_m: int, max_splits: int | None = None):
+    """Split the M supports into chunks (multiples of block_m) so the grid has ~_TARGET_PROGRAMS programs."""
+    nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, n_blocks), triton.cdiv(M, block_m * _MIN_BLOCKS_PER_SPLIT)))
+    if max_splits is not None:
+        nsplit = max(1, min(nsplit, max_splits))
+    chunk = triton.cdiv(triton.cdiv(M, nsplit), block_m) * block_m
+    return triton.cdiv(M, chunk), chunk
+
+
+def fwd_dense_config(N: int, M: int, d: int, C: int, dtype) -> dict:
+    """Block sizes of the dense-label forward: the [BLOCK_N, BLOCK_C] accumulator fits _ACC_ELEMS."""
+    block_c = _pow2(C, 16, _MAX_BLOCK_C)
+    block_n = _pow2(_ACC_ELEMS // block_c, 16, 64)
+    # The label tile [BLOCK_M, BLOCK_C] goes through shared memory: keep it under 64 KiB.
+    block_m = 16 if block_c * (4 if dtype in (torch.float32, "fp32") else 2) > 2048 else 32
+    n_q, n_c = triton.cdiv(N, block_n), triton.cdiv(C, block_c)
+    # At most 8 splits: their partials (nsplit x N x C fp32) stay O(N x C).
+    nsplit, chunk = _splits(n_q * n_c, M, block_m, max_splits=_MAX_DENSE_SPLITS)
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=32, BLOCK_C=block_c, nsplit=nsplit,
+                chunk=chunk, grid=(n_q, nsplit, n_c), num_warps=8 if block_n * block_c >= 8192 else 4,
+                num_stages=1)
+
+
+def fwd_ids_config(N: int, M: int, d: int, C: int, dtype) -> dict:
+    """Block sizes of the class-id forward: a tile of classes per program, so a wide query block.
+
+    Spill-free on sm_80 and sm_90 (AOT build); 128 query rows halve the support reads at the
+    evaluation shape, 64 keep enough programs for a training batch.
+    """
+    block_c = _pow2(C, 16, 32)
+    if dtype in (torch.float32, "fp32"):  # tf32x3 splits every operand: smaller tiles
+        block_n, block_m, block_d = 64, 64, 16
+    else:
+        block_n, block_m, block_d = (128 if N >= 2048 else 64), 64, 32
+    block_n = min(block_n, _pow2(N, 16, 128))
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
+                grid=(triton.cdiv(N, block_n), triton.cdiv(C, block_c)),
+                num_warps=8 if block_n * block_m >= 4096 else 4, num_stages=1)
+
+
+def combine_config(N: int, C: int, nparts: int) -> dict:
+    block_s = triton.next_power_of_2(nparts)
+    block_c = _pow2(C, 16, 128)
+    block_r = _pow2(4096 // max(block_c, block_s), 1, 64)
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
+                grid=(triton.cdiv(N, block_r), triton.cdiv(C, block_c)), num_warps=4, num_stages=1)
+
+
+def bwd_config(N: int, M: int, d: int, C: int, dtype) -> dict:
+    """Block sizes of both gradient kernels; d is tiled over the grid past BLOCK_DO columns.
+
+    Each kernel owns 16 rows (its [16, BLOCK_DO] accumulator) and streams 32; the 2-D
+    pointer tiles of the d loads dominate the registers, so BLOCK_DO stays at 512 (256 for
+    fp32, whose tf32x3 dots split every operand) and the dense G @ Y.T loop takes 16
+    classes a step: spill-free on sm_80 / sm_90 (AOT build).
+    """
+    fp32 = dtype in (torch.float32, "fp32")
+    block_do = _pow2(d, 16, 256 if fp32 else 512)
+    n_d = triton.cdiv(d, block_do)
+    owned, streamed = 16, 32
+    n_q = triton.cdiv(N, owned)
+    # The dq partials (nsplit x N x d fp32) stay within the M x d of the supports' gradient.
+    nsplit, chunk = _splits(n_q * n_d, M, streamed, max_splits=M // max(N, 1))
+    common = dict(BLOCK_D=16 if fp32 else 32, BLOCK_C=16, BLOCK_DO=block_do, num_warps=8,
+                  num_stages=1)
+    return dict(dq=dict(BLOCK_N=owned, BLOCK_M=streamed, **common), ds=dict(BLOCK_N=streamed, BLOCK_M=owned, **common),
+                nsplit=nsplit, chunk=chunk, grid_dq=(n_q, n_d, nsplit), grid_ds=(triton.cdiv(M, owned), n_d))
+
+
+def row_config(n_rows: int, d: int) -> dict:
+    block_d = _pow2(d, 16, 256)
+    block_r = _pow2(4096 // block_d, 1, 64)
+    return dict(BLOCK_R=block_r, BLOCK_D=block_d, grid=(triton.cdiv(n_rows, block_r),), num_warps=4, num_stages=1)
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by a stride and columns contiguously."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    """The kernels only run on CPU tensors under Triton's interpreter."""
+    return x.device.type == "cpu"
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _inv_norms(x: torch.Tensor) -> torch.Tensor:
+    n, d = x.shape
+    inv = torch.empty(n, device=x.device, dtype=torch.float32)
+    rc = row_config(n, d)
+    _inv_norm_kernel[rc["grid"]](x, inv, n, d, x.stride(0), NORM_EPS, BLOCK_R=rc["BLOCK_R"],
+                                 BLOCK_D=rc["BLOCK_D"], **_launch_opts(rc))
+    return inv
+
+
+def _class_order(ids: torch.Tensor, C: int):
+    """Supports sorted by class: (permutation, sorted ids, class start offsets [C + 1]), all int32."""
+    perm = torch.argsort(ids, stable=True)
+    counts = torch.zeros(C, device=ids.device, dtype=torch.int64).scatter_add_(0, ids, torch.ones_like(ids))
+    start = torch.zeros(C + 1, device=ids.device, dtype=torch.int64)
+    start[1:] = torch.cumsum(counts, 0)
+    return perm.to(torch.int32), ids[perm].to(torch.int32), start.to(torch.int32)
+
+
+def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float, num_classes: int,
+                smoothing: float):
+    """Fused forward. Returns ``(probs, lse, inv_q, inv_s)``, all float32.
+
+    ``probs`` is ``[N, C]``; ``lse`` ``[N]`` each row's base-2 log-sum-exp of
+    ``c_ij * log2(e) / tau``, and ``inv_q`` / ``inv_s`` the inverse norms: what the
+    backward recomputes A from. ``labels`` is a floating ``[M, C]`` matrix or int64
+    class ids ``[M]`` (then ``smoothing`` applies). Query and supports share a dtype;
+    inputs are assumed validated by the caller.
+    """
+    query, supports = _rows(query), _rows(supports)
+    N, d = query.shape
+    M = supports.shape[0]
+    C = num_classes
+    dense = labels.is_floating_point()
+    dev = query.device
+    scale2 = LOG2E / tau
+    prec = _precision(query.dtype)
+    upcast = _interpreted(query)
+    with _device(query):
+        inv_q, inv_s = _inv_norms(query), _inv_norms(supports)
+        probs = torch.empty(N, C, device=dev, dtype=torch.float32)
+        lse = torch.empty(N, device=dev, dtype=torch.float32)
+        if dense:
+            labels = _rows(labels)
+            fc = fwd_dense_config(N, M, d, C, query.dtype)
+            nparts = fc["nsplit"]
+            part_m, part_l = torch.empty(2, nparts, N, device=dev, dtype=torch.float32)
+            part_acc = torch.empty(nparts, N, C, device=dev, dtype=torch.float32)
+            _fwd_dense_kernel[fc["grid"]](
+                query, supports, labels, inv_q, inv_s, part_m, part_l, part_acc, N, M, d, C, query.stride(0),
+                supports.stride(0), labels.stride(0), fc["chunk"], scale2, BLOCK_N=fc["BLOCK_N"],
+                BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast,
+                **_launch_opts(fc))
+            keep, spread, tile_c = 1.0, 0.0, 1
+        else:
+            perm, sorted_ids, start = _class_order(labels, C)
+            fc = fwd_ids_config(N, M, d, C, query.dtype)
+            nparts = fc["grid"][1]
+            part_m, part_l = torch.empty(2, nparts, N, device=dev, dtype=torch.float32)
+            part_acc = torch.empty(N, C, device=dev, dtype=torch.float32)
+            _fwd_ids_kernel[fc["grid"]](
+                query, supports, perm, sorted_ids, start, inv_q, inv_s, part_m, part_l, part_acc, N, d, C,
+                query.stride(0), supports.stride(0), scale2, BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"],
+                BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast, **_launch_opts(fc))
+            keep, spread, tile_c = 1.0 - smoothing, smoothing / C, fc["BLOCK_C"]
+        cc = combine_config(N, C, nparts)
+        _combine_kernel[cc["grid"]](part_m, part_l, part_acc, probs, lse, N, C, nparts, keep, spread, DENSE=dense,
+                                    TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"],
+                                    BLOCK_S=cc["BLOCK_S"], **_launch_opts(cc))
+    return probs, lse, inv_q, inv_s
+
+
+def _normalize_backward(x: torch.Tensor, ghat: torch.Tensor, nparts: int) -> torch.Tensor:
+    n, d = x.shape
+    dx = torch.empty(n, d, device=x.device, dtype=x.dtype)
+    rc = row_config(n, d)
+    _norm_bwd_kernel[rc["grid"]](x, ghat, dx, n, d, nparts, x.stride(0), dx.stride(0), NORM_EPS,
+                                 BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **_launch_opts(rc))
+    return dx
+
+
+def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor,
+                 probs: torch.Tensor, lse: torch.Tensor, inv_q: torch.Tensor, inv_s: torch.Tensor, tau: float,
+                 num_classes: int, smoothing: float, need_query: bool, need_supports: bool):
+    """Gradients ``(d query, d supports)`` in the inputs' dtype (an empty tensor where not needed)."""
+    query, supports = _rows(query), _rows(supports)
+    N, d = query.shape
+    M = supports.shape[0]
+    C = num_classes
+    dense = labels.is_floating_point()
+    dev = query.device
+    g = grad_probs.float().contiguous()
+    # E_i: the per-row constant of dA_ij - D_i (D_i = sum_c G_ic P_ic; class ids add eps / C sum_c G_ic).
+    e = -(g * probs).sum(1)
+    gscale = 1.0
+    if dense:
+        labels = _rows(labels)
+        stride_y = labels.stride(0)
+    else:
+        labels = labels.contiguous()
+        e = e + g.sum(1) * (smoothing / C)
+        gscale = 1.0 - smoothing
+        stride_y = 1
+    bc = bwd_config(N, M, d, C, query.dtype)
+    args = (query, supports, labels, g, inv_q, inv_s, lse, e)
+    strides = (query.stride(0), supports.stride(0), stride_y, g.stride(0))
+    common = dict(DENSE=dense, PREC=_precision(query.dtype), UPCAST=_interpreted(query))
+    dq = ds = torch.empty(0, device=dev, dtype=query.dtype)
+    with _device(query):
+        if need_query:
+            dq_part = torch.empty(bc["nsplit"], N, d, device=dev, dtype=torch.float32)
+            _bwd_dq_kernel[bc["grid_dq"]](*args, dq_part, N, M, d, C, *strides, bc["chunk"], LOG2E / tau, 1.0 / tau,
+                                          gscale, **common, **bc["dq"])
+            dq = _normalize_backward(query, dq_part, bc["nsplit"])
+        if need_supports:
+            ds_hat = torch.empty(M, d, device=dev, dtype=torch.float32)
+            _bwd_ds_kernel[bc["grid_ds"]](*args, ds_hat, N, M, d, C, *strides, LOG2E / tau, 1.0 / tau, gscale,
+                                          **common, **bc["ds"])
+            ds = _normalize_backward(supports, ds_hat, 1)
+    return dq, ds
+
+
+# ----------------------------------------------------------------------------- ahead-of-time specs
+
+def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool = True):
+    """What the launchers above compile for this problem: ``(kernel, signature, constexprs, options)``.
+
+    Used by ``fastssl.kernels.aot`` to build every kernel for real GPUs without one.
+    """
+    f32, i32, x = "*fp32", "i32", f"*{dtype}"
+    prec = _precision(dtype)
+    y = "*fp32" if dense else "*i64"
+    for n_rows in (N, M):
+        rc = row_config(n_rows, d)
+        yield (_inv_norm_kernel, dict(X=x, INV=f32, n_rows=i32, d=i32, stride_x=i32, eps="fp32"),
+               dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
+    if dense:
+        fc = fwd_dense_config(N, M, d, C, dtype)
+        nparts, tile_c = fc["nsplit"], 1
+        yield (_fwd_dense_kernel,
+               dict(Q=x, S=x, Y=y, INV_Q=f32, INV_S=f32, PART_M=f32, PART_L=f32, PART_ACC=f32, N=i32, M=i32, d=i32,
+                    C=i32, stride_q=i32, stride_s=i32, stride_y=i32, chunk=i32, scale2="fp32"),
+               dict(BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
+                    PREC=prec, UPCAST=False), fc)
+    else:
+        fc = fwd_ids_config(N, M, d, C, dtype)
+        nparts, tile_c = fc["grid"][1], fc["BLOCK_C"]
+        yield (_fwd_ids_kernel,
+               dict(Q=x, S=x, PERM="*i32", SORTED_IDS="*i32", CLASS_START="*i32", INV_Q=f32, INV_S=f32, PART_M=f32,
+                    PART_L=f32, ACC=f32, N=i32, d=i32, C=i32, stride_q=i32, stride_s=i32, scale2="fp32"),
+               dict(BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
+                    PREC=prec, UPCAST=False), fc)
+    cc = combine_config(N, C, nparts)
+    yield (_combine_kernel,
+           dict(PART_M=f32, PART_L=f32, PART_ACC=f32, P=f32, LSE=f32, N=i32, C=i32, nparts=i32, keep="fp32",
+                spread="fp32"),
+           dict(DENSE=dense, TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"], BLOCK_S=cc["BLOCK_S"]), cc)
+    bc = bwd_config(N, M, d, C, dtype)
+    common = dict(Q=x, S=x, Y=y, G=f32, INV_Q=f32, INV_S=f32, LSE=f32, E=f32)
+    scalars = dict(N=i32, M=i32, d=i32, C=i32, stride_q=i32, stride_s=i32, stride_y=i32, stride_g=i32)
+    for fn, out, extra in ((_bwd_dq_kernel, "DQ_PART", dict(chunk=i32)), (_bwd_ds_kernel, "DS_HAT", {})):
+        cfg = bc["dq" if fn is _bwd_dq_kernel else "ds"]
+        consts = dict(DENSE=dense, PREC=prec, UPCAST=False,
+                      **{k: v for k, v in cfg.items() if k.startswith("BLOCK_")})
+        yield (fn, dict(**common, **{out: f32}, **scalars, **extra, scale2="fp32", inv_tau="fp32", gscale="fp32"),
+               consts, cfg)
+    for n_rows in (N, M):
+        rc = row_config(n_rows, d)
+        yield (_norm_bwd_kernel,
+               dict(X=x, GHAT=f32, DX=x, n_rows=i32, d=i32, nparts=i32, stride_x=i32, stride_dx=i32, eps="fp32"),
+               dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
+
+
+# The benchmark's shapes: the paper's training shape per GPU (N = 512 anchors, M = 6720
+# supports, C = 960) at d = 256 and 2048, dense labels and class ids; the evaluation shape
+# (class ids, forward only, but every kernel is built); an odd small problem.
+AOT_PROBLEMS = [
+    dict(N=512, M=6720, d=2048, C=960, dtype="fp32", dense=True),
+    dict(N=512, M=6720, d=2048, C=960, dtype="bf16", dense=True),
+    dict(N=512, M=6720, d=256, C=960, dtype="bf16", dense=True),
+    dict(N=512, M=6720, d=256, C=960, dtype="fp32", dense=False),
+    dict(N=512, M=6720, d=2048, C=960, dtype="bf16", dense=False),
+    dict(N=4096, M=128116, d=384, C=1000, dtype="bf16", dense=False),
+    dict(N=4096, M=128116, d=384, C=1000, dtype="fp32", dense=False),
+    dict(N=24, M=77, d=19, C=10, dtype="fp16", dense=True),
+]

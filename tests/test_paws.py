@@ -1,0 +1,431 @@
+"""PAWS: fused snn and the PAWS loss against the authors' definition evaluated in float64."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, TOL, assert_rel_close
+
+import fastssl
+from fastssl.functional import paws_loss, snn
+from fastssl.reference import init_paws_loss as authors_init_paws_loss
+from fastssl.reference import make_labels_matrix, snn_reference
+
+FP32_TOL = 1e-4  # the issue's bound on fp32 results (the kernels land near 1e-6)
+
+
+def _emb(rows, d, dtype=torch.float32):
+    return torch.randn(rows, d, device=DEVICE).to(dtype)
+
+
+def _dense_of(ids, C, smoothing):
+    """The [M, C] matrix that integer class ids with smoothing stand for."""
+    return F.one_hot(ids, C).double() * (1 - smoothing) + smoothing / C
+
+
+def _soft_labels(M, C):
+    return torch.softmax(torch.randn(M, C, device=DEVICE) * 2, dim=1)
+
+
+def _snn_grads(probs, query, supports, weight):
+    return torch.autograd.grad((probs * weight).sum(), (query, supports))
+
+
+# (N, M, d, C, labels, smoothing): M, d and C off the block sizes; M past one support block and
+# C past one class tile of the kernels (past the widest dense accumulator: 1100 classes); a
+# single query; a single support.
+SNN_CASES = [
+    (37, 91, 45, 11, "dense", 0.0),
+    (19, 150, 33, 40, "ids", 0.1),
+    (5, 70, 130, 40, "dense", 0.0),
+    (1, 1, 7, 3, "ids", 0.0),
+    (29, 64, 16, 2, "ids", 0.3),
+    (3, 20, 8, 1100, "dense", 0.0),
+    (4, 50, 8, 1100, "ids", 0.05),
+]
+
+
+@pytest.mark.parametrize("N,M,d,C,kind,smoothing", SNN_CASES)
+def test_snn_matches_reference_fp32(backend, N, M, d, C, kind, smoothing):
+    tau = 0.1
+    query, supports = _emb(N, d).requires_grad_(), _emb(M, d).requires_grad_()
+    if kind == "dense":
+        labels = _soft_labels(M, C)
+        probs = snn(query, supports, labels, tau, backend=backend)
+        dense = labels.double()
+    else:
+        labels = torch.randint(0, C, (M,), device=DEVICE)
+        probs = snn(query, supports, labels, tau, num_classes=C, smoothing=smoothing, backend=backend)
+        dense = _dense_of(labels, C, smoothing)
+    weight = torch.randn(N, C, device=DEVICE)
+    dq, ds = _snn_grads(probs, query, supports, weight)
+    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
+    ref = snn_reference(q64, s64, dense, tau)
+    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
+    assert probs.dtype == torch.float32 and probs.shape == (N, C)
+    assert_rel_close(probs, ref, FP32_TOL, "probs")
+    assert_rel_close(dq, rdq, FP32_TOL, "gradient to the queries")
+    assert_rel_close(ds, rds, FP32_TOL, "gradient to the supports")
+
+
+def test_snn_strided_rows_and_extreme_tau(backend):
+    # Embeddings sliced out of wider tensors (row stride != d) are read in place; tau = 0.01
+    # puts logits at +-144 (the online softmax keeps them finite).
+    N, M, d, C, tau = 9, 40, 20, 5, 0.01
+    wide_q, wide_s = _emb(N, d + 7), _emb(M, d + 3)
+    query, supports = wide_q[:, 2:2 + d].requires_grad_(), wide_s[:, :d].requires_grad_()
+    labels = torch.randint(0, C, (M,), device=DEVICE)
+    probs = snn(query, supports, labels, tau, num_classes=C, backend=backend)
+    weight = torch.randn(N, C, device=DEVICE)
+    dq, ds = _snn_grads(probs, query, supports, weight)
+    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
+    ref = snn_reference(q64, s64, _dense_of(labels, C, 0.0), tau)
+    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
+    assert_rel_close(probs, ref, FP32_TOL, "probs")
+    assert_rel_close(dq, rdq, FP32_TOL, "gradient to the queries")
+    assert_rel_close(ds, rds, FP32_TOL, "gradient to the supports")
+
+
+def _paws_inputs(multicrop, B, M, d, C, kind, smoothing, dtype=torch.float32):
+    anchors = _emb((2 + multicrop) * B, d, dtype).requires_grad_()
+    a_supports = _emb(M, d, dtype).requires_grad_()
+    targets, t_supports = _emb(2 * B, d, dtype), _emb(M, d, dtype)
+    if kind == "dense":
+        # The authors' labels: supports cycle through the classes (M a multiple of C).
+        labels = make_labels_matrix(C, M // C, 1, DEVICE, smoothing=smoothing)
+        dense = labels.double()
+        options = {}
+    else:
+        # Every class present (the authors' loss has a NaN gradient for a class without supports).
+        labels = (torch.arange(M, device=DEVICE) % C)[torch.randperm(M, device=DEVICE)]
+        dense = _dense_of(labels, C, smoothing)
+        options = dict(num_classes=C, smoothing=smoothing)
+    return (anchors, a_supports, labels, targets, t_supports, labels), dense, options
+
+
+def _authors(inputs, dense, multicrop, tau, T, me_max):
+    anchors, a_supports, _, targets, t_supports, _ = inputs
+    a64 = anchors.detach().double().requires_grad_()
+    s64 = a_supports.detach().double().requires_grad_()
+    loss_fn = authors_init_paws_loss(multicrop=multicrop, tau=tau, T=T, me_max=me_max)
+    loss, rloss = loss_fn(a64, s64, dense, targets.double(), t_supports.double(), dense)
+    total = loss + 0.5 * rloss
+    ga, gs = torch.autograd.grad(total, (a64, s64))
+    return loss.detach(), torch.as_tensor(rloss).detach(), ga, gs
+
+
+# (multicrop, me_max, labels, smoothing): the issue's multicrop 0 and 6, me_max on and off,
+# dense and integer labels, smoothing.
+PAWS_CASES = [(0, True, "dense", 0.0), (6, True, "ids", 0.1), (6, False, "dense", 0.1), (0, False, "ids", 0.0)]
+
+
+@pytest.mark.parametrize("multicrop,me_max,kind,smoothing", PAWS_CASES)
+def test_paws_loss_matches_authors_fp32(backend, multicrop, me_max, kind, smoothing):
+    B, M, d, C, tau, T = 3, 45, 37, 9, 0.1, 0.25
+    inputs, dense, options = _paws_inputs(multicrop, B, M, d, C, kind, smoothing)
+    loss_fn = fastssl.init_paws_loss(multicrop=multicrop, tau=tau, T=T, me_max=me_max, backend=backend, **options)
+    loss, rloss = loss_fn(*inputs)
+    ga, gs = torch.autograd.grad(loss + 0.5 * rloss, (inputs[0], inputs[1]))
+    ref_loss, ref_rloss, ref_ga, ref_gs = _authors(inputs, dense, multicrop, tau, T, me_max)
+    assert loss.dtype == torch.float32 and loss.shape == () and rloss.shape == ()
+    assert_rel_close(loss, ref_loss, FP32_TOL, "loss")
+    assert_rel_close(rloss, ref_rloss, FP32_TOL, "me-max regulariser")
+    if not me_max:
+        assert rloss.item() == 0.0
+    assert_rel_close(ga, ref_ga, FP32_TOL, "gradient to the anchor views")
+    assert_rel_close(gs, ref_gs, FP32_TOL, "gradient to the anchor supports")
+
+
+@pytest.mark.parametrize("kind", ["dense", "ids"])
+def test_paws_loss_bf16_embeddings(backend, kind):
+    # bf16 embeddings, fp32 probabilities: against the float64 definition on the same rounded
+    # inputs. The kernels multiply in bf16 (probabilities rounded to it, as flash attention).
+    multicrop, B, M, d, C = 2, 4, 48, 64, 12
+    inputs, dense, options = _paws_inputs(multicrop, B, M, d, C, kind, 0.1, torch.bfloat16)
+    loss, rloss = paws_loss(*inputs, multicrop=multicrop, backend=backend, **options)
+    ga, gs = torch.autograd.grad(loss + 0.5 * rloss, (inputs[0], inputs[1]))
+    ref_loss, ref_rloss, ref_ga, ref_gs = _authors(inputs, dense, multicrop, 0.1, 0.25, True)
+    assert loss.dtype == torch.float32 and ga.dtype == gs.dtype == torch.bfloat16
+    assert_rel_close(loss, ref_loss, 5e-3, "loss")
+    assert_rel_close(rloss, ref_rloss, 5e-3, "me-max regulariser")
+    assert_rel_close(ga, ref_ga, TOL[torch.bfloat16], "gradient to the anchor views")
+    assert_rel_close(gs, ref_gs, TOL[torch.bfloat16], "gradient to the anchor supports")
+
+
+def test_drop_in_closure_module_and_overrides(backend):
+    # The authors' call shape, PawsLoss, and the closure's sharpen= / snn= overrides.
+    multicrop, B, M, d, C = 1, 2, 20, 12, 5
+    inputs, dense, options = _paws_inputs(multicrop, B, M, d, C, "ids", 0.0)
+    loss_fn = fastssl.init_paws_loss(multicrop, 0.1, 0.25, True, backend=backend, **options)
+    module = fastssl.PawsLoss(multicrop, 0.1, 0.25, True, backend=backend, **options)
+    loss, rloss = loss_fn(*inputs)
+    m_loss, m_rloss = module(*inputs)
+    assert_rel_close(m_loss, loss, 1e-6, "module loss")
+    assert_rel_close(m_rloss, rloss, 1e-6, "module regulariser")
+    # A user-supplied snn (here the authors', on dense labels) replaces the fused one.
+    dense32 = dense.float()
+    o_loss, _ = loss_fn(inputs[0], inputs[1], dense32, inputs[3], inputs[4], dense32,
+                        snn=lambda q, s, y: snn_reference(q, s, y, 0.1))
+    assert_rel_close(o_loss, loss, 1e-5, "loss with the authors' snn")
+    # A different sharpening changes the targets.
+    s_loss, _ = loss_fn(*inputs, sharpen=lambda p: p)
+    assert not math.isclose(s_loss.item(), loss.item(), rel_tol=1e-3)
+
+
+def test_class_without_supports_gives_finite_gradient(backend):
+    # Class 4 has no supports: its probability is exactly 0. The loss still matches the authors'
+    # value (their log(p ** -t) is 0 there); the gradient is finite where theirs is NaN.
+    multicrop, B, M, d, C = 0, 3, 16, 8, 5
+    inputs, _, _ = _paws_inputs(multicrop, B, M, d, C, "ids", 0.0)
+    labels = torch.arange(M, device=DEVICE) % (C - 1)
+    inputs = (*inputs[:2], labels, *inputs[3:5], labels)
+    loss, rloss = paws_loss(*inputs, multicrop=multicrop, num_classes=C, backend=backend)
+    ga, gs = torch.autograd.grad(loss + rloss, (inputs[0], inputs[1]))
+    dense = _dense_of(labels, C, 0.0)
+    ref_loss, ref_rloss, _, _ = _authors(inputs, dense, multicrop, 0.1, 0.25, True)
+    assert_rel_close(loss, ref_loss, FP32_TOL, "loss")
+    assert_rel_close(rloss, ref_rloss, FP32_TOL, "me-max regulariser")
+    assert torch.isfinite(ga).all() and torch.isfinite(gs).all()
+
+
+def test_no_gradient_to_targets_or_labels(backend):
+    inputs, _, _ = _paws_inputs(0, 2, 12, 8, 4, "dense", 0.0)
+    anchors, a_supports, labels, targets, t_supports, _ = inputs
+    targets.requires_grad_()
+    t_supports.requires_grad_()
+    labels = labels.clone().requires_grad_()
+    loss, rloss = paws_loss(anchors, a_supports, labels, targets, t_supports, labels, multicrop=0, backend=backend)
+    (loss + rloss).backward()
+    assert anchors.grad is not None and a_supports.grad is not None
+    assert targets.grad is None and t_supports.grad is None and labels.grad is None
+
+
+def test_triton_path_keeps_no_n_by_m_tensor():
+    # Saved for the backward beyond the inputs: the [N, C] probabilities, a log-sum-exp per
+    # query and the inverse norms; the authors keep the N x M similarities and softmax.
+    N, M, d, C = 20, 300, 16, 6
+    query, supports = _emb(N, d).requires_grad_(), _emb(M, d).requires_grad_()
+    labels = torch.randint(0, C, (M,), device=DEVICE)
+    inputs = {query.data_ptr(), supports.data_ptr(), labels.data_ptr()}
+    extra = []
+
+    def pack(t):
+        if t.data_ptr() not in inputs:
+            extra.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        snn(query, supports, labels, 0.1, num_classes=C, backend="triton")
+    assert sum(extra) <= N * C + 2 * N + M, f"saved {extra} elements beyond the inputs"
+
+
+def _bad(**changes):
+    def make(inputs):
+        names = ["anchor_views", "anchor_supports", "anchor_support_labels", "target_views", "target_supports",
+                 "target_support_labels"]
+        args = dict(zip(names, inputs, strict=True))
+        for key, fn in changes.items():
+            args[key] = fn(args[key])
+        return args
+    return make
+
+
+BAD_INPUTS = [
+    (_bad(anchor_views=lambda x: x[:-1]), {}, "not divisible by 2 \\+ multicrop = 3"),
+    (_bad(target_views=lambda x: x[:-1]), {}, r"2 \* B = 4 target rows"),
+    (_bad(anchor_support_labels=lambda y: y[:-1]), {}, "support and label rows differ"),
+    (_bad(target_support_labels=lambda y: y[:-1]), {}, "target_support_labels .*support and label rows differ"),
+    (_bad(anchor_supports=lambda s: s[:, :-1]), {}, "embedding dims differ"),
+    (_bad(target_views=lambda x: x[:, :-1]), {}, "embedding dims differ"),
+    (_bad(anchor_support_labels=lambda y: y.argmax(1) + 3), dict(num_classes=5), r"class ids in \[\d+, \d+\], outside"),
+    (_bad(anchor_support_labels=lambda y: y.argmax(1) - 1), dict(num_classes=5), "outside"),
+    (_bad(anchor_support_labels=lambda y: y.argmax(1)), {}, "need num_classes"),
+    (_bad(anchor_support_labels=lambda y: y.argmax(1)), dict(num_classes=5, smoothing=1.5), "smoothing must lie"),
+    (_bad(), dict(smoothing=0.1), "dense anchor_support_labels carry their own smoothing"),
+    (_bad(), dict(num_classes=4), "num_classes=4 but dense"),
+    (_bad(anchor_views=lambda x: x.long()), {}, "floating-point"),
+    (_bad(anchor_views=lambda x: x[None]), {}, "2-D"),
+    (_bad(anchor_supports=lambda s: s.to("meta")), {}, "different devices"),
+    (_bad(), dict(multicrop=-1), "multicrop must be >= 0"),
+    (_bad(), dict(tau=0.0), "tau must be positive"),
+]
+
+
+@pytest.mark.parametrize("make,options,message", BAD_INPUTS)
+def test_bad_inputs_name_the_problem(backend, make, options, message):
+    inputs, _, _ = _paws_inputs(1, 2, 10, 8, 5, "dense", 0.0)
+    args = make(inputs)
+    options = dict(multicrop=1) | options
+    with pytest.raises(ValueError, match=message):
+        paws_loss(*args.values(), backend=backend, **options)
+
+
+def test_snn_and_module_bad_inputs():
+    q, s = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="support and label rows differ"):
+        snn(q, s, torch.randn(5, 3).softmax(1), 0.1)
+    with pytest.raises(ValueError, match="integer labels|class ids"):
+        snn(q, s, torch.zeros(6, 2, dtype=torch.long), 0.1, num_classes=3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        snn(q, s, torch.zeros(6, dtype=torch.long), 0.1, num_classes=3, backend="cuda")
+    for kwargs, message in [(dict(multicrop=-2), "multicrop"), (dict(T=0.0), "T must be positive"),
+                            (dict(smoothing=2.0), "smoothing"), (dict(backend="gpu"), "backend must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            fastssl.PawsLoss(**kwargs)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastssl.init_paws_loss(backend="gpu")
+
+
+def test_backend_selection(monkeypatch):
+    q, s = torch.randn(4, 8), torch.randn(6, 8)
+    labels = torch.zeros(6, dtype=torch.long)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        snn(q, s, labels, 0.1, num_classes=2, backend="triton")
+    probs = snn(q, s, labels, 0.1, num_classes=2, backend="auto")  # the PyTorch path on CPU
+    assert torch.allclose(probs, torch.tensor([[1.0, 0.0]]).expand(4, 2))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_opcheck(dense):
+    # The custom ops' schemas, fake (meta) implementations and autograd registration.
+    N, M, d, C = 6, 20, 10, 4
+    query, supports = _emb(N, d).requires_grad_(), _emb(M, d).requires_grad_()
+    labels = _soft_labels(M, C) if dense else torch.randint(0, C, (M,), device=DEVICE)
+    args = (query, supports, labels, 0.1, C, 0.0 if dense else 0.1)
+    torch.library.opcheck(torch.ops.fastssl.snn_forward.default, args)
+    probs, lse, inv_q, inv_s = torch.ops.fastssl.snn_forward(*args)
+    grad = torch.randn(N, C, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastssl.snn_backward.default,
+                          (grad, query.detach(), supports.detach(), labels, probs.detach(), lse, inv_q, inv_s,
+                           *args[3:], True, False))
+
+
+def test_torch_compile_fullgraph(backend):
+    # A head with the loss inside compiles without a graph break and matches eager.
+    torch._dynamo.reset()
+    multicrop, B, M, d, C = 1, 2, 10, 8, 5
+    head = torch.nn.Linear(6, d).to(DEVICE)
+    labels = make_labels_matrix(C, M // C, 1, DEVICE)
+    loss_fn = fastssl.PawsLoss(multicrop, backend=backend)
+
+    def step(x_a, x_s, x_t, x_ts):
+        loss, rloss = loss_fn(head(x_a), head(x_s), labels, head(x_t).detach(), head(x_ts).detach(), labels)
+        return loss + rloss
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        xs = (torch.randn((2 + multicrop) * B, 6, device=DEVICE), torch.randn(M, 6, device=DEVICE),
+              torch.randn(2 * B, 6, device=DEVICE), torch.randn(M, 6, device=DEVICE))
+        eager = step(*xs)
+        g_eager = torch.autograd.grad(eager, head.weight)[0]
+        comp = compiled(*xs)
+        g_comp = torch.autograd.grad(comp, head.weight)[0]
+        assert_rel_close(comp, eager, 1e-5, "compiled loss")
+        assert_rel_close(g_comp, g_eager, 1e-4, "compiled gradient")
+
+
+# ----------------------------------------------------------------------------- ClassStratifiedSampler
+
+@pytest.mark.parametrize("unique_classes", [False, True])
+def test_sampler_batches_match_labels_on_every_rank(unique_classes):
+    n_classes, per_class, cpb, spc, world = 11, 9, 4, 3, 3
+    if unique_classes:
+        n_classes = 13  # >= cpb * world
+    targets = torch.arange(n_classes).repeat_interleave(per_class)[torch.randperm(n_classes * per_class)]
+    samplers = [fastssl.ClassStratifiedSampler(targets, cpb, spc, world_size=world, rank=r,
+                                               unique_classes=unique_classes, seed=5, batches_per_epoch=4)
+                for r in range(world)]
+    assert samplers[0].num_classes == cpb * (world if unique_classes else 1)
+    gathered_labels = samplers[0].labels(gathered=True)
+    epochs = []
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        batches = [list(s.batches()) for s in samplers]
+        epochs.append(batches[0][0][1])
+        for step in range(4):
+            all_classes, all_indices = [], []
+            for r, s in enumerate(samplers):
+                indices, classes = batches[r][step]
+                assert len(indices) == cpb * spc
+                # The class ids are the images' own, and each slot holds one class: the label
+                # j % cpb (+ rank offset) matches the image at position j.
+                assert classes == targets[indices].tolist()
+                labels = s.labels()
+                for slot in range(s.num_classes):
+                    assert len({c for c, lab in zip(classes, labels.tolist(), strict=True) if lab == slot}) <= 1
+                assert len(set(classes)) == cpb
+                all_classes += classes
+                all_indices += indices
+            # Gathered in rank order, the class slots still name one class each.
+            slot_class = {}
+            for c, lab in zip(all_classes, gathered_labels.tolist(), strict=True):
+                assert slot_class.setdefault(lab, c) == c
+            per_rank = [set(batches[r][step][1]) for r in range(world)]
+            if unique_classes:
+                assert all(per_rank[a].isdisjoint(per_rank[b]) for a in range(world) for b in range(a + 1, world))
+            else:
+                assert all(p == per_rank[0] for p in per_rank)
+                # Shared classes: each rank draws from its own share of the images.
+                assert len(set(all_indices)) == len(all_indices)
+    assert epochs[0] != epochs[1] or True  # epochs reseed (equal draws are possible, not required)
+    assert list(iter(samplers[0])) == [b for b, _ in samplers[0].batches()]
+
+
+def test_sampler_bad_inputs():
+    targets = torch.arange(4).repeat(3)
+    with pytest.raises(ValueError, match="4 classes in targets"):
+        fastssl.ClassStratifiedSampler(targets, 5, 2)
+    with pytest.raises(ValueError, match="unique classes = 6 needed"):
+        fastssl.ClassStratifiedSampler(targets, 3, 2, world_size=2, rank=0, unique_classes=True)
+    with pytest.raises(ValueError, match="rank=2 outside"):
+        fastssl.ClassStratifiedSampler(targets, 2, 2, world_size=2, rank=2)
+    with pytest.raises(ValueError, match="integer class ids"):
+        fastssl.ClassStratifiedSampler(torch.rand(10), 2, 2)
+
+
+# ----------------------------------------------------------------------------- SoftNNClassifier
+
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+def test_soft_nn_classifier_topk(backend, kind):
+    M, d, C, N = 120, 24, 10, 23
+    supports = _emb(M, d)
+    ids = torch.randint(0, C, (M,), device=DEVICE)
+    labels = ids if kind == "ids" else _dense_of(ids, C, 0.0).float()
+    clf = fastssl.SoftNNClassifier(supports, labels, 0.1, chunk_size=8, backend=backend)
+    queries = supports[:N] + 0.3 * _emb(N, d)
+    targets = ids[:N]
+    probs = clf(queries)
+    ref = snn_reference(queries.double(), supports.double(), _dense_of(ids, C, 0.0), 0.1)
+    assert_rel_close(probs, ref, FP32_TOL, "classifier probabilities")
+    acc = clf.accuracy(queries, targets, topk=(1, 5))
+    ref_top = ref.topk(5, dim=1).indices
+    for k in (1, 5):
+        expected = (ref_top[:, :k] == targets[:, None]).any(1).double().mean().item()
+        assert acc[k] == pytest.approx(expected)
+    assert clf.predict(queries).shape == (N, 1)
+    with pytest.raises(ValueError, match="exceeds the 10 classes"):
+        clf.accuracy(queries, targets, topk=(11,))
+
+
+def test_benchmark_smoke(tmp_path):
+    # The benchmark's tiny preset on the CPU, without torch.compile (seconds).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import paws as bench
+
+    paths = bench.main(["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu", "--contenders", "fastssl",
+                        "authors", "sdpa"])
+    records = json.loads(paths["json"].read_text())["records"]
+    assert {r["contender"] for r in records} == {"fastssl", "authors", "sdpa"}
+    assert {(r["train"], r["mode"]) for r in records} == {(True, m) for m in bench.TRAIN_MODES} | {(False, "fwd")}
+    for r in records:
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        if r["contender"] == "fastssl":
+            assert r["max_rel_err"] <= bench.TOLERANCE[r["dtype"]]

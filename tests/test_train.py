@@ -1,0 +1,234 @@
+"""The trainer (fastssl.train): DINO steps on tiny images, exact resume, bad data, checkpoints,
+k-NN against a brute-force reference, and a 2-process gloo run under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastssl.train import checkpoint as ckpt
+from fastssl.train.cli import parse_args
+from fastssl.train.data import DataError
+from fastssl.train.dino import build_dino_model, train_dino
+from fastssl.train.knn import knn_classify
+from fastssl.train.schedules import cosine_schedule
+
+TINY = ["--arch", "vit_pico", "--img-size", "16", "--global-crop-size", "16", "--local-crop-size", "8",
+        "--local-crops-number", "2", "--out-dim", "64", "--head-hidden-dim", "64", "--head-bottleneck-dim", "32",
+        "--batch-size-per-gpu", "8", "--epochs", "2", "--warmup-epochs", "0", "--lr", "0.01", "--num-workers", "0",
+        "--freeze-last-layer", "0", "--progress", "false", "--log-freq", "1", "--saveckp-freq", "0",
+        "--device", "cpu", "--momentum-teacher", "0.9", "--blur-sigma", "0.1", "0.5"]
+
+
+def write_folder(root: Path, n_per_class: int = 12, classes: int = 2) -> Path:
+    """PNG images of a few sizes, each class with its own brightness pattern."""
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            h, w = 20 + (i % 3) * 4, 24 - (i % 2) * 4
+            img = torch.randint(0, 60, (3, h, w), generator=g, dtype=torch.uint8)
+            img[:, : h // 2] += 120 if c == 0 else 0
+            img[:, :, : w // 2] += 120 if c == 1 else 0
+            write_png(img, str(root / f"class{c}" / f"{i:03d}.png"))
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_folder(tmp_path / "data")
+
+
+def cfg_for(data, out, *extra) -> dict:
+    return vars(parse_args(["dino", "--data", str(data), "--output-dir", str(out), *TINY, *extra]))
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_dino_steps_loss_down_center_and_teacher_move(folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = cfg_for(folder, out, "--stop-after-steps", "6")
+    result = train_dino(cfg)
+    assert result.stopped_early and result.step == 6
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+
+    # One step from the same initialisation: the center leaves 0, the teacher moves by the momentum.
+    out1 = tmp_path / "one"
+    train_dino(cfg_for(folder, out1, "--stop-after-steps", "1"))
+    state = ckpt.load_checkpoint(out1 / "checkpoint.pth")
+    assert state["dino_loss"]["center"].abs().sum() > 0
+    torch.manual_seed(cfg["seed"])
+    init = build_dino_model(cfg).state_dict()
+    m = 0.9  # the cosine schedule's first value is the base momentum
+    for name, t in state["teacher"].items():
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        expected = m * init[name] + (1 - m) * state["student"][name]
+        torch.testing.assert_close(t, expected, rtol=1e-5, atol=1e-6, msg=name)
+    moved = [n for n, t in state["teacher"].items() if t.is_floating_point() and not torch.equal(t, init[n])]
+    assert moved, "the teacher did not move"
+
+
+def test_resume_is_exact(folder, tmp_path):
+    # 3 epochs of 3 iterations; stop mid-epoch (4) and resume to the end vs. one straight run.
+    extra = ("--epochs", "3")
+    straight = train_dino(cfg_for(folder, tmp_path / "a", *extra))
+    first = train_dino(cfg_for(folder, tmp_path / "b", *extra, "--stop-after-steps", "4"))
+    assert first.stopped_early and first.step == 4
+    second = train_dino(cfg_for(folder, tmp_path / "b", *extra))
+    assert not second.stopped_early and second.step == straight.step == 9
+    a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.pth")
+    for key in ("student", "teacher", "dino_loss"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name} differs after resume"
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (3, 0)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+
+
+def test_resume_with_another_config_is_a_clear_error(folder, tmp_path):
+    train_dino(cfg_for(folder, tmp_path / "r", "--stop-after-steps", "1"))
+    with pytest.raises(ckpt.CheckpointError, match="out_dim: checkpoint 64, now 32"):
+        train_dino(cfg_for(folder, tmp_path / "r", "--out-dim", "32"))
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(folder, tmp_path):
+    cfg = cfg_for(folder, tmp_path / "r", "--stop-after-steps", "1")
+    train_dino(cfg)
+    other = build_dino_model(dict(cfg, head_bottleneck_dim=16))
+    with pytest.raises(ckpt.CheckpointError, match="does not fit this model"):
+        ckpt.load_pretrained(other, tmp_path / "r" / "checkpoint.pth")
+
+
+def test_checkpoints_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"student": Evil()}, path)
+    with pytest.raises(ckpt.CheckpointError, match="weights_only"):
+        ckpt.load_checkpoint(path)
+
+
+def test_atomic_save_keeps_the_old_checkpoint(tmp_path):
+    path = tmp_path / "c.pth"
+    ckpt.save_checkpoint({"a": torch.ones(2)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save_checkpoint({"a": Boom()}, path)
+    assert torch.equal(ckpt.load_checkpoint(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary file left behind
+
+
+def test_authors_checkpoint_layout_loads(folder, tmp_path):
+    """Their full checkpoints: DDP 'module.' prefixes, head.mlp / head.last_layer.weight_g|v, argparse args."""
+    cfg = cfg_for(folder, tmp_path / "x")
+    torch.manual_seed(1)
+    source = build_dino_model(cfg)
+    state = {"student": {f"module.{k}": v for k, v in source.state_dict().items()},
+             "teacher": source.state_dict(), "epoch": 3, "args": argparse.Namespace(arch="vit_small", out_dim=64)}
+    assert "head.last_layer.weight_g" in state["teacher"] and "head.mlp.0.weight" in state["teacher"]
+    torch.save(state, tmp_path / "theirs.pth")
+    torch.manual_seed(2)
+    target = build_dino_model(cfg)
+    assert ckpt.load_pretrained(target, tmp_path / "theirs.pth", "student") == "model"
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v)
+    # A backbone-only release loads into the backbone.
+    torch.save(source.backbone.state_dict(), tmp_path / "backbone.pth")
+    assert ckpt.load_pretrained(build_dino_model(cfg), tmp_path / "backbone.pth") == "backbone"
+
+
+def test_missing_and_empty_folders_fail_before_training(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train_dino(cfg_for(tmp_path / "nope", tmp_path / "o"))
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        train_dino(cfg_for(tmp_path / "empty", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_images_are_skipped_and_counted(folder, tmp_path):
+    (folder / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (folder / "class1" / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        train_dino(cfg_for(folder, out, "--epochs", "1"))
+    epoch = [r for r in read_log(out) if "epoch_loss" in r]
+    assert epoch[-1]["skipped_images"] == 2 and math.isfinite(epoch[-1]["epoch_loss"])
+
+
+def knn_brute_force(train, train_labels, test, test_labels, k, T, C):
+    train = torch.nn.functional.normalize(train.double(), dim=1)
+    test = torch.nn.functional.normalize(test.double(), dim=1)
+    top1 = top5 = 0
+    for q, y in zip(test, test_labels, strict=True):
+        sims = [(float(q @ t), int(lab)) for t, lab in zip(train, train_labels, strict=True)]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * C
+        for s, lab in sims[:k]:
+            votes[lab] += math.exp(s / T)
+        ranked = sorted(range(C), key=lambda c: (-votes[c], c))
+        top1 += ranked[0] == int(y)
+        top5 += int(y) in ranked[:5]
+    return 100 * top1 / len(test), 100 * top5 / len(test)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_matches_brute_force(k):
+    C, D = 7, 16
+    centers = torch.randn(C, D)
+    train_labels = torch.randint(0, C, (200,))
+    test_labels = torch.randint(0, C, (60,))
+    train = centers[train_labels] + 0.8 * torch.randn(200, D)
+    test = centers[test_labels] + 0.8 * torch.randn(60, D)
+    got = knn_classify(train, train_labels, test, test_labels, k=k, T=0.07, num_classes=C, chunk_size=16)
+    want = knn_brute_force(train, train_labels, test, test_labels, k, 0.07, C)
+    assert got == pytest.approx(want)
+
+
+def test_cosine_schedule_is_the_authors():
+    s = cosine_schedule(1.0, 0.1, epochs=4, niter_per_ep=5, warmup_epochs=1, start_warmup_value=0.0)
+    assert len(s) == 20 and s[0] == 0.0 and s[4] == 1.0 and s[5] == 1.0  # linspace includes its end
+    n = 15
+    assert s[5 + 7] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / n)))
+
+
+def test_presets_and_overrides():
+    args = parse_args(["dino", "--data", "x", "--preset", "dino_vits16", "--teacher-temp", "0.05"])
+    assert (args.epochs, args.teacher_temp, args.norm_last_layer, args.preset) == (300, 0.05, False, "dino_vits16")
+    assert parse_args(["dino", "--data", "x"]).lr == 0.0005  # main_dino.py's default
+
+
+def test_torchrun_two_processes_gloo(folder, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "fastssl.train", "dino", "--data", str(folder), "--output-dir", str(out), *TINY, "--stop-after-steps", "2",
+           "--batch-size-per-gpu", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 process(es)" in proc.stdout
+    state = ckpt.load_checkpoint(out / "checkpoint.pth")
+    assert state["step"] == 2 and state["config"]["batch_size_per_gpu"] == 4
+    assert len([r for r in read_log(out) if "loss" in r]) == 2  # rank 0 alone writes the log
