@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import itertools
 import math
 import numbers
 import operator
@@ -167,16 +166,42 @@ class _Plan:
                 self.captured = True
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[first, last + 1)`` that ``t``'s elements can touch."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact test through every element's bytes: for views that are not dense (rare in a parameter
+    set), whose extents can interleave without sharing an element (``x[:, 0]`` and ``x[:, 1]``)."""
+    intervals = []
+    for t in (a, b):
+        offset = torch.zeros((), dtype=torch.int64)
+        for size, stride in zip(t.shape, t.stride(), strict=True):
+            offset = offset.unsqueeze(-1) + torch.arange(size) * stride
+        start = offset.flatten() * t.element_size() + t.data_ptr()
+        intervals.append(torch.stack([start, start + t.element_size()], dim=1))
+    iv = torch.cat(intervals)
+    iv = iv[iv[:, 0].argsort()]
+    return bool((iv[1:, 0] < torch.cummax(iv[:-1, 1], dim=0).values).any())
+
+
 def _check_overlap(t_list, names) -> None:
     # A teacher element reachable twice (an aliased tensor passed twice) would be updated twice by
-    # the PyTorch path and raced on by the kernel.
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
-                   for i, t in enumerate(t_list) if t.numel() and t.device.type != "meta")
-    for (_, end, i), (start, _, j) in itertools.pairwise(spans):
-        if start < end:
-            i, j = sorted((i, j))
-            raise ValueError(f"ema_update_: teacher tensors {_label(names, i)} and {_label(names, j)} share "
-                             "memory; pass each tensor once")
+    # the PyTorch path and raced on by the kernel. A sweep over the tensors' byte extents; two
+    # extents that meet share memory when both tensors are dense, else only if an element does.
+    spans = sorted((*_extent(t), i) for i, t in enumerate(t_list) if t.numel() and t.device.type != "meta")
+    open_spans: list[tuple[int, int]] = []  # (end, index) of the extents still reaching forward
+    for start, end, i in spans:
+        open_spans = [(e, j) for e, j in open_spans if e > start]
+        for _, j in open_spans:
+            a, b = t_list[j], t_list[i]
+            if (_dense(a) and _dense(b)) or _elements_overlap(a, b):
+                j, i2 = sorted((i, j))
+                raise ValueError(f"ema_update_: teacher tensors {_label(names, j)} and {_label(names, i2)} share "
+                                 "memory; pass each tensor once")
+        open_spans.append((end, i))
 
 
 def _tables(idx, t_list, s_list, names):

@@ -62,7 +62,8 @@ def _teacher_kernel(T, C, PART_M, PART_L, BATCH_CENTER, n_rows, K, stride_t, inv
         colsum += tl.sum(t, axis=0)
         y = tl.where(mask, (t - c[None, :]) * t_scale2, float("-inf"))
         m = tl.max(y, axis=1)
-        l = tl.sum(tl.exp2(y - m[:, None]), axis=1)
+        # A block of -inf logits (masked classes) has sum 0, not exp2(-inf - -inf) = NaN.
+        l = tl.sum(tl.exp2(y - tl.where(m == float("-inf"), 0.0, m)[:, None]), axis=1)
         tl.store(PART_M + rows * nsplit + pid, m, mask=rmask)
         tl.store(PART_L + rows * nsplit + pid, l, mask=rmask)
     tl.store(BATCH_CENTER + cols, colsum * inv_rows, mask=cmask)
@@ -148,7 +149,8 @@ def _student_fwd_kernel(S, T, C, STATS_T, PART_M, PART_L, PART_D, PART_Q, ncrops
         z = tl.load(S + s_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * s_scale2
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows all -inf so far: sums stay 0
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
         d += tl.where(qs > 0, (m - m_new) * qs, 0.0)
         d += tl.sum(tl.where(mask, Q * (z - m_new[:, None]), 0.0), axis=1)
         qs += tl.sum(Q, axis=1)

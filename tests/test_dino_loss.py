@@ -297,3 +297,29 @@ def test_random_problems_match_authors(backend, ncrops, B, K, teacher_temp, stud
     ref_loss, ref_grad, _ = _reference(student, teacher, center, ncrops, teacher_temp, student_temp)
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     assert_rel_close(grad, ref_grad, 1e-5, "gradient")
+
+
+def test_own_center_updated_in_place_before_backward(backend):
+    # Code that keeps its own center may move it in place between forward and backward.
+    student, teacher, center = _logits(4, 3, 90)
+    student.requires_grad_()
+    ref_loss, ref_grad, _ = _reference(student, teacher, center, 4, 0.04)
+    loss, batch_center = dino_loss(student, teacher, center, 4, 0.04, backend=backend)
+    center.mul_(0.9).add_(batch_center, alpha=0.1)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert_rel_close(grad, ref_grad, 1e-5, "gradient")
+
+
+def test_masked_teacher_classes(backend):
+    # -inf teacher logits (masked classes) get probability 0, as softmax gives them, even when they
+    # fill whole column blocks of the kernels.
+    ncrops, B, K = 4, 2, 1000
+    student, teacher, center = _logits(ncrops, B, K)
+    teacher[0, :300] = float("-inf")
+    teacher[1, 500:] = float("-inf")
+    student.requires_grad_()
+    loss, _ = dino_loss(student, teacher, center, ncrops, 0.04, backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_loss, ref_grad, _ = _reference(student, teacher, center, ncrops, 0.04)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(grad, ref_grad, 1e-5, "gradient")

@@ -451,3 +451,17 @@ def test_benchmark_check_catches_a_wrong_update(monkeypatch):
     monkeypatch.setattr(bench, "_authors", lambda teacher, student, m: None)
     with pytest.raises(bench.CorrectnessError, match="authors differs from the float64 update"):
         bench.check(["fastssl", "authors"], bench.Case("ViT-Ti/16", "fp32"), teacher, student)
+
+
+def test_interleaved_views_are_not_aliases():
+    # Strided views of one buffer whose extents interleave but share no element are valid (the
+    # PyTorch path updates them); views that do share elements are refused.
+    x, y = torch.randn(8, 3, device=DEVICE), torch.randn(8, 3, device=DEVICE)
+    expected = 0.5 * x[:, :2] + 0.5 * y[:, :2]
+    ema_update_([x[:, 0], x[:, 1]], [y[:, 0], y[:, 1]], 0.5, backend="torch")
+    torch.testing.assert_close(x[:, :2], expected)
+    with pytest.raises(ValueError, match=r"teacher tensors \[0\] and \[1\] share memory"):
+        ema_update_([x[:, 0:2], x[:, 1:3]], [y[:, 0:2], y[:, 1:3]], 0.5, backend="torch")
+    flat = torch.randn(10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"teacher tensors \[0\] and \[1\] share memory"):
+        ema_update_([flat[0:6], flat[4:10]], [torch.randn(6, device=DEVICE)] * 2, 0.5, backend="torch")

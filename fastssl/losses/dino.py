@@ -127,7 +127,9 @@ def _setup_context(ctx, inputs, output):
     student, teacher, center, ncrops, student_temp, teacher_temp = inputs
     _, batch_center, stats_s, stats_t = output
     ctx.mark_non_differentiable(batch_center, stats_s, stats_t)
-    ctx.save_for_backward(student, teacher, center, stats_s, stats_t)
+    # A copy of the center (K floats): code that keeps its own center may update it in place
+    # before the backward, as the authors' loop allows (it keeps the teacher probabilities).
+    ctx.save_for_backward(student, teacher, center.clone(), stats_s, stats_t)
     ctx.args = (ncrops, student_temp, teacher_temp)
 
 
@@ -245,13 +247,21 @@ class DinoLoss(nn.Module):
                              f"{self.center.device}; move the loss with .to(device)")
         loss, batch_center = dino_loss(student_output, teacher_output, self.center, self.ncrops, teacher_temp,
                                        self.student_temp, backend=self.backend)
-        self.update_center(batch_center)
+        self.update_center(batch_center, teacher_output.shape[0])
         return loss
 
     @torch.no_grad()
-    def update_center(self, batch_center: torch.Tensor) -> None:
-        """EMA of the center from this process's teacher-row mean, averaged over ranks."""
-        batch_center = distributed.all_reduce_mean_(batch_center.detach().float())
+    def update_center(self, batch_center: torch.Tensor, rows: int) -> None:
+        """EMA of the center from this process's mean of ``rows`` teacher rows.
+
+        As the authors: the all-reduced sum of the teacher rows over this process's row count
+        times the world size (the global mean when every rank has the same batch).
+        """
+        batch_center = batch_center.detach().float()
+        if distributed.world_size() > 1:
+            batch_center = batch_center * rows
+            torch.distributed.all_reduce(batch_center)
+            batch_center = batch_center / (rows * distributed.world_size())
         m = self.center_momentum
         # A new tensor, as the authors do, not an in-place update: the backward of this
         # step's loss still reads the center it was computed with.
