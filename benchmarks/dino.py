@@ -166,13 +166,6 @@ def timed_call(mode: str, module, student: torch.Tensor, teacher: torch.Tensor):
 
 # ----------------------------------------------------------------------------- correctness
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    scale = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    return diff / scale if scale > 0 else diff
-
-
 def checked(name: str) -> tuple[str, ...]:
     """The errors held to ``TOLERANCE``. The baselines' gradient is recorded, not judged: the
     authors' bf16 log-softmax alone is ~2e-2 off its fp32 gradient, and they are the reference."""
@@ -199,8 +192,8 @@ def check(modules: dict, case: Case, student: torch.Tensor, teacher: torch.Tenso
         (grad,) = torch.autograd.grad(loss, student)
         if student.is_cuda:
             torch.cuda.synchronize(student.device)
-        errs = {"loss_rel_err": _rel_err(loss, ref_loss), "grad_rel_err": _rel_err(grad, ref_grad),
-                "center_rel_err": _rel_err(module.center, ref.center)}
+        errs = {"loss_rel_err": harness.rel_err(loss, ref_loss), "grad_rel_err": harness.rel_err(grad, ref_grad),
+                "center_rel_err": harness.rel_err(module.center, ref.center)}
         if grad.dtype != student.dtype:
             raise CorrectnessError(f"dino {case.label}: {name} returned a {grad.dtype} gradient for "
                                    f"{student.dtype} logits")

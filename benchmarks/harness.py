@@ -42,6 +42,7 @@ __all__ = [
     "device_info",
     "markdown_table",
     "peak_memory_bytes",
+    "rel_err",
     "results_dir",
     "roofline_pct",
     "time_contenders",
@@ -324,6 +325,14 @@ def combine_sets(per_set: Sequence[dict[str, dict]]) -> dict[str, dict]:
             "peak_mem_bytes": max(mems) if mems else None,
         }
     return combined
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (the absolute error when expected is 0)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / scale if scale > 0 else diff
 
 
 def roofline_pct(bytes_moved: float, ms: float, bandwidth_gbs: float) -> float:

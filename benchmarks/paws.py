@@ -194,13 +194,6 @@ def timed_call(mode: str, fn, x: Inputs):
 
 # ----------------------------------------------------------------------------- correctness
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    scale = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    return diff / scale if scale > 0 else diff
-
-
 def check(fns: dict, case: Case, x: Inputs) -> dict[str, dict]:
     """Probabilities (and gradients) of every contender against the authors' formulation in fp32.
 
@@ -221,10 +214,11 @@ def check(fns: dict, case: Case, x: Inputs) -> dict[str, dict]:
     for name, fn in fns.items():
         with torch.set_grad_enabled(case.train):
             probs = fn(x)
-        errs = {"probs_rel_err": _rel_err(probs, ref)}
+        errs = {"probs_rel_err": harness.rel_err(probs, ref)}
         if case.train:
             dq, ds = torch.autograd.grad(probs, (x.query, x.supports), x.grad)
-            errs["dq_rel_err"], errs["ds_rel_err"] = _rel_err(dq, ref_grads[0]), _rel_err(ds, ref_grads[1])
+            errs["dq_rel_err"] = harness.rel_err(dq, ref_grads[0])
+            errs["ds_rel_err"] = harness.rel_err(ds, ref_grads[1])
         errs["max_rel_err"] = max(errs.values())
         if name.startswith("fastssl") and not errs["max_rel_err"] <= tol:  # also catches NaN
             raise CorrectnessError(f"paws {case.label}: {name} differs from the authors' formulation in fp32 by "
