@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -226,9 +227,17 @@ def test_torchrun_two_processes_gloo(folder, tmp_path):
            "fastssl.train", "dino", "--data", str(folder), "--output-dir", str(out), *TINY, "--stop-after-steps", "2",
            "--batch-size-per-gpu", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "x 2 process(es)" in proc.stdout
+    # A session of its own, so that a timeout kills torchrun's workers too, not only torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("torchrun did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "x 2 process(es)" in stdout
     state = ckpt.load_checkpoint(out / "checkpoint.pth")
     assert state["step"] == 2 and state["config"]["batch_size_per_gpu"] == 4
     assert len([r for r in read_log(out) if "loss" in r]) == 2  # rank 0 alone writes the log
