@@ -324,14 +324,8 @@ def run(preset: Preset, device: torch.device, info: dict, *, contenders: Sequenc
     if contenders is None:
         # On the CPU backend="auto" is the PyTorch closed form: fastssl-torch would duplicate it.
         contenders = [c for c in CONTENDERS if device.type == "cuda" or c != "fastssl-torch"]
-    cases = preset.cases if cases is None else cases
-    records = []
-    for i, case in enumerate(cases):
-        t0 = time.perf_counter()
-        # The seed follows the case, not its position: a filtered run sees the same inputs.
-        records += run_case(case, preset, device, contenders, info, seed + 1000 * preset.cases.index(case))
-        _log(f"case {i + 1}/{len(cases)} {case.label}: {time.perf_counter() - t0:.1f} s")
-    return records
+    return harness.run_cases(NAME, cases or preset.cases, preset.cases,
+                             lambda c, sd: run_case(c, preset, device, contenders, info, sd), seed)
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,10 +213,6 @@ def check(names: Sequence[str], case: Case, teacher, student) -> dict[str, float
 
 # ----------------------------------------------------------------------------- running
 
-def _log(msg: str) -> None:
-    print(f"[{NAME}] {msg}", file=sys.stderr, flush=True)
-
-
 def run_case(case: Case, preset: Preset, device: torch.device, contenders: Sequence[str], info: dict,
              seed: int) -> list[dict]:
     names = [c for c in CONTENDERS if c in contenders]
@@ -264,13 +259,8 @@ def run(preset: Preset, device: torch.device, info: dict, *, contenders: Sequenc
         cases: Sequence[Case] | None = None, seed: int = 0) -> list[dict]:
     if contenders is None:
         contenders = [c for c in CONTENDERS if device.type == "cuda" or c not in CUDA_ONLY]
-    cases = preset.cases if cases is None else cases
-    records = []
-    for i, case in enumerate(cases):
-        t0 = time.perf_counter()
-        records += run_case(case, preset, device, contenders, info, seed + 1000 * preset.cases.index(case))
-        _log(f"case {i + 1}/{len(cases)} {case.label}: {time.perf_counter() - t0:.1f} s")
-    return records
+    return harness.run_cases(NAME, cases or preset.cases, preset.cases,
+                             lambda c, sd: run_case(c, preset, device, contenders, info, sd), seed)
 
 
 # ----------------------------------------------------------------------------- reporting

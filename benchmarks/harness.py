@@ -27,6 +27,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "rel_err",
     "results_dir",
     "roofline_pct",
+    "run_cases",
     "time_contenders",
     "time_fn",
     "write_results",
@@ -303,6 +305,22 @@ def time_contenders(fns: dict[str, Callable[..., Any]], device: torch.device | s
         stats["peak_mem_bytes"] = peak_memory_bytes(fns[name], device, setup=setup) if memory else None
         out[name] = stats
     return {name: out[name] for name in fns}
+
+
+def run_cases(name: str, cases: Sequence, all_cases: Sequence, run_case: Callable[[Any, int], list],
+              seed: int = 0) -> list[dict]:
+    """``run_case(case, seed)`` for each case, logging its time; the records of all of them.
+
+    The seed follows the case's place in the preset (``all_cases``), not in ``cases``: a
+    filtered run sees the same inputs as the full one.
+    """
+    records: list[dict] = []
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
+        records += run_case(case, seed + 1000 * list(all_cases).index(case))
+        print(f"[{name}] case {i + 1}/{len(cases)} {case.label}: {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+    return records
 
 
 def combine_sets(per_set: Sequence[dict[str, dict]]) -> dict[str, dict]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import random
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,13 +286,8 @@ def notes(preset_name: str, preset: Preset, records: Sequence[dict], device: tor
 def run(preset: Preset, device: torch.device, info: dict, *, contenders: Sequence[str] | None = None,
         cases: Sequence[Case] | None = None, seed: int = 0) -> list[dict]:
     contenders = contenders or preset.contenders
-    cases = list(cases or preset.cases)
-    records = []
-    for i, case in enumerate(cases):
-        t0 = time.perf_counter()
-        records += run_case(case, preset, device, contenders, info, seed + 1000 * i)
-        _log(f"case {i + 1}/{len(cases)} {case.label}: {time.perf_counter() - t0:.1f} s")
-    return records
+    return harness.run_cases(NAME, cases or preset.cases, preset.cases,
+                             lambda c, sd: run_case(c, preset, device, contenders, info, sd), seed)
 
 
 def columns(records: Sequence[dict]) -> list[str]:

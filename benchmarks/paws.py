@@ -306,13 +306,8 @@ def run(preset: Preset, device: torch.device, info: dict, *, contenders: Sequenc
         cases: Sequence[Case] | None = None, seed: int = 0) -> list[dict]:
     if contenders is None:
         contenders = [c for c in CONTENDERS if device.type == "cuda" or c not in CUDA_ONLY]
-    cases = preset.cases if cases is None else cases
-    records = []
-    for i, case in enumerate(cases):
-        t0 = time.perf_counter()
-        records += run_case(case, preset, device, contenders, seed + 1000 * preset.cases.index(case))
-        _log(f"case {i + 1}/{len(cases)} {case.label}: {time.perf_counter() - t0:.1f} s")
-    return records
+    return harness.run_cases(NAME, cases or preset.cases, preset.cases,
+                             lambda c, sd: run_case(c, preset, device, contenders, sd), seed)
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -131,6 +131,18 @@ def _inv_norm_kernel(X, INV, n_rows, d, stride_x, eps, BLOCK_R: tl.constexpr, BL
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
+def _softmax_step(dots, row_scale, inv_s, jmask, m, l):
+    """One support block of the online softmax (base 2): the block's probabilities relative to
+    the new running max, the factor that rescales what was accumulated so far, and the new
+    running max and sum."""
+    z = tl.where(jmask[None, :], dots * row_scale[:, None] * inv_s[None, :], float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(z - m_new[:, None])
+    return p, alpha, m_new, l * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, PART_M, PART_L, PART_ACC, N, M, d, C, stride_q, stride_s, stride_y,
                       chunk, scale2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -155,11 +167,7 @@ def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, PART_M, PART_L, PART_ACC, N, M, d, 
         dots = _raw_dots(Q, S, q_off, js.to(tl.int64) * stride_s, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC,
                          UPCAST)
         inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
-        z = tl.where(jmask[None, :], dots * row_scale[:, None] * inv_s[None, :], float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l = _softmax_step(dots, row_scale, inv_s, jmask, m, l)
         y = tl.load(Y + js.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=jmask[:, None] & cmask[None, :],
                     other=0.0)
         acc = _mma(p.to(DT), y.to(DT), acc * alpha[:, None], PREC, UPCAST)
@@ -198,11 +206,7 @@ def _fwd_ids_kernel(Q, S, PERM, SORTED_IDS, CLASS_START, INV_Q, INV_S, PART_M, P
         dots = _raw_dots(Q, S, q_off, src.to(tl.int64) * stride_s, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC,
                          UPCAST)
         inv_s = tl.load(INV_S + src, mask=jmask, other=0.0)
-        z = tl.where(jmask[None, :], dots * row_scale[:, None] * inv_s[None, :], float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l = _softmax_step(dots, row_scale, inv_s, jmask, m, l)
         local = tl.load(SORTED_IDS + js, mask=jmask, other=-1) - c0
         onehot = tl.where(local[:, None] == classes[None, :], 1.0, 0.0).to(DT)
         acc = _mma(p.to(DT), onehot, acc * alpha[:, None], PREC, UPCAST)
