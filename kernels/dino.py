@@ -34,11 +34,11 @@ Memory beyond inputs and gradient: the split partials, O(rows * splits), and the
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import launch_device, rows_contiguous
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -228,15 +228,6 @@ def combine_config(n_rows: int, nsplit: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_S=block_s, grid=triton.cdiv(n_rows, block_r), num_warps=4, num_stages=1)
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """The kernels index rows by a stride and columns contiguously."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _combine(part_m, part_l, part_d, part_q, n_rows, nsplit, B, loss_scale, device):
     """Row statistics ``[2, n_rows]`` (max, sum; base 2) and, given the dots, the loss."""
     stats = torch.empty(2, n_rows, device=device, dtype=torch.float32)
@@ -260,14 +251,14 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
     2^(x - max) of its base-2 logits) are what the backward recomputes from. Inputs
     are assumed validated by the caller.
     """
-    student, teacher, center = _rows(student), _rows(teacher), center.contiguous()
+    student, teacher, center = rows_contiguous(student), rows_contiguous(teacher), center.contiguous()
     n_s, K = student.shape
     n_t = teacher.shape[0]
     B = n_t // 2
     dev = student.device
     s_scale2 = LOG2E / student_temp
     t_scale2 = LOG2E / teacher_temp
-    with _device(student):
+    with launch_device(student, "dino_loss"):
         tc = teacher_config(n_t, K)
         part_m = torch.empty(n_t, tc["nsplit"], device=dev, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
@@ -294,13 +285,13 @@ def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: 
                        center: torch.Tensor, stats_s: torch.Tensor, stats_t: torch.Tensor, ncrops: int,
                        student_temp: float, teacher_temp: float) -> torch.Tensor:
     """Gradient of the loss with respect to the student logits, in the student's dtype."""
-    student, teacher, center = _rows(student), _rows(teacher), center.contiguous()
+    student, teacher, center = rows_contiguous(student), rows_contiguous(teacher), center.contiguous()
     n_s, K = student.shape
     B = teacher.shape[0] // 2
     grad = torch.empty(n_s, K, device=student.device, dtype=student.dtype)
     sc = student_config(ncrops, B, K)
     n_pairs = 2 * ncrops - 2
-    with _device(student):
+    with launch_device(student, "dino_loss"):
         _student_bwd_kernel[(B, sc["nsplit"])](
             grad_loss.reshape(()), student, teacher, center, stats_s, stats_t, grad, ncrops, B, K,
             student.stride(0), teacher.stride(0), grad.stride(0), sc["chunk"], LOG2E / student_temp,

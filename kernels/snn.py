@@ -50,11 +50,11 @@ gradient scratch, O(N + M) statistics; never N x M.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import launch_device, rows_contiguous
 
 LOG2E = 1.4426950408889634
 NORM_EPS = 1e-12  # F.normalize's default eps
@@ -461,15 +461,6 @@ def row_config(n_rows: int, d: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_D=block_d, grid=(triton.cdiv(n_rows, block_r),), num_warps=4, num_stages=1)
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """The kernels index rows by a stride and columns contiguously."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _interpreted(x: torch.Tensor) -> bool:
     """The kernels only run on CPU tensors under Triton's interpreter."""
     return x.device.type == "cpu"
@@ -507,7 +498,7 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
     class ids ``[M]`` (then ``smoothing`` applies). Query and supports share a dtype;
     inputs are assumed validated by the caller.
     """
-    query, supports = _rows(query), _rows(supports)
+    query, supports = rows_contiguous(query), rows_contiguous(supports)
     N, d = query.shape
     M = supports.shape[0]
     C = num_classes
@@ -516,12 +507,12 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
     scale2 = LOG2E / tau
     prec = _precision(query.dtype)
     upcast = _interpreted(query)
-    with _device(query):
+    with launch_device(query, "snn"):
         inv_q, inv_s = _inv_norms(query), _inv_norms(supports)
         probs = torch.empty(N, C, device=dev, dtype=torch.float32)
         lse = torch.empty(N, device=dev, dtype=torch.float32)
         if dense:
-            labels = _rows(labels)
+            labels = rows_contiguous(labels)
             fc = fwd_dense_config(N, M, d, C, query.dtype)
             nparts = fc["nsplit"]
             part_m, part_l = torch.empty(2, nparts, N, device=dev, dtype=torch.float32)
@@ -563,7 +554,7 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
                  probs: torch.Tensor, lse: torch.Tensor, inv_q: torch.Tensor, inv_s: torch.Tensor, tau: float,
                  num_classes: int, smoothing: float, need_query: bool, need_supports: bool):
     """Gradients ``(d query, d supports)`` in the inputs' dtype (an empty tensor where not needed)."""
-    query, supports = _rows(query), _rows(supports)
+    query, supports = rows_contiguous(query), rows_contiguous(supports)
     N, d = query.shape
     M = supports.shape[0]
     C = num_classes
@@ -574,7 +565,7 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
     e = -(g * probs).sum(1)
     gscale = 1.0
     if dense:
-        labels = _rows(labels)
+        labels = rows_contiguous(labels)
         stride_y = labels.stride(0)
     else:
         labels = labels.contiguous()
@@ -586,7 +577,7 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
     strides = (query.stride(0), supports.stride(0), stride_y, g.stride(0))
     common = dict(DENSE=dense, PREC=_precision(query.dtype), UPCAST=_interpreted(query))
     dq = ds = torch.empty(0, device=dev, dtype=query.dtype)
-    with _device(query):
+    with launch_device(query, "snn"):
         if need_query:
             dq_part = torch.empty(bc["nsplit"], N, d, device=dev, dtype=torch.float32)
             _bwd_dq_kernel[bc["grid_dq"]](*args, dq_part, N, M, d, C, *strides, bc["chunk"], LOG2E / tau, 1.0 / tau,

@@ -1,0 +1,53 @@
+"""What every launcher needs around a kernel launch: the tensors' device, row-strided inputs,
+and a clear error where Triton's interpreter cannot run the kernels."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+
+__all__ = ["InterpreterUnsupported", "interpreter_problem", "launch_device", "rows_contiguous"]
+
+
+class InterpreterUnsupported(RuntimeError):
+    """Triton's interpreter cannot run these kernels with the installed packages."""
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run kernels that loop to a run-time bound, or None.
+
+    Triton before 3.7 hands such bounds to ``range`` as 1-element numpy arrays, and numpy 2.4
+    made ``int()`` of those an error (deprecated since 1.25). Compiled kernels on GPUs are not
+    affected; the interpreter with numpy < 2.4 or Triton >= 3.7 runs them.
+    """
+    import numpy
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = text.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (int() of a "
+                "1-element array is an error since numpy 2.4): install numpy<2.4 or triton>=3.7 to run the "
+                "kernels on CPU tensors, or use backend='torch'")
+    return None
+
+
+def launch_device(t: torch.Tensor, op: str):
+    """The context to launch on ``t``'s device: its CUDA device, or (CPU tensors, interpreter) a
+    check that the interpreter can run kernels with loops to run-time bounds."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    problem = interpreter_problem()
+    if problem:
+        raise InterpreterUnsupported(f"{op}: {problem}")
+    return contextlib.nullcontext()
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by a stride and columns contiguously."""
+    return x if x.stride(-1) == 1 else x.contiguous()
