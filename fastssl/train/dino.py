@@ -10,20 +10,14 @@ with the per-iteration momentum in one launch.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import distributed
 from ..ema import MomentumTeacher, cosine_momentum_schedule
 from ..losses import DinoLoss
 from . import checkpoint as ckpt
@@ -39,9 +33,22 @@ from .data import (
 )
 from .knn import knn_eval
 from .models import DinoHead, MultiCropModel, build_backbone
+from .runtime import (
+    EpochMeter,
+    Logger,
+    clip_gradients_,
+    param_groups,
+    plain_config,
+    setup_distributed,
+    should_stop,
+    step_seed,
+    strip_prefix,
+    teardown_distributed,
+    version,
+)
 from .schedules import cosine_schedule
 
-__all__ = ["TrainResult", "build_dino_model", "train_dino"]
+__all__ = ["TrainResult", "build_augment", "build_dino_model", "clip_gradients_", "param_groups", "train_dino"]
 
 
 @dataclass
@@ -56,23 +63,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- setup
-
-def setup_distributed(cfg: dict) -> tuple[torch.device, int, int]:
-    """``(device, rank, world_size)``; under torchrun (``WORLD_SIZE`` set) joins the process group:
-    NCCL on GPUs, gloo on CPU."""
-    cuda = cfg["device"] in ("auto", "cuda") and torch.cuda.is_available()
-    if cfg["device"] == "cuda" and not cuda:
-        raise RuntimeError("--device cuda was asked for but torch sees no GPU")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(cfg["dist_backend"] or ("nccl" if cuda else "gloo"))
-    rank = dist.get_rank() if distributed.is_initialized() else 0
-    world = distributed.world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return device, rank, world
-
 
 def build_datasets(cfg: dict, device: torch.device):
     """``(train set, k-NN bank set or None, k-NN query set or None)``; errors on bad folders come
@@ -114,31 +104,6 @@ def build_augment(cfg: dict):
                        global_solarize_p=(0.0, cfg["solarize_p"]))
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """The authors' split: weight decay on weights, none on biases and norms (1-D parameters)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def clip_gradients_(model: nn.Module, clip: float, mode: str) -> None:
-    """``per_param`` (the authors' ``clip_gradients``): each parameter's gradient rescaled to norm at
-    most ``clip``; ``global``: all gradients together (``clip_grad_norm_``)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if mode == "global":
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        return
-    norms = torch._foreach_norm([p.grad for p in params])
-    for p, n in zip(params, norms, strict=True):
-        p.grad.mul_(torch.clamp(clip / (n + 1e-6), max=1.0))
-
-
-def _plain_config(cfg: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
 # ----------------------------------------------------------------------------- the training run
 
 def train_dino(cfg: dict, *, augment=None) -> TrainResult:
@@ -148,8 +113,18 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
     (globals, locals)``), e.g. in tests. Resumes from ``output_dir/checkpoint.pth`` when it exists
     (or from ``resume``); saves a checkpoint and returns on SIGTERM / SIGINT.
     """
-    cfg = _plain_config(cfg)
+    cfg = plain_config(cfg)
     device, rank, world = setup_distributed(cfg)
+    ok = False
+    try:
+        result = _train(cfg, device, rank, world, augment)
+        ok = True
+        return result
+    finally:
+        teardown_distributed(ok)
+
+
+def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> TrainResult:
     main = rank == 0
     out = Path(cfg["output_dir"])
 
@@ -208,8 +183,8 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
         state = ckpt.load_checkpoint(resume)
         ckpt.check_config(state.get("config", {}), cfg, resume)
         for what, module in (("student", student), ("teacher", teacher_net), ("dino_loss", dino_loss)):
-            ckpt.check_state_dict(module, _strip(state[what]), what, resume)
-            module.load_state_dict(_strip(state[what]))
+            ckpt.check_state_dict(module, strip_prefix(state[what]), what, resume)
+            module.load_state_dict(strip_prefix(state[what]))
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -221,9 +196,9 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
     if cfg["stop_after_steps"] is not None and start_epoch * niter + start_step >= cfg["stop_after_steps"]:
         raise ValueError(f"the checkpoint is already at iteration {start_epoch * niter + start_step}, not before "
                          f"--stop-after-steps {cfg['stop_after_steps']}: raise it or drop it to go on")
-    log = _Logger(out, cfg, main)
+    log = Logger(out, cfg, main)
     if main:
-        log.print_config(device, world, niter, base_lr)
+        log.print_config("DINO", device, world, niter, base_lr)
 
     loader_gen = torch.Generator()  # the loader's own seeds: the global RNG is left to the model
     loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=cfg["num_workers"],
@@ -236,7 +211,7 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
         state = {"student": student.state_dict(), "teacher": teacher_net.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  "dino_loss": dino_loss.state_dict(), "epoch": epoch, "step": step,
-                 "rng": ckpt.rng_state(device), "config": cfg, "fastssl_version": _version()}
+                 "rng": ckpt.rng_state(device), "config": cfg, "fastssl_version": version()}
         return ckpt.save_checkpoint(state, out / name)
 
     last_loss, knn_result, stopped, path = math.nan, None, False, None
@@ -247,7 +222,7 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
             sampler.set_epoch(epoch, start=first * batch)
             loader_gen.manual_seed(cfg["seed"] * 7919 + epoch)
             student.train()
-            meter = _EpochMeter(log, epoch, epochs, niter, first, device)
+            meter = EpochMeter(log, epoch, epochs, niter, first, device)
             for i, data in enumerate(loader, start=first):
                 it = epoch * niter + i
                 for j, group in enumerate(optimizer.param_groups):
@@ -259,7 +234,7 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
                 if not len(images):
                     meter.skip(skipped)
                     continue
-                aug_gen.manual_seed(_step_seed(cfg["seed"], rank, it))  # the same crops on resume
+                aug_gen.manual_seed(step_seed(cfg["seed"], rank, it))  # the same crops on resume
                 global_crops, local_crops = augment(images, generator=aug_gen)
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -292,7 +267,7 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
 
                 meter.update(loss_value, len(images), skipped, lr=lr_schedule[it], wd=wd_schedule[it], momentum=m,
                              teacher_temp=dino_loss.teacher_temp_at(epoch), step=it)
-                if _should_stop(signal_received, cfg, it + 1):
+                if should_stop(signal_received, cfg, it + 1):
                     stopped = True
                     path = save(epoch, i + 1) if i + 1 < niter else save(epoch + 1, 0)
                     break
@@ -321,120 +296,4 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
     return TrainResult(epoch=epochs_done, step=it + 1, loss=last_loss, out_dim=cfg["out_dim"],
                        checkpoint=str(path) if path else None, stopped_early=stopped, knn=knn_result)
 
-
-def _strip(state: dict) -> dict:
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _step_seed(seed: int, rank: int, it: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + it * 104_729) % (2**63 - 1)
-
-
-def _should_stop(signal_received, cfg: dict, steps_done: int) -> bool:
-    stop = bool(signal_received) or (cfg["stop_after_steps"] is not None and steps_done >= cfg["stop_after_steps"])
-    if distributed.world_size() > 1:  # every rank stops at the same step (one of them got the signal)
-        flag = torch.tensor([float(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag)
-        stop = bool(flag.item())
-    return stop
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-# ----------------------------------------------------------------------------- logging
-
-class _Logger:
-    """Rank 0 only: ``log.jsonl`` (one JSON object per logging step), the config, optional TensorBoard."""
-
-    def __init__(self, out: Path, cfg: dict, main: bool):
-        self.main, self.cfg, self.tb = main, cfg, None
-        if not main:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        self.file = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
-        if cfg["tensorboard"]:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self.tb = SummaryWriter(out / "tensorboard")
-
-    def print_config(self, device, world, niter, base_lr) -> None:
-        print(f"fastssl DINO training on {device} x {world} process(es), {niter} iterations per epoch, "
-              f"lr {base_lr:.3g} after scaling by batch {self.cfg['batch_size_per_gpu'] * world}/256", flush=True)
-        width = max(map(len, self.cfg))
-        for k in sorted(self.cfg):
-            print(f"  {k:<{width}}  {self.cfg[k]}")
-        sys.stdout.flush()
-
-    def write(self, record: dict) -> None:
-        if not self.main:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.main:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-class _EpochMeter:
-    """The progress bar of one epoch (rank 0) and the logged metrics."""
-
-    def __init__(self, log: _Logger, epoch: int, epochs: int, niter: int, first: int, device: torch.device):
-        self.log, self.epoch, self.device = log, epoch, device
-        self.losses, self.images, self.skipped, self.n = 0.0, 0, 0, 0
-        self.t0 = self.t_log = time.perf_counter()
-        self.images_since_log = 0
-        self.bar = None
-        if log.main and log.cfg["progress"]:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=niter, initial=first, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
-                                leave=True, file=sys.stdout)
-            except ImportError:
-                pass
-
-    def skip(self, skipped: int) -> None:
-        self.skipped += skipped
-
-    def update(self, loss: float, images: int, skipped: int, *, step: int, **values) -> None:
-        self.losses += loss
-        self.n += 1
-        self.images += images
-        self.images_since_log += images * distributed.world_size()
-        self.skipped += skipped
-        if self.bar is not None:
-            self.bar.update(1)
-        if self.n % self.log.cfg["log_freq"] == 0:
-            now = time.perf_counter()
-            rate = self.images_since_log / max(now - self.t_log, 1e-9)
-            self.t_log, self.images_since_log = now, 0
-            mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
-            record = {"epoch": self.epoch, "step": step, "loss": loss, **values, "images_per_s": rate,
-                      "skipped_images": self.skipped, "gpu_mem_gb": mem}
-            self.log.write(record)
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{rate:.0f}",
-                                     mem=f"{mem:.1f}G", refresh=False)
-
-    def close(self) -> float:
-        if self.bar is not None:
-            self.bar.close()
-        mean = self.losses / self.n if self.n else math.nan
-        self.log.write({"epoch": self.epoch, "epoch_loss": mean, "skipped_images": self.skipped,
-                        "epoch_time_s": time.perf_counter() - self.t0})
-        return mean
 
