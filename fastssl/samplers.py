@@ -100,17 +100,19 @@ class ClassStratifiedSampler(Sampler):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def labels(self, gathered: bool = False, device=None) -> torch.Tensor:
+    def labels(self, gathered: bool = False, device=None, views: int = 1) -> torch.Tensor:
         """Class slots of a batch's supports, int64: ``j % classes_per_batch`` (plus
-        ``rank * classes_per_batch`` with unique classes). ``gathered``: of every rank's
-        batch concatenated in rank order, for supports all-gathered across ranks."""
-        slots = torch.arange(self.batch_size, device=device) % self.classes_per_batch
-        if not self.unique_classes:
-            return slots.repeat(self.world_size) if gathered else slots
-        if gathered:
-            ranks = torch.arange(self.world_size, device=device).repeat_interleave(self.batch_size)
-            return slots.repeat(self.world_size) + ranks * self.classes_per_batch
-        return slots + self.rank * self.classes_per_batch
+        ``rank * classes_per_batch`` with unique classes). ``views``: the batch embedded as that
+        many augmented views, view-major (``[view 0 of every support, view 1, ...]``).
+        ``gathered``: of every rank's (multi-view) batch concatenated in rank order, for supports
+        all-gathered across ranks."""
+        views = operator.index(views)
+        if views < 1:
+            raise ValueError(f"ClassStratifiedSampler.labels: views must be positive, got {views}")
+        slots = (torch.arange(self.batch_size, device=device) % self.classes_per_batch).repeat(views)
+        ranks = range(self.world_size) if gathered else [self.rank]
+        offset = self.classes_per_batch if self.unique_classes else 0
+        return torch.cat([slots + r * offset for r in ranks])
 
     def batches(self) -> Iterator[tuple[list[int], list[int]]]:
         """``(dataset indices, their class ids)`` of each batch of this epoch."""

@@ -351,6 +351,20 @@ def test_torch_compile_traces_the_op():
     torch.testing.assert_close(fn(images, boxes), resized_crops(images, boxes, 12, mean=[0.5] * 3, std=[0.25] * 3))
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on CUDA the check is a device-side assert, which ends the process's "
+                    "CUDA context: the CPU run shows the same traced check")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_still_refuses_bad_boxes(backend):
+    """Traced code cannot check the boxes on the host: an assert on their device does, no clamped reads."""
+    images = torch.rand(2, 3, 20, 24)
+    fn = torch.compile(lambda im, b: resized_crops(im, b, 12), backend=backend, fullgraph=False)
+    good = torch.tensor([[0, 1, 2, 15, 20], [1, 0, 0, 20, 24]])
+    torch.testing.assert_close(fn(images, good), resized_crops(images, good, 12))
+    for bad in ([[0, 1, 2, 15, 23]], [[2, 0, 0, 5, 5]], [[1, 0, 0, 0, 5]], [[0, -1, 0, 5, 5]]):
+        with pytest.raises(RuntimeError, match="a box is outside its image"):
+            fn(images, torch.tensor(bad))
+
+
 def test_cuda_sources_were_compiled():
     """Where torch is a CUDA build and a matching toolkit is found, the extension carries the CUDA kernel."""
     cuda_home, why = _build.cuda_plan(torch.version.cuda)

@@ -111,6 +111,21 @@ def _check_box_values(boxes: torch.Tensor, image_info: torch.Tensor) -> None:
                          f"outside its image {int(idx[n])} of height {int(hw[n, 0])} and width {int(hw[n, 1])}")
 
 
+def _assert_box_values_async(boxes: torch.Tensor, image_info: torch.Tensor) -> None:
+    """The same conditions as :func:`_check_box_values` as tensor ops, for traced code: an assert on the
+    boxes' device (no host sync; on CUDA a device-side assert), so bad boxes fail instead of reading
+    clamped pixels."""
+    info = image_info.to(boxes.device)
+    idx = boxes[:, 0]
+    valid_idx = (idx >= 0) & (idx < info.shape[0]) & (idx == idx.floor())
+    hw = info[idx.long().clamp(0, info.shape[0] - 1), 1:].to(boxes.dtype)  # clamped only to read; judged above
+    ok = valid_idx & (boxes[:, 3] > 0) & (boxes[:, 4] > 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] >= 0) & \
+        (boxes[:, 1] + boxes[:, 3] <= hw[:, 0] + _BOX_SLACK) & (boxes[:, 2] + boxes[:, 4] <= hw[:, 1] + _BOX_SLACK)
+    torch._assert_async(ok.all(), "resized_crops: a box is outside its image, has a non-positive side or an "
+                        "out-of-range image index (checked on the device under torch.compile; run eagerly to be told "
+                        "which)")
+
+
 def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Tensor, size: int, *,
                   flips: torch.Tensor | None = None, interpolation: str = "bilinear", antialias: bool = True,
                   mean: Sequence[float] | torch.Tensor | None = None, std: Sequence[float] | torch.Tensor | None = None,
@@ -173,7 +188,9 @@ def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Te
                          "floating out_dtype")
     mean_t = _per_channel("mean", mean, C, device)
     std_t = _per_channel("std", std, C, device)
-    if std_t is not None and not torch.compiler.is_compiling() and bool((std_t == 0).any()):
+    if std_t is not None and torch.compiler.is_compiling():
+        torch._assert_async((std_t != 0).all(), "resized_crops: std must be non-zero")
+    elif std_t is not None and bool((std_t == 0).any()):
         raise ValueError(f"resized_crops: std must be non-zero, got {std_t.tolist()}")
     normalise = mean_t is not None or std_t is not None
     input_scale = 1.0 / 255.0 if normalise and data.dtype == torch.uint8 else 1.0
@@ -181,6 +198,8 @@ def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Te
     if not torch.compiler.is_compiling():
         _check_box_values(boxes, image_info)  # on the host: a sync when the boxes are on a GPU
     boxes = boxes.to(device=device).contiguous()
+    if torch.compiler.is_compiling():
+        _assert_box_values_async(boxes, image_info)
     if not _op_ready:
         _load_op()
     return torch.ops.fastssl.resized_crops(data, image_info, boxes, flips, C, size, interpolation, bool(antialias),

@@ -72,6 +72,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "num_workers", "log_freq", "tensorboard", "saveckp_freq", "stop_after_steps",
     "knn_freq", "knn_data", "knn_val_data", "device", "dist_backend", "pretrained", "progress", "command",
+    "snn_freq", "val_data", "eval_batch_size",
 })
 
 

@@ -1,13 +1,16 @@
-"""``fastssl-train`` (or ``python -m fastssl.train``): DINO training, k-NN evaluation, attention maps.
+"""``fastssl-train`` (or ``python -m fastssl.train``): DINO and PAWS training, k-NN evaluation, attention maps.
 
     fastssl-train dino --data /path/to/imagenet/train --preset dino_vits16 --output-dir runs/vits16
+    fastssl-train paws --data /path/to/imagenet/train --labelled-list imagenet_subsets/10percent.txt \\
+        --val-data /path/to/imagenet/val --preset paws_resnet50
     torchrun --nproc_per_node=8 -m fastssl.train dino --data ... --preset dino_vits16
     fastssl-train knn --checkpoint runs/vits16/checkpoint.pth --data .../train --val-data .../val
     fastssl-train attention --checkpoint runs/vits16/checkpoint.pth --image dog.jpg
     fastssl-train demo                  # `make demo`: DINO on scikit-learn's digits, then k-NN
 
-Every hyper-parameter defaults to the DINO authors' main_dino.py; ``--preset`` loads one of
-their recipes (``fastssl/train/presets.py``), and any option given explicitly overrides it.
+Every hyper-parameter defaults to the authors' (DINO: main_dino.py; PAWS: their ImageNet config,
+configs/paws/imgnt_train.yaml); ``--preset`` loads one of their recipes (``fastssl/train/presets.py``),
+and any option given explicitly overrides it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .presets import PRESETS
+from .presets import PAWS_PRESETS, PRESETS
 
 __all__ = ["build_parser", "main"]
 
@@ -31,13 +34,13 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_dino_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, presets: dict, output_dir: str) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe (see fastssl/train/presets.py); "
+    g.add_argument("--preset", choices=sorted(presets), help="a named recipe (see fastssl/train/presets.py); "
                    "options given on the command line override its values")
     g.add_argument("--data", default=None, help="training images: an ImageFolder-style folder root/<class>/<image> "
-                   "(labels unused), or 'digits' for scikit-learn's handwritten digits")
-    g.add_argument("--output-dir", dest="output_dir", default="runs/dino",
+                   "(labels unused for training), or 'digits' for scikit-learn's handwritten digits")
+    g.add_argument("--output-dir", dest="output_dir", default=output_dir,
                    help="where the checkpoints, config.json and log.jsonl go; a run resumes from its checkpoint.pth")
     g.add_argument("--resume", default=None,
                    help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pth if any)")
@@ -61,6 +64,11 @@ def _add_dino_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard", type=_bool, default=False, help="also write TensorBoard scalars")
     g.add_argument("--progress", type=_bool, default=True, help="show a progress bar per epoch")
 
+
+
+def _add_dino_options(p: argparse.ArgumentParser) -> None:
+    _add_run_options(p, PRESETS, "runs/dino")
+
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small_patch16_224",
                    help="timm backbone name (vit_small_patch16_224, vit_base_patch16_224, resnet50, ...) or vit_digits")
@@ -75,7 +83,7 @@ def _add_dino_options(p: argparse.ArgumentParser) -> None:
                    help="keep the weight norm of the head's last layer at 1: more stable; false gives better ViT-S "
                         "results when training is stable")
     g.add_argument("--use-bn-in-head", dest="use_bn_in_head", type=_bool, default=False,
-                   help="BatchNorm in the head's MLP (SyncBatchNorm under torchrun)")
+                   help="BatchNorm in the head's MLP (SyncBatchNorm under torchrun on GPUs)")
     g.add_argument("--head-layers", dest="head_layers", type=int, default=3, help="layers of the head's MLP")
     g.add_argument("--head-hidden-dim", dest="head_hidden_dim", type=int, default=2048, help="hidden width of the head")
     g.add_argument("--head-bottleneck-dim", dest="head_bottleneck_dim", type=int, default=256,
@@ -141,6 +149,99 @@ def _add_dino_options(p: argparse.ArgumentParser) -> None:
     _add_knn_params(g)
 
 
+def _add_paws_options(p: argparse.ArgumentParser) -> None:
+    _add_run_options(p, PAWS_PRESETS, "runs/paws")
+
+    g = p.add_argument_group("labelled data")
+    g.add_argument("--labelled-data", dest="labelled_data", default=None,
+                   help="ImageFolder of the labelled images (default: --data, whose class folders are the labels)")
+    g.add_argument("--labelled-list", dest="labelled_list", default=None,
+                   help="file of labelled image names, one per line (the authors' imagenet_subsets/1percent.txt, "
+                        "10percent.txt); default: every image of the labelled folder")
+    g.add_argument("--labels-per-class", dest="labels_per_class", type=int, default=None,
+                   help="instead of a list: label this many images of each class (seeded draw)")
+    g.add_argument("--val-data", dest="val_data", default=None,
+                   help="labelled ImageFolder classified by soft nearest neighbours after each epoch (digits: the "
+                        "held-out digits)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet50", help="timm backbone name (resnet50, vit_small_patch16_224, ...)")
+    g.add_argument("--patch-size", dest="patch_size", type=int, default=None,
+                   help="ViT patch size (default: the arch's)")
+    g.add_argument("--img-size", dest="img_size", type=int, default=None,
+                   help="ViT position-embedding grid in pixels (default: the arch's)")
+    g.add_argument("--drop-path-rate", dest="drop_path_rate", type=float, default=0.0, help="stochastic depth rate")
+    g.add_argument("--output-dim", dest="output_dim", type=int, default=2048, help="width of the projection output")
+    g.add_argument("--hidden-dim", dest="hidden_dim", type=int, default=None,
+                   help="width of the projection head's hidden layers (default: the backbone's feature width)")
+    g.add_argument("--use-pred-head", dest="use_pred_head", type=_bool, default=True,
+                   help="a prediction head on top of the projection (anchors use it, targets do not)")
+
+    g = p.add_argument_group("PAWS")
+    g.add_argument("--temperature", type=float, default=0.1, help="tau of the soft nearest-neighbour classifier")
+    g.add_argument("--sharpen", type=float, default=0.25, help="T of the target sharpening p**(1/T)")
+    g.add_argument("--me-max", dest="me_max", type=_bool, default=True,
+                   help="add the mean-entropy maximisation regulariser")
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.1,
+                   help="smoothing of the supports' one-hot labels")
+    g.add_argument("--classes-per-batch", dest="classes_per_batch", type=int, default=15,
+                   help="classes in each process's support batch")
+    g.add_argument("--supervised-imgs-per-class", dest="supervised_imgs_per_class", type=int, default=7,
+                   help="labelled images of each of those classes per support batch")
+    g.add_argument("--supervised-views", dest="supervised_views", type=int, default=1,
+                   help="augmented views of each support image")
+    g.add_argument("--unique-classes-per-rank", dest="unique_classes_per_rank", type=_bool, default=True,
+                   help="each process draws different classes (the support set spans classes x processes)")
+
+    g = p.add_argument_group("optimisation (LARS over momentum SGD)")
+    g.add_argument("--batch-size-per-gpu", dest="batch_size_per_gpu", type=int, default=64,
+                   help="unlabelled images per process and step")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--lr", type=float, default=0.4,
+                   help="peak learning rate per 256 unlabelled images, scaled by the total batch (the authors' 6.4 "
+                        "at 64 x 64 images)")
+    g.add_argument("--start-lr", dest="start_lr", type=float, default=0.01875,
+                   help="learning rate (per 256 images) where the warm-up starts")
+    g.add_argument("--final-lr", dest="final_lr", type=float, default=0.004,
+                   help="learning rate (per 256 images) at the end of the cosine")
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, default=10, help="epochs of linear lr warm-up")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-6, help="weight decay of the weights")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", type=_bool, default=False, help="Nesterov momentum")
+    g.add_argument("--lars-trust", dest="lars_trust", type=float, default=0.001, help="LARS trust coefficient")
+    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=0.0,
+                   help="maximal gradient norm (0: no clipping, as the authors)")
+    g.add_argument("--clip-mode", dest="clip_mode", choices=("per_param", "global"), default="per_param",
+                   help="per_param: each parameter's gradient on its own; global: all together")
+
+    g = p.add_argument_group("multi-crop augmentation (on the GPU)")
+    g.add_argument("--global-crop-size", dest="global_crop_size", type=int, default=224,
+                   help="side of the 2 global views and of the support views")
+    g.add_argument("--local-crop-size", dest="local_crop_size", type=int, default=96, help="side of the small views")
+    g.add_argument("--global-crops-scale", dest="global_crops_scale", type=float, nargs=2, default=(0.14, 1.0),
+                   help="area range of the global and support views")
+    g.add_argument("--multicrop", type=int, default=6, help="small views per unlabelled image (0: none)")
+    g.add_argument("--local-crops-scale", dest="local_crops_scale", type=float, nargs=2, default=(0.05, 0.14),
+                   help="area range of the small views")
+    g.add_argument("--flip-p", dest="flip_p", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--color-jitter-strength", dest="color_jitter_strength", type=float, default=1.0,
+                   help="s of the colour distortion: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)")
+    g.add_argument("--color-jitter-p", dest="color_jitter_p", type=float, default=0.8,
+                   help="probability of the colour jitter")
+    g.add_argument("--grayscale-p", dest="grayscale_p", type=float, default=0.2, help="probability of grayscale")
+    g.add_argument("--blur-p", dest="blur_p", type=float, default=0.5, help="probability of the Gaussian blur")
+    g.add_argument("--blur-sigma", dest="blur_sigma", type=float, nargs=2, default=(0.1, 2.0),
+                   help="range of the Gaussian blur's sigma")
+
+    g = p.add_argument_group("soft nearest-neighbour evaluation")
+    g.add_argument("--snn-freq", dest="snn_freq", type=int, default=1,
+                   help="evaluate every this many epochs and at the end (0: never); needs --val-data or digits")
+    g.add_argument("--snn-tau", dest="snn_tau", type=float, default=0.1, help="temperature of the evaluation")
+    g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=128, help="images per forward pass")
+    g.add_argument("--eval-crop-fraction", dest="eval_crop_fraction", type=float, default=0.875,
+                   help="central crop (fraction of the short side) resized to the global crop size: 224/256")
+
+
 def _add_knn_params(g) -> None:
     g.add_argument("--knn-k", dest="knn_k", type=int, default=20, help="neighbours that vote")
     g.add_argument("--knn-t", dest="knn_t", type=float, default=0.07,
@@ -158,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     _add_dino_options(sub.add_parser("dino", help="train DINO", formatter_class=fmt))
+    _add_paws_options(sub.add_parser("paws", help="train PAWS (semi-supervised, a few labels)", formatter_class=fmt))
 
     p = sub.add_parser("demo", help="`make demo`: DINO on scikit-learn's digits, then k-NN against random init",
                        formatter_class=fmt)
@@ -202,10 +304,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         preset = "demo_gpu" if torch.cuda.is_available() and args.device != "cpu" else "demo"
     if preset:
         sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - argparse has no API
-        sub.set_defaults(**PRESETS[preset])
+        sub.set_defaults(**(PAWS_PRESETS if args.command == "paws" else PRESETS)[preset])
         args = parser.parse_args(argv)
         args.preset = preset
-    if args.command in ("dino", "demo") and args.data is None:
+    if args.command in ("dino", "demo", "paws") and args.data is None:
         parser.error(f"{args.command}: --data is required (an ImageFolder root, or 'digits')")
     return args
 
@@ -217,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         from .dino import train_dino
 
         train_dino(cfg)
+    elif args.command == "paws":
+        from .paws import train_paws
+
+        train_paws(cfg)
     elif args.command == "demo":
         return run_demo(cfg)
     elif args.command == "knn":

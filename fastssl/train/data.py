@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["Batch", "DigitsImages", "ImageFolder", "ResumableSampler", "collate", "decode_batch", "load_digits_split"]
+__all__ = ["Batch", "DigitsImages", "ImageFolder", "LabelledSubset", "ResumableSampler", "collate", "decode_batch",
+           "labelled_subset", "load_digits_split"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _JPEG = (".jpg", ".jpeg")
@@ -134,6 +135,74 @@ class DigitsImages(Dataset):
 
     def __getitem__(self, index: int):
         return self.images[index], int(self.labels[index]), index
+
+
+# ----------------------------------------------------------------------------- the labelled part (PAWS)
+
+class LabelledSubset(Dataset):
+    """The images of ``dataset`` at ``indices``, with their labels (``targets``) and ``classes``."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.targets = [dataset.targets[i] for i in self.indices]
+        self.classes = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label, _ = self.dataset[self.indices[index]]
+        return image, label, index
+
+
+def labelled_subset(dataset, *, names_file: str | os.PathLike | None = None, per_class: int | None = None,
+                    seed: int = 0) -> LabelledSubset:
+    """The labelled images of a PAWS run: those named in ``names_file``, or ``per_class`` of each class.
+
+    ``names_file`` holds one image file name per line (the authors' ``imagenet_subsets/1percent.txt`` and
+    ``10percent.txt`` format, e.g. ``n01440764_10026.JPEG``; a relative path inside the folder works too;
+    blank lines and ``#`` comments are skipped); every name must match an image of ``dataset`` (an
+    :class:`ImageFolder`). ``per_class`` draws that many images of every class, seeded; with neither,
+    every image is labelled.
+    """
+    if names_file is not None and per_class is not None:
+        raise DataError("give either a file of labelled image names or a number of labelled images per class, "
+                        "not both")
+    if names_file is not None:
+        path = Path(names_file).expanduser()
+        if not path.is_file():
+            raise DataError(f"labelled-image list {str(path)!r} does not exist")
+        names = [line.strip() for line in path.read_text().splitlines()]
+        names = [n for n in names if n and not n.startswith("#")]
+        if not names:
+            raise DataError(f"labelled-image list {str(path)!r} names no images")
+        samples = getattr(dataset, "samples", None)
+        if samples is None:
+            raise DataError("a labelled-image list needs an image folder (file names to match)")
+        root = str(dataset.root)
+        by_name: dict[str, int] = {}
+        for i, (file, _) in enumerate(samples):
+            by_name.setdefault(os.path.basename(file), i)
+            by_name.setdefault(os.path.relpath(file, root), i)
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(names)} images named in {str(path)!r} are not in "
+                            f"{root!r}, e.g. {missing[:3]}")
+        return LabelledSubset(dataset, sorted({by_name[n] for n in names}))
+    targets = torch.as_tensor(dataset.targets)
+    if per_class is None:
+        return LabelledSubset(dataset, range(len(targets)))
+    if per_class < 1:
+        raise DataError(f"labelled images per class must be positive, got {per_class}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(targets).tolist():
+        pool = torch.nonzero(targets == c).flatten()
+        if len(pool) < per_class:
+            raise DataError(f"class {dataset.classes[c]!r} has {len(pool)} images, fewer than the {per_class} "
+                            "labelled images per class asked for")
+        keep += pool[torch.randperm(len(pool), generator=g)[:per_class]].tolist()
+    return LabelledSubset(dataset, sorted(keep))
 
 
 # ----------------------------------------------------------------------------- batches

@@ -139,7 +139,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
     torch.manual_seed(cfg["seed"] + rank)
     student = build_dino_model(cfg).to(device)
     teacher_net = build_dino_model(cfg, drop_path_rate=0.0).to(device)  # the teacher never drops paths
-    if world > 1 and cfg["use_bn_in_head"]:
+    if world > 1 and cfg["use_bn_in_head"] and device.type == "cuda":  # SyncBatchNorm is CUDA only
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher_net = nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net)
     teacher_net.load_state_dict(student.state_dict())

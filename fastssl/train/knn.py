@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 
-__all__ = ["extract_features", "knn_classify"]
+__all__ = ["embed_datasets", "extract_features", "knn_classify", "knn_eval"]
 
 
 @torch.no_grad()
@@ -101,10 +101,12 @@ def center_crop_boxes(images, crop_fraction: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def knn_eval(backbone, bank_set, query_set, device: torch.device, cfg: dict, amp_dtype=None) -> dict:
-    """k-NN accuracy (``cfg["knn_k"]``, ``cfg["knn_t"]``) of ``backbone``'s features: ``bank_set`` (labelled
-    images, the neighbours) against ``query_set``. Images are centre-cropped (``cfg["eval_crop_fraction"]``)
-    to ``cfg["global_crop_size"]`` and normalised as in training. Returns ``{"top1", "top5"}`` in percent."""
+def embed_datasets(model, datasets, device: torch.device, *, size: int, crop_fraction: float, batch_size: int,
+                   num_workers: int, amp_dtype=None, forward=None) -> list[tuple]:
+    """``[(features, labels), ...]`` of every labelled dataset by ``model`` (eval mode), each image's
+    central square (``crop_fraction`` of its short side) resized to ``size`` and normalised as in
+    training (``forward(x)``, default ``model(x)``); under torchrun each rank embeds its share and all get
+    every feature, in dataset order."""
     from torch.utils.data import DataLoader
 
     from ..augment import IMAGENET_MEAN, IMAGENET_STD
@@ -113,29 +115,35 @@ def knn_eval(backbone, bank_set, query_set, device: torch.device, cfg: dict, amp
 
     rank = torch.distributed.get_rank() if distributed.is_initialized() else 0
     world = distributed.world_size()
-    size, fraction = cfg["global_crop_size"], cfg["eval_crop_fraction"]
-
     def prepare(batch):
         images, _ = decode_batch(batch, device)
         if not len(images):
             return None, None
         if len(images) != batch.labels.shape[0]:  # a JPEG failed to decode on the GPU: labels of the rest unknown
-            raise RuntimeError("k-NN evaluation: an image failed to decode; remove it from the evaluation folder")
-        x = resized_crops(images, center_crop_boxes(images, fraction), size, interpolation="bicubic",
+            raise RuntimeError("evaluation: an image failed to decode; remove it from the evaluation folder")
+        x = resized_crops(images, center_crop_boxes(images, crop_fraction), size, interpolation="bicubic",
                           mean=IMAGENET_MEAN, std=IMAGENET_STD)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return backbone(x), batch.labels
+            return (forward or model)(x), batch.labels
 
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    for ds in (bank_set, query_set):
+    was_training = model.training
+    model.eval()
+    out = []
+    for ds in datasets:
         sampler = ResumableSampler(len(ds), shuffle=False, rank=rank, world_size=world)
-        loader = DataLoader(ds, batch_size=cfg["knn_batch_size"], sampler=sampler, collate_fn=collate,
-                            num_workers=cfg["num_workers"])
-        feats.append(extract_features(lambda x: x, loader, device, prepare))
-    backbone.train(was_training)
-    (bank, bank_labels), (query, query_labels) = feats
+        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+        out.append(extract_features(lambda x: x, loader, device, prepare))
+    model.train(was_training)
+    return out
+
+
+def knn_eval(backbone, bank_set, query_set, device: torch.device, cfg: dict, amp_dtype=None) -> dict:
+    """k-NN accuracy (``cfg["knn_k"]``, ``cfg["knn_t"]``) of ``backbone``'s features: ``bank_set`` (labelled
+    images, the neighbours) against ``query_set``, embedded by :func:`embed_datasets`. Returns
+    ``{"top1", "top5"}`` in percent."""
+    (bank, bank_labels), (query, query_labels) = embed_datasets(
+        backbone, (bank_set, query_set), device, size=cfg["global_crop_size"], crop_fraction=cfg["eval_crop_fraction"],
+        batch_size=cfg["knn_batch_size"], num_workers=cfg["num_workers"], amp_dtype=amp_dtype)
     top1, top5 = knn_classify(bank, bank_labels, query, query_labels, k=cfg["knn_k"], T=cfg["knn_t"],
                               num_classes=len(bank_set.classes))
     return {"top1": top1, "top5": top5}

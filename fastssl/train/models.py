@@ -8,12 +8,13 @@ their ``vision_transformer.py``, so their released ``student`` / ``teacher`` sta
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCH_ALIASES", "DinoHead", "MultiCropModel", "build_backbone", "is_vit"]
+__all__ = ["ARCH_ALIASES", "DinoHead", "MultiCropModel", "PawsModel", "build_backbone", "is_vit"]
 
 # Small networks that timm does not name: (timm architecture, overrides). "vit_digits" is the
 # ViT of `make demo`: 4x4 patches, so a 16x16 global crop is 4x4 tokens and an 8x8 local crop 2x2.
@@ -134,3 +135,44 @@ class MultiCropModel(nn.Module):
     def forward(self, *crops: torch.Tensor) -> torch.Tensor:
         feats = [self.backbone(x) for x in crops if x is not None and x.shape[0] > 0]
         return self.head(torch.cat(feats) if len(feats) > 1 else feats[0])
+
+
+class PawsModel(nn.Module):
+    """PAWS's encoder: ``backbone``, a projection head ``fc`` and an optional prediction head ``pred``.
+
+    As the PAWS authors' ``init_model`` (suncet ``paws_train.py``), with their module names so that
+    their checkpoints map onto it: ``fc`` is ``fc1`` Linear(F, H) - ``bn1`` - ReLU - ``fc2``
+    Linear(H, H) - ``bn2`` - ReLU - ``fc3`` Linear(H, out) with ``H`` the backbone's width by default;
+    ``pred`` is ``bn1`` - ``fc1`` Linear(out, out / 4) - ``bn2`` - ReLU - ``fc2`` Linear(out / 4, out).
+
+    ``forward(*crops)`` takes batches of crops of one resolution each (``[n_i, C, S_i, S_i]``), runs the
+    backbone once per batch and the heads once on all of them (their BatchNorms see every crop, as
+    the authors' multi-resolution forward), and returns ``(h, z)``: the projections and the
+    predictions (``z is h`` without a prediction head). :meth:`embed` is ``h`` alone, for evaluation.
+    """
+
+    def __init__(self, backbone: nn.Module, output_dim: int = 2048, hidden_dim: int | None = None,
+                 use_pred_head: bool = True):
+        super().__init__()
+        width = backbone.num_features
+        hidden = hidden_dim or width
+        self.backbone = backbone
+        self.fc = nn.Sequential(OrderedDict([
+            ("fc1", nn.Linear(width, hidden)), ("bn1", nn.BatchNorm1d(hidden)), ("relu1", nn.ReLU(inplace=True)),
+            ("fc2", nn.Linear(hidden, hidden)), ("bn2", nn.BatchNorm1d(hidden)), ("relu2", nn.ReLU(inplace=True)),
+            ("fc3", nn.Linear(hidden, output_dim))]))
+        self.pred = None
+        if use_pred_head:
+            narrow = max(output_dim // 4, 1)  # the authors' 4x bottleneck
+            self.pred = nn.Sequential(OrderedDict([
+                ("bn1", nn.BatchNorm1d(output_dim)), ("fc1", nn.Linear(output_dim, narrow)),
+                ("bn2", nn.BatchNorm1d(narrow)), ("relu", nn.ReLU(inplace=True)),
+                ("fc2", nn.Linear(narrow, output_dim))]))
+
+    def forward(self, *crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = [self.backbone(x) for x in crops if x is not None and x.shape[0] > 0]
+        h = self.fc(torch.cat(feats) if len(feats) > 1 else feats[0])
+        return h, (self.pred(h) if self.pred is not None else h)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(x))

@@ -1,4 +1,4 @@
-"""Named configurations: the DINO authors' recipes, and the digits run of ``make demo``.
+"""Named configurations: the DINO and PAWS authors' recipes, and small runs on the digits.
 
 Values from their README and main_dino.py defaults (and the ``args.txt`` of their released
 runs); anything not named here keeps the CLI default, which is main_dino.py's.
@@ -45,4 +45,26 @@ PRESETS: dict[str, dict] = {
                      warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, batch_size_per_gpu=128, lr=0.002,
                      min_lr=1e-5, warmup_epochs=5, epochs=100, drop_path_rate=0.1, num_workers=0, knn_freq=0,
                      eval_crop_fraction=1.0, output_dir="runs/demo", saveckp_freq=0),
+}
+
+
+# PAWS (facebookresearch/suncet, configs/paws/imgnt_train.yaml; the CLI defaults are that file's values).
+# Their runs: 64 GPUs x 64 unlabelled images, 15 classes x 7 images of supports per GPU, ResNet-50,
+# output 2048 with the prediction head, 6 small views; learning rates here are per 256 images.
+PAWS_PRESETS: dict[str, dict] = {
+    # The 100-epoch ResNet-50 run, for 1% or 10% of the labels (--labelled-list 1percent.txt / 10percent.txt:
+    # the recipe is the same, only the labelled list differs).
+    "paws_resnet50": dict(arch="resnet50", epochs=100),
+    # The paper's longer run.
+    "paws_resnet50_300ep": dict(arch="resnet50", epochs=300),
+    # A PAWS run on the digits for a CPU: 5 labelled images per class, the demo's small ViT. The optimiser
+    # is the authors' CIFAR-10 one (lr 3.2 per 256 images, from 0.8, to 0.032; 2 views per support, no
+    # prediction head): their ImageNet lr of 0.4 per 256 barely moves LARS in a few hundred steps.
+    "paws_digits": dict(data="digits", arch="vit_digits", img_size=16, global_crop_size=16, local_crop_size=8,
+                        multicrop=6, global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0,
+                        color_jitter_p=0.0, grayscale_p=0.0, blur_sigma=(0.1, 0.3), output_dim=128, hidden_dim=256,
+                        use_pred_head=False, labels_per_class=5, classes_per_batch=10, supervised_imgs_per_class=5,
+                        supervised_views=2, batch_size_per_gpu=64, epochs=30, lr=3.2, start_lr=0.8, final_lr=0.032,
+                        warmup_epochs=3, num_workers=0, eval_crop_fraction=1.0, output_dir="runs/paws_digits",
+                        saveckp_freq=0),
 }

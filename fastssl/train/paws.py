@@ -1,0 +1,359 @@
+"""PAWS training (Assran et al. 2021, https://arxiv.org/abs/2104.13963), read top to bottom.
+
+One iteration: a batch of unlabelled images and a class-stratified batch of labelled supports
+(:class:`~fastssl.ClassStratifiedSampler`: ``classes_per_batch`` classes, ``supervised_imgs_per_class``
+images of each) go to the device as uint8; :class:`~fastssl.augment.DinoAugment`, set to PAWS's
+pipeline (random resized crop, flip, colour distortion of strength 1, grayscale, blur p 0.5), makes
+two global views and ``multicrop`` small views of every unlabelled image and ``supervised_views``
+views of every support there. The encoder embeds supports and global views in one backbone call,
+the small views in another, and its heads once: ``h`` (projection) and ``z`` (prediction). The
+fused PAWS loss (:class:`~fastssl.PawsLoss`) classifies each view's ``z`` by soft nearest neighbours
+against the supports' ``z`` (all-gathered across ranks), with targets from the other global view's
+``h`` against the supports' ``h``, sharpened, plus the mean-entropy regulariser. LARS over momentum
+SGD (:class:`~fastssl.train.optim.Lars`) steps with the per-iteration warm-up + cosine learning rate.
+After each epoch the encoder's ``h`` is evaluated by soft nearest neighbours against the labelled
+images (:class:`~fastssl.SoftNNClassifier`) on a labelled validation set.
+
+Differences from the authors' ``paws_train.py``: the augmentation runs on the device, in one go per
+batch; the learning rates are given per 256 unlabelled images and scaled by the total batch (the
+authors' 6.4 at 4096 images is 0.4 per 256), and the first iteration uses the schedule's first
+value; biases and every 1-D parameter (all norms) are excluded from decay and LARS (the authors
+match ``bias`` / ``bn`` in names); with several support views and several ranks the labels follow
+the supports' gathered order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from ..evaluation import SoftNNClassifier
+from ..losses import PawsLoss
+from ..samplers import ClassStratifiedSampler
+from . import checkpoint as ckpt
+from .data import (
+    DataError,
+    DigitsImages,
+    ImageFolder,
+    ResumableSampler,
+    collate,
+    decode_batch,
+    gpu_jpeg_decoding_available,
+    labelled_subset,
+    load_digits_split,
+)
+from .knn import embed_datasets
+from .models import PawsModel, build_backbone
+from .optim import Lars
+from .runtime import (
+    EpochMeter,
+    Logger,
+    clip_gradients_,
+    param_groups,
+    plain_config,
+    setup_distributed,
+    should_stop,
+    step_seed,
+    strip_prefix,
+    teardown_distributed,
+    version,
+)
+from .schedules import cosine_schedule
+
+__all__ = ["PawsResult", "SupportBatches", "build_paws_augment", "build_paws_model", "paws_state_from_authors",
+           "snn_eval", "train_paws"]
+
+
+@dataclass
+class PawsResult:
+    epoch: int  # epochs completed
+    step: int  # iterations completed (all epochs)
+    loss: float  # mean loss (cross-entropy + me-max) of the last epoch trained (nan if none)
+    checkpoint: str | None
+    stopped_early: bool
+    snn: dict | None  # the last soft-NN evaluation, if any
+
+
+# ----------------------------------------------------------------------------- setup
+
+def build_paws_datasets(cfg: dict, device: torch.device):
+    """``(unlabelled set, labelled set, validation set or None)``; data errors come from here,
+    before any model or GPU work."""
+    if cfg["data"] == "digits":
+        xtr, ytr, xte, yte = load_digits_split(cfg["digits_size"])
+        train = DigitsImages(xtr, ytr)
+        return train, labelled_subset(train, per_class=cfg["labels_per_class"], seed=cfg["seed"]), \
+            DigitsImages(xte, yte)
+    raw = cfg["gpu_decode"] and gpu_jpeg_decoding_available(device)
+    train = ImageFolder(cfg["data"], raw_jpeg=raw)
+    labelled_root = ImageFolder(cfg["labelled_data"], raw_jpeg=raw) if cfg["labelled_data"] else train
+    labelled = labelled_subset(labelled_root, names_file=cfg["labelled_list"], per_class=cfg["labels_per_class"],
+                               seed=cfg["seed"])
+    val = ImageFolder(cfg["val_data"]) if cfg["val_data"] else None
+    if val is not None and val.classes != labelled.classes:
+        raise DataError(f"--val-data {cfg['val_data']!r} has other class folders than the labelled images")
+    return train, labelled, val
+
+
+def build_paws_model(cfg: dict) -> PawsModel:
+    backbone = build_backbone(cfg["arch"], drop_path_rate=cfg["drop_path_rate"], img_size=cfg["img_size"],
+                              patch_size=cfg["patch_size"])
+    return PawsModel(backbone, cfg["output_dim"], cfg["hidden_dim"], cfg["use_pred_head"])
+
+
+def build_paws_augment(cfg: dict):
+    """``(views, supports)``: two augmentations on the device, PAWS's ImageNet pipeline. ``views(images)``
+    gives ``(2 global views, multicrop small views)`` of each unlabelled image, ``supports(images)``
+    ``(supervised_views views, nothing)`` of each labelled one, crop-major."""
+    from ..augment import DinoAugment
+
+    s = cfg["color_jitter_strength"]
+    common = dict(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.2 * s, 0.5),
+                  jitter_p=cfg["color_jitter_p"], grayscale_p=cfg["grayscale_p"], blur_sigma=tuple(cfg["blur_sigma"]),
+                  flip_p=cfg["flip_p"], interpolation="bilinear", global_scale=tuple(cfg["global_crops_scale"]),
+                  local_scale=tuple(cfg["local_crops_scale"]), global_size=cfg["global_crop_size"],
+                  local_size=cfg["local_crop_size"], local_solarize_p=0.0, local_blur_p=cfg["blur_p"])
+    views = DinoAugment(n_local=cfg["multicrop"], global_blur_p=(cfg["blur_p"],) * 2, global_solarize_p=(0.0, 0.0),
+                        **common)
+    v = cfg["supervised_views"]
+    supports = DinoAugment(n_local=0, global_blur_p=(cfg["blur_p"],) * v, global_solarize_p=(0.0,) * v, **common)
+    return views, supports
+
+
+class SupportBatches(Sampler):
+    """The support batches of iterations ``start, start + 1, ...`` without end: pass ``k`` over the
+    :class:`ClassStratifiedSampler` is its epoch ``k``. Batch ``i`` depends only on ``i`` (and the
+    seed), so a resumed run draws the supports the uninterrupted one would have."""
+
+    def __init__(self, sampler: ClassStratifiedSampler, start: int = 0):
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self):
+        n = len(self.sampler)
+        epoch, skip = divmod(self.start, n)
+        while True:
+            self.sampler.set_epoch(epoch)
+            for j, batch in enumerate(self.sampler):
+                if j >= skip:
+                    yield batch
+            epoch, skip = epoch + 1, 0
+
+
+def paws_state_from_authors(state: dict) -> dict:
+    """A PAWS authors' checkpoint (``{"encoder": ...}``, their ResNet with ``fc`` / ``pred`` heads)
+    as a :class:`PawsModel` state dict: ``module.`` stripped, the trunk under ``backbone.``."""
+    encoder = strip_prefix(state["encoder"] if "encoder" in state else state)
+    return {k if k.startswith(("fc.", "pred.")) else f"backbone.{k}": v for k, v in encoder.items()}
+
+
+@torch.no_grad()
+def snn_eval(model: PawsModel, labelled_set, val_set, device: torch.device, cfg: dict, amp_dtype=None) -> dict:
+    """Top-1 / top-5 (percent) of soft nearest neighbours (``tau = cfg["snn_tau"]``) of the validation
+    images' ``h`` against every labelled image's ``h``."""
+    (bank, bank_labels), (query, query_labels) = embed_datasets(
+        model, (labelled_set, val_set), device, forward=model.embed, size=cfg["global_crop_size"],
+        crop_fraction=cfg["eval_crop_fraction"], batch_size=cfg["eval_batch_size"], num_workers=cfg["num_workers"],
+        amp_dtype=amp_dtype)
+    clf = SoftNNClassifier(bank.float(), bank_labels, cfg["snn_tau"], num_classes=len(labelled_set.classes))
+    acc = clf.accuracy(query.float(), query_labels, topk=(1, min(5, clf.num_classes)))
+    return {"top1": 100.0 * acc[1], "top5": 100.0 * acc[min(5, clf.num_classes)]}
+
+
+# ----------------------------------------------------------------------------- the training run
+
+def train_paws(cfg: dict, *, augment=None) -> PawsResult:
+    """Train PAWS as ``cfg`` (the CLI's options as a dict, see ``fastssl.train.cli``) says.
+
+    ``augment`` replaces the device augmentation: a pair ``(views, supports)`` of callables as
+    :func:`build_paws_augment` returns. Resumes from ``output_dir/checkpoint.pth`` (or ``resume``);
+    saves a checkpoint and returns on SIGTERM / SIGINT.
+    """
+    cfg = plain_config(cfg)
+    device, rank, world = setup_distributed(cfg)
+    ok = False
+    try:
+        result = _train(cfg, device, rank, world, augment)
+        ok = True
+        return result
+    finally:
+        teardown_distributed(ok)
+
+
+def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> PawsResult:
+    main = rank == 0
+    out = Path(cfg["output_dir"])
+
+    # Data first: missing folders, lists or too few images are errors before any model or GPU work.
+    train_set, labelled_set, val_set = build_paws_datasets(cfg, device)
+    batch = cfg["batch_size_per_gpu"]
+    if len(train_set) < batch * world:
+        raise DataError(f"{len(train_set)} training images cannot fill one batch of {batch} per process x {world}")
+    support_sampler = ClassStratifiedSampler(labelled_set, cfg["classes_per_batch"], cfg["supervised_imgs_per_class"],
+                                             world_size=world, rank=rank, seed=cfg["seed"],
+                                             unique_classes=cfg["unique_classes_per_rank"])
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg["seed"], rank=rank, world_size=world)
+    niter = sampler.per_rank // batch  # drop_last, as the authors
+
+    torch.manual_seed(cfg["seed"])  # every rank starts from the same weights (DDP also broadcasts them)
+    model = build_paws_model(cfg).to(device)
+    if world > 1 and device.type == "cuda":  # the authors: apex's SyncBatchNorm (CUDA only; gloo: per process)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg["compile"]:
+        model.backbone = torch.compile(model.backbone)
+    model_ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, broadcast_buffers=False) if world > 1 else model
+
+    views = cfg["supervised_views"]
+    support_labels = support_sampler.labels(gathered=True, device=device, views=views)
+    paws = PawsLoss(cfg["multicrop"], cfg["temperature"], cfg["sharpen"], cfg["me_max"],
+                    num_classes=support_sampler.num_classes, smoothing=cfg["label_smoothing"])
+    groups = param_groups(model)
+    groups[1]["lars_exclude"] = True  # biases and norms: no decay, no LARS (the authors' LARS_exclude)
+    optimizer = Lars(groups, lr=0.0, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                     nesterov=cfg["nesterov"], trust_coefficient=cfg["lars_trust"])
+    epochs = cfg["epochs"]
+    scale = batch * world / 256.0  # learning rates are per 256 unlabelled images
+    lr_schedule = cosine_schedule(cfg["lr"] * scale, cfg["final_lr"] * scale, epochs, niter, cfg["warmup_epochs"],
+                                  start_warmup_value=cfg["start_lr"] * scale).tolist()
+
+    precision = cfg["precision"]
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    view_aug, support_aug = augment if augment is not None else build_paws_augment(cfg)
+    aug_gen = torch.Generator(device=device)
+
+    start_epoch, start_step = 0, 0
+    resume = Path(cfg["resume"]) if cfg["resume"] else out / "checkpoint.pth"
+    if cfg["resume"] and not resume.is_file():
+        raise ckpt.CheckpointError(f"--resume {str(resume)!r}: no such checkpoint")
+    if resume.is_file():
+        state = ckpt.load_checkpoint(resume)
+        ckpt.check_config(state.get("config", {}), cfg, resume)
+        ckpt.check_state_dict(model, strip_prefix(state["model"]), "model", resume)
+        model.load_state_dict(strip_prefix(state["model"]))
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        ckpt.set_rng_state(state["rng"], device)
+        if main:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {niter}", flush=True)
+    first_it = start_epoch * niter + start_step
+    if cfg["stop_after_steps"] is not None and first_it >= cfg["stop_after_steps"]:
+        raise ValueError(f"the checkpoint is already at iteration {first_it}, not before --stop-after-steps "
+                         f"{cfg['stop_after_steps']}: raise it or drop it to go on")
+    log = Logger(out, cfg, main)
+    if main:
+        log.print_config("PAWS", device, world, niter, lr_schedule[min(len(lr_schedule) - 1,
+                                                                        cfg["warmup_epochs"] * niter)])
+        print(f"  {len(labelled_set)} labelled images in {len(labelled_set.classes)} classes; supports per step: "
+              f"{support_sampler.batch_size} x {views} view(s) per process, {support_sampler.num_classes} class "
+              f"slots" + ("" if val_set is not None else "; no --val-data: no soft-NN evaluation"), flush=True)
+
+    loader_gen = torch.Generator()
+    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=cfg["num_workers"],
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen)
+    support_loader = DataLoader(labelled_set, batch_sampler=SupportBatches(support_sampler, first_it),
+                                num_workers=min(cfg["num_workers"], 4), collate_fn=collate,
+                                pin_memory=device.type == "cuda")
+    supports_iter = iter(support_loader)
+
+    def save(epoch: int, step: int, name: str = "checkpoint.pth") -> Path | None:
+        if not main:
+            return None
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "step": step,
+                 "rng": ckpt.rng_state(device), "config": cfg, "fastssl_version": version()}
+        return ckpt.save_checkpoint(state, out / name)
+
+    last_loss, snn_result, stopped, path = math.nan, None, False, None
+    it, epochs_done = first_it - 1, start_epoch
+    with ckpt.StopSignal() as signal_received:
+        for epoch in range(start_epoch, epochs):
+            first = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, start=first * batch)
+            loader_gen.manual_seed(cfg["seed"] * 7919 + epoch)
+            model.train()
+            meter = EpochMeter(log, epoch, epochs, niter, first, device)
+            for i, data in enumerate(loader, start=first):
+                it = epoch * niter + i
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule[it]
+                sdata = next(supports_iter)  # one support batch per iteration, skipped images or not
+                images, skipped = decode_batch(data, device)
+                simages, s_skipped = decode_batch(sdata, device)
+                skipped += data.skipped
+                if s_skipped or sdata.skipped:  # the label slots assume complete support batches
+                    raise DataError(f"a labelled image could not be read (support batch of iteration {it}): fix or "
+                                    "remove it from the labelled set")
+                if not len(images):
+                    meter.skip(skipped)
+                    continue
+                aug_gen.manual_seed(step_seed(cfg["seed"], rank, it))  # the same crops on resume
+                global_views, small_views = view_aug(images, generator=aug_gen)
+                support_views, _ = support_aug(simages, generator=aug_gen)
+                B = len(images)
+
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    h, z = model_ddp(torch.cat([support_views, global_views]), small_views)
+                h, z = h.float(), z.float()  # the loss in full precision, as the authors
+                ns = support_views.shape[0]
+                target_views = h[ns:ns + 2 * B].detach()
+                target_views = torch.cat([target_views[B:], target_views[:B]])  # each view's target: the other
+                ploss, me_max = paws(z[ns:], z[:ns], support_labels, target_views, h[:ns].detach(), support_labels)
+                loss = ploss + me_max
+                loss_value, ploss_value, me_value = (v.item() for v in (loss, ploss, me_max))
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, iteration {i}: stopping "
+                                             "(lower --lr, or try --precision fp32)")
+
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if cfg["clip_grad"] > 0:
+                    clip_gradients_(model, cfg["clip_grad"], cfg["clip_mode"])
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+
+                meter.update(loss_value, B, skipped, lr=lr_schedule[it], paws_xent=ploss_value, me_max=me_value,
+                             step=it)
+                if should_stop(signal_received, cfg, it + 1):
+                    stopped = True
+                    path = save(epoch, i + 1) if i + 1 < niter else save(epoch + 1, 0)
+                    break
+            last_loss = meter.close()
+            if stopped:
+                break
+            epochs_done = epoch + 1
+            path = save(epoch + 1, 0)
+            if main and cfg["saveckp_freq"] and (epoch + 1) % cfg["saveckp_freq"] == 0:
+                save(epoch + 1, 0, f"checkpoint{epoch + 1:04d}.pth")
+            if val_set is not None and cfg["snn_freq"] and ((epoch + 1) % cfg["snn_freq"] == 0 or epoch + 1 == epochs):
+                snn_result = snn_eval(model, labelled_set, val_set, device, cfg, amp_dtype)
+                log.write({"epoch": epoch + 1, **{f"snn_{k}": v for k, v in snn_result.items()}})
+                if main:
+                    print(f"epoch {epoch + 1}: soft-NN top-1 {snn_result['top1']:.2f}% top-5 {snn_result['top5']:.2f}% "
+                          f"({len(labelled_set)} labelled images, tau={cfg['snn_tau']})", flush=True)
+    if stopped and main:
+        why = f"signal {signal_received.received}" if signal_received \
+            else f"--stop-after-steps {cfg['stop_after_steps']}"
+        print(f"stopped by {why} after iteration {it + 1} ({epochs_done} epochs done): checkpoint {path}; rerun "
+              "the same command to resume", flush=True)
+    if main and math.isfinite(last_loss):
+        print(f"final loss {last_loss:.4f}", flush=True)
+    log.close()
+    return PawsResult(epoch=epochs_done, step=it + 1, loss=last_loss, checkpoint=str(path) if path else None,
+                      stopped_early=stopped, snn=snn_result)

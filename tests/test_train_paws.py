@@ -1,0 +1,252 @@
+"""The PAWS trainer (fastssl-train paws): LARS against its definition, the labelled subset, the support
+labels' order, a few steps on tiny images, exact resume, bad data, the authors' checkpoint layout, and
+a 2-process gloo run under torchrun."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train import read_log, write_folder
+
+from fastssl import ClassStratifiedSampler
+from fastssl.train import checkpoint as ckpt
+from fastssl.train.cli import parse_args
+from fastssl.train.data import DataError, ImageFolder, labelled_subset
+from fastssl.train.optim import Lars
+from fastssl.train.paws import build_paws_model, paws_state_from_authors, train_paws
+
+TINY = ["--arch", "vit_pico", "--img-size", "16", "--global-crop-size", "16", "--local-crop-size", "8",
+        "--multicrop", "2", "--output-dim", "32", "--hidden-dim", "32", "--batch-size-per-gpu", "8",
+        "--classes-per-batch", "2", "--supervised-imgs-per-class", "2", "--labels-per-class", "3", "--epochs", "2",
+        "--warmup-epochs", "1", "--lr", "3.2", "--start-lr", "0.8", "--final-lr", "0.032", "--num-workers", "0",
+        "--progress", "false", "--log-freq", "1", "--saveckp-freq", "0", "--device", "cpu",
+        "--blur-sigma", "0.1", "0.5", "--eval-crop-fraction", "1.0"]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return write_folder(tmp_path / "train", 10, classes=4), write_folder(tmp_path / "val", 3, classes=4)
+
+
+def cfg_for(data, out, *extra) -> dict:
+    train, val = data
+    return vars(parse_args(["paws", "--data", str(train), "--val-data", str(val), "--output-dir", str(out), *TINY,
+                            *extra]))
+
+
+# ----------------------------------------------------------------------------- LARS
+
+def lars_reference(steps, params, lrs, wd, momentum, trust, nesterov, excluded):
+    """The PAWS authors' LARS + SGD, in float64, one parameter at a time (see fastssl/train/optim.py)."""
+    params = [p.double().clone() for p in params]
+    bufs = [None] * len(params)
+    for grads, lr in zip(steps, lrs, strict=True):
+        for k, (p, g) in enumerate(zip(params, grads, strict=True)):
+            g = g.double()
+            if excluded[k]:
+                d = g.clone()  # their excluded group has weight decay 0
+            else:
+                pn, gn = p.norm(), g.norm()
+                if pn != 0 and gn != 0:
+                    ratio = trust * pn / (gn + pn * wd + 1e-8)
+                    d = (g + wd * p) * ratio
+                else:
+                    d = g.clone()
+            d = -lr * d
+            bufs[k] = d.clone() if bufs[k] is None else momentum * bufs[k] + d
+            p += d + momentum * bufs[k] if nesterov else bufs[k]
+    return params
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_matches_the_authors_definition(nesterov):
+    shapes = [(7, 5), (13,), (3, 4, 2), (6,)]
+    excluded = [False, True, False, False]
+    params = [torch.randn(s) for s in shapes]
+    params[3].zero_()  # a zero weight: no adaptation, no decay
+    steps = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    lrs = [0.5, 1.3, 0.2, 0.9]  # a schedule: where the authors' momentum form differs from torch's SGD
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = Lars([{"params": [ps[0], ps[2], ps[3]]}, {"params": [ps[1]], "lars_exclude": True, "weight_decay": 0.0}],
+               lr=0.0, momentum=0.9, weight_decay=1e-2, nesterov=nesterov, trust_coefficient=0.01)
+    order = [0, 2, 3, 1]
+    for grads, lr in zip(steps, lrs, strict=True):
+        for k in order:
+            ps[k].grad = grads[k].clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+    want = lars_reference(steps, params, lrs, 1e-2, 0.9, 0.01, nesterov, excluded)
+    for got, ref in zip(ps, want, strict=True):
+        torch.testing.assert_close(got.detach().double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lars_bad_arguments():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        Lars(p, lr=0.1, momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="trust_coefficient"):
+        Lars(p, lr=0.1, trust_coefficient=0.0)
+
+
+# ----------------------------------------------------------------------------- labelled data
+
+def test_labelled_subset_from_names_and_per_class(folders, tmp_path):
+    train, _ = folders
+    ds = ImageFolder(train)
+    names = tmp_path / "names.txt"
+    names.write_text("# the 10% split\n001.png\nclass1/002.png\n\n")  # a bare name matches the first class's file
+    sub = labelled_subset(ds, names_file=names)
+    files = [ds.samples[i][0] for i in sub.indices]
+    assert [os.path.relpath(f, train) for f in files] == ["class0/001.png", "class1/002.png"]
+    assert sub.targets == [0, 1] and sub.classes == ds.classes
+    image, label, index = sub[1]
+    assert label == 1 and index == 1 and image.dtype == torch.uint8
+
+    per = labelled_subset(ds, per_class=3, seed=5)
+    assert sorted(torch.bincount(torch.tensor(per.targets)).tolist()) == [3, 3, 3, 3]
+    assert per.indices == labelled_subset(ds, per_class=3, seed=5).indices  # seeded
+
+    names.write_text("001.png\nnope.png\n")
+    with pytest.raises(DataError, match="1 of the 2 images named .* are not in"):
+        labelled_subset(ds, names_file=names)
+    with pytest.raises(DataError, match="does not exist"):
+        labelled_subset(ds, names_file=tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="fewer than the 11"):
+        labelled_subset(ds, per_class=11)
+    with pytest.raises(DataError, match="not both"):
+        labelled_subset(ds, names_file=names, per_class=2)
+
+
+@pytest.mark.parametrize("unique", [True, False])
+def test_support_labels_follow_the_gathered_multi_view_order(unique):
+    targets = torch.arange(12).repeat(5)
+    world, views, cpb, spc = 3, 2, 4, 2
+    per_rank = [ClassStratifiedSampler(targets, cpb, spc, world_size=world, rank=r, unique_classes=unique)
+                for r in range(world)]
+    gathered = per_rank[1].labels(gathered=True, views=views)
+    # What the supports are: each rank's batch embedded view-major, then the ranks concatenated.
+    expected = []
+    for r in range(world):
+        slot = [j % cpb + (r * cpb if unique else 0) for j in range(cpb * spc)]
+        expected += slot * views
+    assert gathered.tolist() == expected
+    assert per_rank[2].labels(views=views).tolist() == expected[2 * cpb * spc * views:]
+    with pytest.raises(ValueError, match="views must be positive"):
+        per_rank[0].labels(views=0)
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_paws_steps_learn_and_evaluate(tmp_path):
+    """Two epochs of the digits preset (real images, 5 labels per class): the cross-entropy and the total
+    loss go down, the regulariser stays within its bounds, soft-NN evaluation runs after each epoch."""
+    out = tmp_path / "run"
+    cfg = vars(parse_args(["paws", "--preset", "paws_digits", "--output-dir", str(out), "--epochs", "2",
+                           "--warmup-epochs", "1", "--progress", "false", "--log-freq", "1"]))
+    result = train_paws(cfg)
+    assert result.epoch == 2 and result.step == 2 * 22 and not result.stopped_early
+    log = read_log(out)
+    steps = [r for r in log if "paws_xent" in r]
+    assert len(steps) == 44 and all(math.isfinite(r["loss"]) for r in steps)
+    # me-max is minus the entropy of the mean prediction: within [-ln(10 class slots), 0].
+    assert all(-math.log(10) - 1e-5 <= r["me_max"] <= 0 for r in steps)
+
+    def mean(key, rows):
+        return sum(r[key] for r in rows) / len(rows)
+
+    assert mean("paws_xent", steps[-5:]) < mean("paws_xent", steps[:3]) - 0.2
+    assert mean("loss", steps[-5:]) < mean("loss", steps[:3]) - 0.2
+    evals = [r for r in log if "snn_top1" in r]
+    assert len(evals) == 2 and all(0 <= r["snn_top1"] <= r["snn_top5"] <= 100 for r in evals)
+    assert result.snn == {"top1": evals[-1]["snn_top1"], "top5": evals[-1]["snn_top5"]}
+    state = ckpt.load_checkpoint(out / "checkpoint.pth")
+    assert (state["epoch"], state["step"]) == (2, 0) and state["config"]["supervised_views"] == 2
+    # The warm-up starts at start_lr, scaled by the batch (64 / 256), and the schedule is per iteration.
+    lrs = [r["lr"] for r in steps]
+    assert lrs[0] == pytest.approx(0.8 * 64 / 256) and lrs[21] == pytest.approx(3.2 * 64 / 256)
+
+
+def test_paws_resume_is_exact(folders, tmp_path):
+    straight = train_paws(cfg_for(folders, tmp_path / "a", "--epochs", "2", "--snn-freq", "0"))
+    first = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2", "--snn-freq", "0", "--stop-after-steps", "3"))
+    assert first.stopped_early and first.step == 3
+    second = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2", "--snn-freq", "0"))
+    assert second.step == straight.step == 10
+    a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.pth")
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), f"{name} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_paws_bad_data_fails_before_training(folders, tmp_path):
+    out = tmp_path / "o"
+    cfg = cfg_for(folders, out, "--labelled-list", str(tmp_path / "nope.txt"))
+    with pytest.raises(DataError, match="not both"):
+        train_paws(cfg)
+    with pytest.raises(DataError, match="does not exist"):
+        train_paws(dict(cfg, labels_per_class=None))
+    with pytest.raises(ValueError, match="4 classes in targets, but classes_per_batch=5"):
+        train_paws(cfg_for(folders, out, "--classes-per-batch", "5"))
+    other = write_folder(tmp_path / "other", 2, classes=3)
+    with pytest.raises(DataError, match="other class folders"):
+        train_paws(vars(parse_args(["paws", "--data", str(folders[0]), "--val-data", str(other), "--output-dir",
+                                    str(out), *TINY])))
+    assert not out.exists()
+
+
+def test_authors_paws_checkpoint_maps_onto_the_model(folders, tmp_path):
+    cfg = cfg_for(folders, tmp_path / "x")
+    torch.manual_seed(3)
+    source = build_paws_model(cfg)
+    # Their layout: the encoder is the ResNet itself, with fc / pred attached, saved from DDP.
+    theirs = {"encoder": {f"module.{k.removeprefix('backbone.')}": v for k, v in source.state_dict().items()},
+              "epoch": 100}
+    assert "module.fc.fc1.weight" in theirs["encoder"] and "module.pred.bn1.weight" in theirs["encoder"]
+    torch.save(theirs, tmp_path / "paws-latest.pth.tar")
+    state = paws_state_from_authors(ckpt.load_checkpoint(tmp_path / "paws-latest.pth.tar"))
+    torch.manual_seed(4)
+    target = build_paws_model(cfg)
+    ckpt.check_state_dict(target, state, "encoder", "paws-latest.pth.tar")
+    target.load_state_dict(state)
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v)
+
+
+def test_paws_presets_and_overrides():
+    args = parse_args(["paws", "--data", "x", "--preset", "paws_resnet50_300ep", "--multicrop", "4"])
+    assert (args.epochs, args.multicrop, args.arch, args.lr) == (300, 4, "resnet50", 0.4)
+    # The authors' ImageNet config: 6.4 at 64 GPUs x 64 images is 0.4 per 256.
+    assert args.lr * 64 * 64 / 256 == pytest.approx(6.4)
+    with pytest.raises(SystemExit):
+        parse_args(["paws", "--data", "x", "--preset", "dino_vits16"])
+
+
+def test_torchrun_two_processes_gloo_paws(folders, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "fastssl.train", "paws", "--data", str(folders[0]), "--val-data", str(folders[1]), "--output-dir", str(out),
+           *TINY, "--batch-size-per-gpu", "4", "--epochs", "1", "--warmup-epochs", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("torchrun did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "x 2 process(es)" in stdout and "4 class slots" in stdout  # 2 classes per rank, unique per rank
+    state = ckpt.load_checkpoint(out / "checkpoint.pth")
+    assert state["epoch"] == 1 and state["config"]["batch_size_per_gpu"] == 4
+    assert len([r for r in read_log(out) if "paws_xent" in r]) == 5  # 40 images / (2 x 4): rank 0 alone logs
+    assert len([r for r in read_log(out) if "snn_top1" in r]) == 1
