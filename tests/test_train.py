@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,40 @@ def test_torchrun_two_processes_gloo(folder, tmp_path):
     state = ckpt.load_checkpoint(out / "checkpoint.pth")
     assert state["step"] == 2 and state["config"]["batch_size_per_gpu"] == 4
     assert len([r for r in read_log(out) if "loss" in r]) == 2  # rank 0 alone writes the log
+
+
+def test_knn_during_training_and_bf16(folder, tmp_path):
+    """--knn-freq evaluates the teacher after each epoch (and at the end); bf16 autocast trains on CPU too."""
+    out = tmp_path / "run"
+    result = train_dino(cfg_for(folder, out, "--knn-freq", "1", "--knn-data", str(folder), "--knn-val-data",
+                                str(folder), "--knn-k", "5", "--precision", "bf16"))
+    evals = [r for r in read_log(out) if "knn_top1" in r]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in evals)
+    assert result.knn == {"top1": evals[-1]["knn_top1"], "top5": evals[-1]["knn_top5"]}
+    assert all(math.isfinite(r["loss"]) for r in read_log(out) if "loss" in r)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(folder, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastssl.train", "dino", "--data", str(folder), "--output-dir", str(out), *TINY,
+           "--epochs", "200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # what a cluster sends before pre-empting the job
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert f"stopped by signal {int(signal.SIGTERM)}" in stdout
+    state = ckpt.load_checkpoint(out / "checkpoint.pth")
+    done = state["epoch"] * 3 + state["step"]  # 3 iterations per epoch
+    assert 1 <= done < 600
+    resumed = train_dino(cfg_for(folder, out, "--epochs", "200", "--stop-after-steps", str(done + 1)))
+    assert resumed.step == done + 1
