@@ -36,14 +36,16 @@ from .models import DinoHead, MultiCropModel, build_backbone
 from .runtime import (
     EpochMeter,
     Logger,
+    backward_and_step,
     clip_gradients_,
+    in_process_group,
+    mixed_precision,
     param_groups,
     plain_config,
-    setup_distributed,
+    print_stop,
+    resume_run,
     should_stop,
     step_seed,
-    strip_prefix,
-    teardown_distributed,
     version,
 )
 from .schedules import cosine_schedule
@@ -114,14 +116,7 @@ def train_dino(cfg: dict, *, augment=None) -> TrainResult:
     (or from ``resume``); saves a checkpoint and returns on SIGTERM / SIGINT.
     """
     cfg = plain_config(cfg)
-    device, rank, world = setup_distributed(cfg)
-    ok = False
-    try:
-        result = _train(cfg, device, rank, world, augment)
-        ok = True
-        return result
-    finally:
-        teardown_distributed(ok)
+    return in_process_group(cfg, lambda device, rank, world: _train(cfg, device, rank, world, augment))
 
 
 def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> TrainResult:
@@ -166,36 +161,13 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
     lr_schedule = cosine_schedule(base_lr, cfg["min_lr"], epochs, niter, cfg["warmup_epochs"]).tolist()
     wd_schedule = cosine_schedule(cfg["weight_decay"], cfg["weight_decay_end"], epochs, niter).tolist()
 
-    precision = cfg["precision"]
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    amp_dtype, scaler = mixed_precision(cfg, device)
     augment = augment if augment is not None else build_augment(cfg)
     aug_gen = torch.Generator(device=device)
 
     # Resume: the latest checkpoint of this run folder, or the one named.
-    start_epoch, start_step = 0, 0
-    resume = Path(cfg["resume"]) if cfg["resume"] else out / "checkpoint.pth"
-    if cfg["resume"] and not resume.is_file():
-        raise ckpt.CheckpointError(f"--resume {str(resume)!r}: no such checkpoint")
-    if resume.is_file():
-        state = ckpt.load_checkpoint(resume)
-        ckpt.check_config(state.get("config", {}), cfg, resume)
-        for what, module in (("student", student), ("teacher", teacher_net), ("dino_loss", dino_loss)):
-            ckpt.check_state_dict(module, strip_prefix(state[what]), what, resume)
-            module.load_state_dict(strip_prefix(state[what]))
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        ckpt.set_rng_state(state["rng"], device)
-        if main:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {niter}", flush=True)
-
-    if cfg["stop_after_steps"] is not None and start_epoch * niter + start_step >= cfg["stop_after_steps"]:
-        raise ValueError(f"the checkpoint is already at iteration {start_epoch * niter + start_step}, not before "
-                         f"--stop-after-steps {cfg['stop_after_steps']}: raise it or drop it to go on")
+    start_epoch, start_step = resume_run(cfg, out, device, {"student": student, "teacher": teacher_net,
+                                                            "dino_loss": dino_loss}, optimizer, scaler, niter, main)
     log = Logger(out, cfg, main)
     if main:
         log.print_config("DINO", device, world, niter, base_lr)
@@ -247,22 +219,14 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
                     raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, iteration {i}: stopping "
                                              "(lower --lr, raise --clip-grad, or try --precision fp32)")
 
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if cfg["clip_grad"] > 0:
-                    clip_gradients_(student, cfg["clip_grad"], cfg["clip_mode"])
-                if epoch < cfg["freeze_last_layer"]:  # the authors: no last-layer update in the first epoch(s)
-                    for p in student.head.last_layer.parameters():
-                        p.grad = None
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                def before_step(epoch=epoch):
+                    if cfg["clip_grad"] > 0:
+                        clip_gradients_(student, cfg["clip_grad"], cfg["clip_mode"])
+                    if epoch < cfg["freeze_last_layer"]:  # the authors: no last-layer update in the first epoch(s)
+                        for p in student.head.last_layer.parameters():
+                            p.grad = None
+
+                backward_and_step(loss, optimizer, scaler, before_step)
                 m = teacher.update(it)
 
                 meter.update(loss_value, len(images), skipped, lr=lr_schedule[it], wd=wd_schedule[it], momentum=m,
@@ -285,10 +249,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
                     print(f"epoch {epoch + 1}: k-NN top-1 {knn_result['top1']:.2f}% top-5 {knn_result['top5']:.2f}% "
                           f"(k={cfg['knn_k']}, T={cfg['knn_t']})", flush=True)
     if stopped and main:
-        why = f"signal {signal_received.received}" if signal_received \
-            else f"--stop-after-steps {cfg['stop_after_steps']}"
-        print(f"stopped by {why} after iteration {it + 1} ({epochs_done} epochs done): checkpoint {path}; rerun "
-              "the same command to resume", flush=True)
+        print_stop(signal_received, cfg, it + 1, epochs_done, path)
     if main and math.isfinite(last_loss):
         print(f"final loss {last_loss:.4f}  (ln(out_dim) = {math.log(cfg['out_dim']):.4f}: a collapsed run, uniform "
               "outputs, sits there)", flush=True)

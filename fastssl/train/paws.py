@@ -53,14 +53,17 @@ from .optim import Lars
 from .runtime import (
     EpochMeter,
     Logger,
+    backward_and_step,
     clip_gradients_,
+    in_process_group,
+    mixed_precision,
     param_groups,
     plain_config,
-    setup_distributed,
+    print_stop,
+    resume_run,
     should_stop,
     step_seed,
     strip_prefix,
-    teardown_distributed,
     version,
 )
 from .schedules import cosine_schedule
@@ -174,14 +177,7 @@ def train_paws(cfg: dict, *, augment=None) -> PawsResult:
     saves a checkpoint and returns on SIGTERM / SIGINT.
     """
     cfg = plain_config(cfg)
-    device, rank, world = setup_distributed(cfg)
-    ok = False
-    try:
-        result = _train(cfg, device, rank, world, augment)
-        ok = True
-        return result
-    finally:
-        teardown_distributed(ok)
+    return in_process_group(cfg, lambda device, rank, world: _train(cfg, device, rank, world, augment))
 
 
 def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> PawsResult:
@@ -221,34 +217,12 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
     lr_schedule = cosine_schedule(cfg["lr"] * scale, cfg["final_lr"] * scale, epochs, niter, cfg["warmup_epochs"],
                                   start_warmup_value=cfg["start_lr"] * scale).tolist()
 
-    precision = cfg["precision"]
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    amp_dtype, scaler = mixed_precision(cfg, device)
     view_aug, support_aug = augment if augment is not None else build_paws_augment(cfg)
     aug_gen = torch.Generator(device=device)
 
-    start_epoch, start_step = 0, 0
-    resume = Path(cfg["resume"]) if cfg["resume"] else out / "checkpoint.pth"
-    if cfg["resume"] and not resume.is_file():
-        raise ckpt.CheckpointError(f"--resume {str(resume)!r}: no such checkpoint")
-    if resume.is_file():
-        state = ckpt.load_checkpoint(resume)
-        ckpt.check_config(state.get("config", {}), cfg, resume)
-        ckpt.check_state_dict(model, strip_prefix(state["model"]), "model", resume)
-        model.load_state_dict(strip_prefix(state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        ckpt.set_rng_state(state["rng"], device)
-        if main:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {niter}", flush=True)
+    start_epoch, start_step = resume_run(cfg, out, device, {"model": model}, optimizer, scaler, niter, main)
     first_it = start_epoch * niter + start_step
-    if cfg["stop_after_steps"] is not None and first_it >= cfg["stop_after_steps"]:
-        raise ValueError(f"the checkpoint is already at iteration {first_it}, not before --stop-after-steps "
-                         f"{cfg['stop_after_steps']}: raise it or drop it to go on")
     log = Logger(out, cfg, main)
     if main:
         log.print_config("PAWS", device, world, niter, lr_schedule[min(len(lr_schedule) - 1,
@@ -264,6 +238,10 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                                 num_workers=min(cfg["num_workers"], 4), collate_fn=collate,
                                 pin_memory=device.type == "cuda")
     supports_iter = iter(support_loader)
+
+    def clip() -> None:
+        if cfg["clip_grad"] > 0:
+            clip_gradients_(model, cfg["clip_grad"], cfg["clip_mode"])
 
     def save(epoch: int, step: int, name: str = "checkpoint.pth") -> Path | None:
         if not main:
@@ -314,19 +292,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                     raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, iteration {i}: stopping "
                                              "(lower --lr, or try --precision fp32)")
 
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if cfg["clip_grad"] > 0:
-                    clip_gradients_(model, cfg["clip_grad"], cfg["clip_mode"])
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                backward_and_step(loss, optimizer, scaler, clip)
 
                 meter.update(loss_value, B, skipped, lr=lr_schedule[it], paws_xent=ploss_value, me_max=me_value,
                              step=it)
@@ -348,10 +314,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                     print(f"epoch {epoch + 1}: soft-NN top-1 {snn_result['top1']:.2f}% top-5 {snn_result['top5']:.2f}% "
                           f"({len(labelled_set)} labelled images, tau={cfg['snn_tau']})", flush=True)
     if stopped and main:
-        why = f"signal {signal_received.received}" if signal_received \
-            else f"--stop-after-steps {cfg['stop_after_steps']}"
-        print(f"stopped by {why} after iteration {it + 1} ({epochs_done} epochs done): checkpoint {path}; rerun "
-              "the same command to resume", flush=True)
+        print_stop(signal_received, cfg, it + 1, epochs_done, path)
     if main and math.isfinite(last_loss):
         print(f"final loss {last_loss:.4f}", flush=True)
     log.close()

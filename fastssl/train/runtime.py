@@ -12,16 +12,22 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .. import distributed
+from . import checkpoint as ckpt
 
-__all__ = ["EpochMeter", "Logger", "clip_gradients_", "param_groups", "plain_config", "setup_distributed",
-           "should_stop", "step_seed", "strip_prefix", "teardown_distributed", "version"]
+T = TypeVar("T")
+
+__all__ = ["EpochMeter", "Logger", "backward_and_step", "clip_gradients_", "in_process_group", "mixed_precision",
+           "param_groups", "plain_config", "print_stop", "resume_run", "setup_distributed", "should_stop", "step_seed",
+           "strip_prefix", "teardown_distributed", "version"]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -58,6 +64,18 @@ def teardown_distributed(ok: bool) -> None:
 _joined: list[bool] = []  # set when setup_distributed joined the group (not when the caller had)
 
 
+def in_process_group(cfg: dict, train: Callable[[torch.device, int, int], T]) -> T:
+    """``train(device, rank, world_size)`` inside the process group (under torchrun), left afterwards."""
+    device, rank, world = setup_distributed(cfg)
+    ok = False
+    try:
+        result = train(device, rank, world)
+        ok = True
+        return result
+    finally:
+        teardown_distributed(ok)
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -79,6 +97,63 @@ def clip_gradients_(model: nn.Module, clip: float, mode: str) -> None:
     norms = torch._foreach_norm([p.grad for p in params])
     for p, n in zip(params, norms, strict=True):
         p.grad.mul_(torch.clamp(clip / (n + 1e-6), max=1.0))
+
+
+def mixed_precision(cfg: dict, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """``(autocast dtype or None, grad scaler or None)`` of ``--precision`` (auto: bf16 on GPUs, fp32 on CPU)."""
+    precision = cfg["precision"]
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return amp_dtype, (torch.amp.GradScaler(device.type) if precision == "fp16" else None)
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                      before_step: Callable[[], None] | None = None) -> None:
+    """Backward (scaled under fp16), ``before_step()`` on the true gradients (clipping, freezing), step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if before_step is not None:
+        before_step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def resume_run(cfg: dict, out: Path, device: torch.device, modules: dict[str, nn.Module],
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, niter: int,
+               main: bool) -> tuple[int, int]:
+    """Load this run folder's checkpoint (or ``--resume``'s) when there is one: the config must match,
+    then every module of ``modules`` (checkpoint key -> module), the optimiser, the scaler and the RNG
+    states. Returns ``(epoch, step within it)`` to start from (``(0, 0)`` for a new run)."""
+    start_epoch, start_step = 0, 0
+    resume = Path(cfg["resume"]) if cfg["resume"] else out / "checkpoint.pth"
+    if cfg["resume"] and not resume.is_file():
+        raise ckpt.CheckpointError(f"--resume {str(resume)!r}: no such checkpoint")
+    if resume.is_file():
+        state = ckpt.load_checkpoint(resume)
+        ckpt.check_config(state.get("config", {}), cfg, resume)
+        for what, module in modules.items():
+            ckpt.check_state_dict(module, strip_prefix(state[what]), what, resume)
+            module.load_state_dict(strip_prefix(state[what]))
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        ckpt.set_rng_state(state["rng"], device)
+        if main:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {niter}", flush=True)
+    done = start_epoch * niter + start_step
+    if cfg["stop_after_steps"] is not None and done >= cfg["stop_after_steps"]:
+        raise ValueError(f"the checkpoint is already at iteration {done}, not before --stop-after-steps "
+                         f"{cfg['stop_after_steps']}: raise it or drop it to go on")
+    return start_epoch, start_step
 
 
 # ----------------------------------------------------------------------------- config and seeds
@@ -112,6 +187,13 @@ def version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def print_stop(signal_received, cfg: dict, steps_done: int, epochs_done: int, path) -> None:
+    """Say why a run stopped early and how to go on."""
+    why = f"signal {signal_received.received}" if signal_received else f"--stop-after-steps {cfg['stop_after_steps']}"
+    print(f"stopped by {why} after iteration {steps_done} ({epochs_done} epochs done): checkpoint {path}; rerun "
+          "the same command to resume", flush=True)
 
 
 # ----------------------------------------------------------------------------- logging
