@@ -3,7 +3,8 @@
 # the 10-minute limit of one command), from the repository root:
 #
 #   bash benchmarks/gpu_session.sh test            # install, versions, the whole suite on real kernels
-#   bash benchmarks/gpu_session.sh bench dino      # one benchmark's target preset (dino, ema, multicrop, paws)
+#   bash benchmarks/gpu_session.sh bench dino      # one benchmark's target preset (dino, ema, multicrop, paws,
+#                                                  # train_step)
 #   bash benchmarks/gpu_session.sh bench dino full K=65536   # another preset, cases filtered by label tokens
 #
 # Logs and results are copied under $OUT when it is set (the device tool brings them back);
@@ -15,8 +16,17 @@ out="${OUT:-/tmp/fastssl-gpu}"
 mkdir -p "$out"
 stage="${1:-test}"
 
-# The GPU machine has no package registry: install without dependencies or build isolation
-# (torch, triton, numpy, pytest are there). This also compiles fastssl._C with nvcc.
+# The GPU machine has no package registry. What its image lacks (kornia, a contender of the
+# multicrop benchmark) travels as wheels in .whl/ (gitignored; name it in the device call's carry):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl kornia==0.9.0 kornia_rs==0.2.0
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$out/wheels.log" 2>&1 || { tail -20 "$out/wheels.log"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# Then the package, without dependencies or build isolation (torch, triton, numpy, pytest, timm,
+# scikit-learn are there). This also compiles fastssl._C with nvcc.
 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
   || { tail -40 "$out/install.log"; exit 1; }
 
@@ -31,7 +41,7 @@ case "$stage" in
     exit "$rc"
     ;;
   bench)
-    name="${2:?which benchmark: dino, ema, multicrop or paws}"
+    name="${2:?which benchmark: dino, ema, multicrop, paws or train_step}"
     preset="${3:-target}"
     shift $(( $# < 3 ? $# : 3 ))
     args=(--preset "$preset")

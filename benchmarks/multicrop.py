@@ -124,8 +124,13 @@ def _kornia(images: torch.Tensor):
     return run
 
 
-def _authors(crops_only: bool):
-    """The DINO authors' DataAugmentationDINO (main_dino.py), written against torchvision v1 and PIL."""
+def _authors(crops_only: bool, *, global_size: int = GLOBAL, local_size: int = LOCAL, n_local: int = N_LOCAL,
+             global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE):
+    """The DINO authors' DataAugmentationDINO (main_dino.py), written against torchvision v1 and PIL.
+
+    Returns ``img -> [2 global crops, n_local local crops]``, normalised float32 ``[3, S, S]`` tensors;
+    the sizes default to the issue's (the train_step benchmark passes smaller ones).
+    """
     from PIL import Image, ImageFilter, ImageOps
     from torchvision import transforms as T
 
@@ -153,10 +158,10 @@ def _authors(crops_only: bool):
         return T.Compose([s for s in steps if s is not None])
 
     rrc = lambda size, scale: T.RandomResizedCrop(size, scale=scale, interpolation=Image.BICUBIC)
-    g1 = compose(rrc(GLOBAL, GLOBAL_SCALE), flip_jitter, blur1, normalize)
-    g2 = compose(rrc(GLOBAL, GLOBAL_SCALE), flip_jitter, blur2, sol, normalize)
-    loc = compose(rrc(LOCAL, LOCAL_SCALE), flip_jitter, blur_l, normalize)
-    return lambda img: [g1(img), g2(img)] + [loc(img) for _ in range(N_LOCAL)]
+    g1 = compose(rrc(global_size, global_scale), flip_jitter, blur1, normalize)
+    g2 = compose(rrc(global_size, global_scale), flip_jitter, blur2, sol, normalize)
+    loc = compose(rrc(local_size, local_scale), flip_jitter, blur_l, normalize)
+    return lambda img: [g1(img), g2(img)] + [loc(img) for _ in range(n_local)]
 
 
 # ----------------------------------------------------------------------------- running

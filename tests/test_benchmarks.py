@@ -133,3 +133,48 @@ def test_write_results_default_plot(tmp_path):
     assert json.loads(paths["json"].read_text()) == {"meta": info, "records": records}
     assert "| n=1 | theirs | 3 |" in paths["md"].read_text()
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def _train_step():
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from benchmarks import train_step
+
+    return train_step
+
+
+def test_train_step_smoke(tmp_path):
+    train_step = _train_step()
+    paths = train_step.main(["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu"])
+    for kind in ("json", "md", "png"):
+        assert paths[kind].exists() and paths[kind].stat().st_size > 0
+    data = json.loads(paths["json"].read_text())
+    assert data["meta"]["benchmark"] == "train_step" and data["meta"]["preset"] == "smoke"
+    rows = {r["contender"]: r for r in data["records"]}
+    assert set(rows) == {"fastssl", "authors"}
+    for name, r in rows.items():
+        assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0, r
+        assert r["steps"] == train_step.PRESETS["smoke"].steps and math.isfinite(r["loss"])
+        assert r["peak_mem_mb"] is None  # CPU: no allocator statistics
+        for phase in train_step.PHASES:
+            assert f"{phase}_ms" in r, (phase, r)
+            if phase != "augment" or name == "fastssl":
+                assert r[f"{phase}_ms"] >= 0
+        assert r["profiled_step_ms"] > 0
+    assert rows["authors"]["augment_ms"] is None  # the authors' crops are made in the loader
+    ours, theirs = rows["fastssl"], rows["authors"]
+    assert ours["speedup"] == pytest.approx(ours["images_per_s"] / theirs["images_per_s"])
+    assert ours["loss_rel_err"] <= 1e-4 and ours["ema_rel_err"] <= 1e-6
+    md = paths["md"].read_text()
+    assert "| contender |" in md and "data_ms" in md and "instrumented pass" in md
+
+
+def test_train_step_check_catches_a_wrong_ema(tmp_path, monkeypatch):
+    train_step = _train_step()
+    preset = train_step.PRESETS["smoke"]
+    case = preset.cases[0]
+    train_step.write_images(tmp_path, preset, seed=0)
+    # The authors' loop replaced by one that leaves the teacher as it was.
+    monkeypatch.setattr(train_step.ema_bench, "_authors", lambda teacher, student, m: None)
+    with pytest.raises(train_step.CorrectnessError, match="MomentumTeacher's update differs"):
+        train_step.check(train_step.make_config(case), case, torch.device("cpu"), None, tmp_path, seed=0)

@@ -279,3 +279,15 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(folder, tmp_path):
     assert 1 <= done < 600
     resumed = train_dino(cfg_for(folder, out, "--epochs", "200", "--stop-after-steps", str(done + 1)))
     assert resumed.step == done + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a CUDA device")
+def test_batches_are_pinned_by_the_loader(folder):
+    from torch.utils.data import DataLoader
+
+    from fastssl.train.data import ImageFolder, collate
+
+    loader = DataLoader(ImageFolder(folder), batch_size=4, collate_fn=collate, pin_memory=True)
+    batch = next(iter(loader))
+    images = batch.images if isinstance(batch.images, list) else [batch.images]
+    assert all(im.is_pinned() for im in images) and batch.labels.is_pinned()
