@@ -85,12 +85,15 @@ def test_dino_steps_loss_down_center_and_teacher_move(folder, tmp_path):
     assert moved, "the teacher did not move"
 
 
-def test_resume_is_exact(folder, tmp_path):
-    # 3 epochs of 3 iterations; stop mid-epoch (4) and resume to the end vs. one straight run.
-    extra = ("--epochs", "3")
+@pytest.mark.parametrize("stop_at", [4, 6])
+def test_resume_is_exact(folder, tmp_path, stop_at):
+    # 3 epochs of 3 iterations; stop mid-epoch (4) or at an epoch's last step (6, its k-NN evaluation
+    # runs before the stop) and resume to the end vs. one straight run.
+    extra = ("--epochs", "3", "--knn-freq", "1", "--knn-data", str(folder), "--knn-val-data", str(folder))
     straight = train_dino(cfg_for(folder, tmp_path / "a", *extra))
-    first = train_dino(cfg_for(folder, tmp_path / "b", *extra, "--stop-after-steps", "4"))
-    assert first.stopped_early and first.step == 4
+    first = train_dino(cfg_for(folder, tmp_path / "b", *extra, "--stop-after-steps", str(stop_at)))
+    assert first.stopped_early and first.step == stop_at
+    assert [r["epoch"] for r in read_log(tmp_path / "b") if "knn_top1" in r] == list(range(1, stop_at // 3 + 1))
     second = train_dino(cfg_for(folder, tmp_path / "b", *extra))
     assert not second.stopped_early and second.step == straight.step == 9
     a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pth")
@@ -101,6 +104,7 @@ def test_resume_is_exact(folder, tmp_path):
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (3, 0)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert [r["epoch"] for r in read_log(tmp_path / "b") if "knn_top1" in r] == [1, 2, 3]
 
 
 def test_resume_with_another_config_is_a_clear_error(folder, tmp_path):

@@ -19,7 +19,7 @@ from fastssl.train import checkpoint as ckpt
 from fastssl.train.cli import parse_args
 from fastssl.train.data import DataError, ImageFolder, labelled_subset
 from fastssl.train.optim import Lars
-from fastssl.train.paws import build_paws_model, paws_state_from_authors, train_paws
+from fastssl.train.paws import build_paws_augment, build_paws_model, paws_state_from_authors, train_paws
 
 TINY = ["--arch", "vit_pico", "--img-size", "16", "--global-crop-size", "16", "--local-crop-size", "8",
         "--multicrop", "2", "--output-dim", "32", "--hidden-dim", "32", "--batch-size-per-gpu", "8",
@@ -87,6 +87,23 @@ def test_lars_matches_the_authors_definition(nesterov):
         torch.testing.assert_close(got.detach().double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_lars_excluded_group_keeps_sgds_weight_decay_and_the_trainer_excludes_1d_params(folders, tmp_path):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Lars([{"params": [p], "lars_exclude": True}], lr=1.0, momentum=0.0, weight_decay=0.5)
+    p.grad = torch.zeros(3)
+    opt.step()  # plain SGD decay, no trust ratio: 1 - lr * wd
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.5))
+
+    from fastssl.train.runtime import param_groups
+
+    model = build_paws_model(cfg_for(folders, tmp_path))
+    groups = param_groups(model)
+    names = {id(q): n for n, q in model.named_parameters()}
+    assert all(q.ndim > 1 for q in groups[0]["params"])  # decayed and LARS-adapted: weights only
+    assert {names[id(q)] for q in groups[1]["params"]} >= {"fc.bn1.weight", "fc.fc1.bias", "pred.bn1.bias"}
+    assert groups[1]["weight_decay"] == 0.0
+
+
 def test_lars_bad_arguments():
     p = [torch.nn.Parameter(torch.ones(2))]
     with pytest.raises(ValueError, match="nesterov needs momentum"):
@@ -126,20 +143,30 @@ def test_labelled_subset_from_names_and_per_class(folders, tmp_path):
 
 @pytest.mark.parametrize("unique", [True, False])
 def test_support_labels_follow_the_gathered_multi_view_order(unique):
+    """The slots given to the loss, against the class ids the sampler drew: supports laid out as the
+    trainer lays them out (each rank's batch, view-major as DinoAugment returns its crops; ranks
+    concatenated as the loss all-gathers them) share a slot exactly when they share a class."""
     targets = torch.arange(12).repeat(5)
     world, views, cpb, spc = 3, 2, 4, 2
-    per_rank = [ClassStratifiedSampler(targets, cpb, spc, world_size=world, rank=r, unique_classes=unique)
+    samplers = [ClassStratifiedSampler(targets, cpb, spc, world_size=world, rank=r, unique_classes=unique, seed=7)
                 for r in range(world)]
-    gathered = per_rank[1].labels(gathered=True, views=views)
-    # What the supports are: each rank's batch embedded view-major, then the ranks concatenated.
-    expected = []
-    for r in range(world):
-        slot = [j % cpb + (r * cpb if unique else 0) for j in range(cpb * spc)]
-        expected += slot * views
-    assert gathered.tolist() == expected
-    assert per_rank[2].labels(views=views).tolist() == expected[2 * cpb * spc * views:]
+    classes = []
+    for smp in samplers:
+        _, ids = next(iter(smp.batches()))
+        classes += ids * views  # view-major: view 0 of every support, then view 1
+    for smp in samplers:
+        slots = smp.labels(gathered=True, views=views).tolist()
+        assert len(slots) == len(classes) == world * views * cpb * spc
+        by_slot: dict[int, set] = {}
+        for slot, c in zip(slots, classes, strict=True):
+            by_slot.setdefault(slot, set()).add(c)
+        assert all(len(v) == 1 for v in by_slot.values()), by_slot  # one class per slot
+        if unique:  # and one slot per class: ranks draw disjoint classes
+            assert len({next(iter(v)) for v in by_slot.values()}) == len(by_slot) == world * cpb
+        local = smp.labels(views=views).tolist()
+        assert local == slots[smp.rank * views * cpb * spc:(smp.rank + 1) * views * cpb * spc]
     with pytest.raises(ValueError, match="views must be positive"):
-        per_rank[0].labels(views=0)
+        samplers[0].labels(views=0)
 
 
 # ----------------------------------------------------------------------------- training
@@ -173,11 +200,72 @@ def test_paws_steps_learn_and_evaluate(tmp_path):
     assert lrs[0] == pytest.approx(0.8 * 64 / 256) and lrs[21] == pytest.approx(3.2 * 64 / 256)
 
 
-def test_paws_resume_is_exact(folders, tmp_path):
-    straight = train_paws(cfg_for(folders, tmp_path / "a", "--epochs", "2", "--snn-freq", "0"))
-    first = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2", "--snn-freq", "0", "--stop-after-steps", "3"))
-    assert first.stopped_early and first.step == 3
-    second = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2", "--snn-freq", "0"))
+def test_heads_run_per_resolution_as_the_authors(folders, tmp_path):
+    """Backbone and heads once per crop size: the heads' BatchNorms see each resolution's statistics."""
+    torch.manual_seed(0)
+    model = build_paws_model(cfg_for(folders, tmp_path)).train()
+    big, small = torch.randn(6, 3, 16, 16), torch.randn(8, 3, 8, 8)
+    h, z = model(big, small)
+    h_big = model.fc(model.backbone(big))
+    h_small = model.fc(model.backbone(small))
+    torch.testing.assert_close(h, torch.cat([h_big, h_small]))
+    torch.testing.assert_close(z, torch.cat([model.pred(h_big), model.pred(h_small)]))
+    model.eval()
+    torch.testing.assert_close(model.embed(big), model.pred(model.fc(model.backbone(big))))  # the eval space: z
+
+
+def test_paws_augment_is_the_authors_imagenet_pipeline(folders, tmp_path):
+    views, supports = build_paws_augment(vars(parse_args(["paws", "--data", "x"])))
+    for aug in (views, supports):
+        want = {"brightness": (0.2, 1.8), "contrast": (0.2, 1.8), "saturation": (0.2, 1.8), "hue": (-0.2, 0.2)}
+        assert {k: pytest.approx(v) for k, v in want.items()} == aug.ranges
+        assert (aug.jitter_p, aug.grayscale_p, aug.blur_sigma) == (0.8, 0.2, (0.1, 2.0))
+        assert aug.multicrop.interpolation == "bilinear"
+    assert views.global_blur_p == (0.5, 0.5) and views.local_blur_p == 0.5
+    assert views.global_solarize_p == (0.0, 0.0) and views.local_solarize_p == 0.0
+    assert views.multicrop.n_local == 6 and supports.multicrop.n_local == 0 and supports.n_global == 1
+    assert views.multicrop.global_scale == (0.14, 1.0) and views.multicrop.local_scale == (0.05, 0.14)
+    assert (views.multicrop.global_size, views.multicrop.local_size) == (224, 96)
+
+
+def test_the_loss_gets_the_authors_rows(folders, tmp_path, monkeypatch):
+    """A spy on the model and the loss: anchors are z of the views, supports z of the supports; targets
+    are h of the two global views swapped and h of the supports; supports are views x cpb x spc rows."""
+    import fastssl.train.paws as paws_mod
+
+    seen = {}
+    model_forward = paws_mod.PawsModel.forward
+
+    def spy_forward(self, *crops):
+        seen["crops"] = [c.shape[0] for c in crops]
+        seen["h"], seen["z"] = out = model_forward(self, *crops)
+        return out
+
+    class SpyLoss(paws_mod.PawsLoss):
+        def forward(self, *args):
+            seen["args"] = [a.detach().clone() for a in args]
+            return super().forward(*args)
+
+    monkeypatch.setattr(paws_mod.PawsModel, "forward", spy_forward)
+    monkeypatch.setattr(paws_mod, "PawsLoss", SpyLoss)
+    train_paws(cfg_for(folders, tmp_path / "r", "--stop-after-steps", "1", "--supervised-views", "2"))
+    h, z = seen["h"].detach(), seen["z"].detach()
+    anchor_views, anchor_supports, a_labels, target_views, target_supports, t_labels = seen["args"]
+    B, ns = 8, 2 * 2 * 2  # batch; views x classes_per_batch x imgs_per_class
+    assert seen["crops"] == [ns + 2 * B, 2 * B]  # supports + 2 global views at 16 px, 2 small views at 8 px
+    torch.testing.assert_close(anchor_supports, z[:ns])
+    torch.testing.assert_close(anchor_views, z[ns:])
+    torch.testing.assert_close(target_supports, h[:ns])
+    torch.testing.assert_close(target_views, torch.cat([h[ns + B:ns + 2 * B], h[ns:ns + B]]))
+    assert a_labels.tolist() == t_labels.tolist() == [0, 1, 0, 1] * 2
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])  # mid-epoch, and the last step of epoch 1 (its evaluation runs)
+def test_paws_resume_is_exact(folders, tmp_path, stop_at):
+    straight = train_paws(cfg_for(folders, tmp_path / "a", "--epochs", "2"))
+    first = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2", "--stop-after-steps", str(stop_at)))
+    assert first.stopped_early and first.step == stop_at
+    second = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2"))
     assert second.step == straight.step == 10
     a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pth")
     b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.pth")
@@ -185,6 +273,8 @@ def test_paws_resume_is_exact(folders, tmp_path):
         assert torch.equal(t, b["model"][name]), f"{name} differs after resume"
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    # Every epoch was evaluated once, whether the run stopped at its end or not.
+    assert [r["epoch"] for r in read_log(tmp_path / "b") if "snn_top1" in r] == [1, 2]
 
 
 def test_paws_bad_data_fails_before_training(folders, tmp_path):

@@ -114,7 +114,7 @@ def load_pretrained(model: torch.nn.Module, path, which: str = "teacher") -> str
         state = state[which]
     elif "student" in state or "teacher" in state:
         raise CheckpointError(f"checkpoint {str(path)!r} has no {which!r} entry (keys: {sorted(state)})")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state.items()}  # DDP, compile
     if any(k.startswith("backbone.") for k in state):
         if not any(k.startswith("head.") for k in state):
             state = {k.removeprefix("backbone."): v for k, v in state.items()}

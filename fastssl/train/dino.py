@@ -36,6 +36,7 @@ from .models import DinoHead, MultiCropModel, build_backbone
 from .runtime import (
     EpochMeter,
     Logger,
+    any_rank,
     backward_and_step,
     clip_gradients_,
     in_process_group,
@@ -141,9 +142,9 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
     epochs = cfg["epochs"]
     momentum = cosine_momentum_schedule(cfg["momentum_teacher"], 1.0, epochs, niter)
     teacher = MomentumTeacher(student, momentum, teacher=teacher_net)
-    if cfg["compile"]:
-        student.backbone = torch.compile(student.backbone)
-        teacher_net.backbone = torch.compile(teacher_net.backbone)
+    if cfg["compile"]:  # in place: the state dict keeps its keys (no _orig_mod.)
+        student.backbone.compile()
+        teacher_net.backbone.compile()
     student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                       else None) if world > 1 else student
 
@@ -203,8 +204,8 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
                         group["weight_decay"] = wd_schedule[it]
                 images, skipped = decode_batch(data, device)
                 skipped += data.skipped
-                if not len(images):
-                    meter.skip(skipped)
+                if any_rank(not len(images))[0]:  # a batch of unreadable images, here or on another rank
+                    meter.skip(skipped + len(images))
                     continue
                 aug_gen.manual_seed(step_seed(cfg["seed"], rank, it))  # the same crops on resume
                 global_crops, local_crops = augment(images, generator=aug_gen)
@@ -233,10 +234,10 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
                              teacher_temp=dino_loss.teacher_temp_at(epoch), step=it)
                 if should_stop(signal_received, cfg, it + 1):
                     stopped = True
-                    path = save(epoch, i + 1) if i + 1 < niter else save(epoch + 1, 0)
                     break
             last_loss = meter.close()
-            if stopped:
+            if stopped and i + 1 < niter:  # mid-epoch: the epoch's end comes when the run resumes
+                path = save(epoch, i + 1)
                 break
             epochs_done = epoch + 1
             path = save(epoch + 1, 0)
@@ -248,6 +249,8 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
                 if main:
                     print(f"epoch {epoch + 1}: k-NN top-1 {knn_result['top1']:.2f}% top-5 {knn_result['top5']:.2f}% "
                           f"(k={cfg['knn_k']}, T={cfg['knn_t']})", flush=True)
+            if stopped:
+                break
     if stopped and main:
         print_stop(signal_received, cfg, it + 1, epochs_done, path)
     if main and math.isfinite(last_loss):

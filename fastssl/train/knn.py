@@ -102,9 +102,10 @@ def center_crop_boxes(images, crop_fraction: float) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_datasets(model, datasets, device: torch.device, *, size: int, crop_fraction: float, batch_size: int,
-                   num_workers: int, amp_dtype=None, forward=None) -> list[tuple]:
+                   num_workers: int, amp_dtype=None, forward=None, interpolation: str = "bicubic") -> list[tuple]:
     """``[(features, labels), ...]`` of every labelled dataset by ``model`` (eval mode), each image's
-    central square (``crop_fraction`` of its short side) resized to ``size`` and normalised as in
+    central square (``crop_fraction`` of its short side) resized to ``size`` (``interpolation``: bicubic as
+    DINO's evaluation, bilinear as PAWS's) and normalised as in
     training (``forward(x)``, default ``model(x)``); under torchrun each rank embeds its share and all get
     every feature, in dataset order."""
     from torch.utils.data import DataLoader
@@ -121,7 +122,7 @@ def embed_datasets(model, datasets, device: torch.device, *, size: int, crop_fra
             return None, None
         if len(images) != batch.labels.shape[0]:  # a JPEG failed to decode on the GPU: labels of the rest unknown
             raise RuntimeError("evaluation: an image failed to decode; remove it from the evaluation folder")
-        x = resized_crops(images, center_crop_boxes(images, crop_fraction), size, interpolation="bicubic",
+        x = resized_crops(images, center_crop_boxes(images, crop_fraction), size, interpolation=interpolation,
                           mean=IMAGENET_MEAN, std=IMAGENET_STD)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return (forward or model)(x), batch.labels
@@ -131,7 +132,10 @@ def embed_datasets(model, datasets, device: torch.device, *, size: int, crop_fra
     out = []
     for ds in datasets:
         sampler = ResumableSampler(len(ds), shuffle=False, rank=rank, world_size=world)
-        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+        # A generator of its own: the loader's seed draw must not move the global RNG (a run resumed
+        # from the checkpoint written before this evaluation would then differ from the straight run).
+        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(0))
         out.append(extract_features(lambda x: x, loader, device, prepare))
     model.train(was_training)
     return out

@@ -29,11 +29,12 @@ def is_vit(backbone: nn.Module) -> bool:
 
 
 def build_backbone(arch: str, *, drop_path_rate: float = 0.0, img_size: int | None = None,
-                   patch_size: int | None = None) -> nn.Module:
+                   patch_size: int | None = None, **timm_kwargs) -> nn.Module:
     """A timm backbone by name, without classifier (``forward`` returns ``[B, num_features]``).
 
     ViTs are built with ``dynamic_img_size=True`` (global and local crops share the position
-    embeddings, interpolated) and return the CLS token. No pretrained weights are fetched.
+    embeddings, interpolated) and return the CLS token. ``timm_kwargs`` go to ``timm.create_model``.
+    No pretrained weights are fetched.
     """
     try:
         import timm
@@ -53,7 +54,8 @@ def build_backbone(arch: str, *, drop_path_rate: float = 0.0, img_size: int | No
             kwargs["patch_size"] = patch_size
     elif img_size is not None or patch_size is not None:
         raise ValueError(f"--img-size / --patch-size apply to ViTs only, not to {arch!r}")
-    model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs,
+                              **timm_kwargs)
     return model
 
 
@@ -145,10 +147,11 @@ class PawsModel(nn.Module):
     Linear(H, H) - ``bn2`` - ReLU - ``fc3`` Linear(H, out) with ``H`` the backbone's width by default;
     ``pred`` is ``bn1`` - ``fc1`` Linear(out, out / 4) - ``bn2`` - ReLU - ``fc2`` Linear(out / 4, out).
 
-    ``forward(*crops)`` takes batches of crops of one resolution each (``[n_i, C, S_i, S_i]``), runs the
-    backbone once per batch and the heads once on all of them (their BatchNorms see every crop, as
-    the authors' multi-resolution forward), and returns ``(h, z)``: the projections and the
-    predictions (``z is h`` without a prediction head). :meth:`embed` is ``h`` alone, for evaluation.
+    ``forward(*crops)`` takes batches of crops of one resolution each (``[n_i, C, S_i, S_i]``) and, as
+    the authors' multi-resolution forward, runs backbone and heads once per batch (so the heads'
+    BatchNorms normalise each resolution with its own statistics); it returns ``(h, z)`` of all crops
+    in order: the projections and the predictions (``z is h`` without a prediction head).
+    :meth:`embed` is ``z`` alone, what the authors' soft-NN evaluation scores.
     """
 
     def __init__(self, backbone: nn.Module, output_dim: int = 2048, hidden_dim: int | None = None,
@@ -169,10 +172,15 @@ class PawsModel(nn.Module):
                 ("bn2", nn.BatchNorm1d(narrow)), ("relu", nn.ReLU(inplace=True)),
                 ("fc2", nn.Linear(narrow, output_dim))]))
 
-    def forward(self, *crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = [self.backbone(x) for x in crops if x is not None and x.shape[0] > 0]
-        h = self.fc(torch.cat(feats) if len(feats) > 1 else feats[0])
+    def _one(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.fc(self.backbone(x))
         return h, (self.pred(h) if self.pred is not None else h)
 
+    def forward(self, *crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [self._one(x) for x in crops if x is not None and x.shape[0] > 0]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([h for h, _ in outs]), torch.cat([z for _, z in outs])
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.backbone(x))
+        return self._one(x)[1]

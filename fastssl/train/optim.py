@@ -5,7 +5,7 @@ For each parameter ``p`` with gradient ``g`` of a group not marked ``lars_exclud
     ratio = trust * |p| / (|g| + wd * |p| + eps)       (1 and wd = 0 when |p| or |g| is 0)
     d     = ratio * (g + wd * p)
 
-and for an excluded group (biases and norms: no decay, no adaptation) ``d = g + wd * p``. Then
+and for an excluded group (no adaptation; the trainer's biases and norms, with wd = 0) ``d = g + wd * p``. Then
 the authors' SGD, whose momentum buffer holds learning-rate-scaled steps (not torch's)::
 
     buf = momentum * buf - lr * d          (buf = -lr * d on the first step)
@@ -28,8 +28,9 @@ class Lars(torch.optim.Optimizer):
     """LARS-adapted momentum SGD (the PAWS authors' optimiser).
 
     Args:
-        params: parameters or groups; a group with ``lars_exclude=True`` gets neither the trust
-            ratio nor (as the authors set it) weight decay unless the group gives its own.
+        params: parameters or groups; a group with ``lars_exclude=True`` gets no trust ratio and
+            plain SGD's weight decay, its own or the default (the PAWS trainer gives its biases and
+            norms 0, as the authors).
         lr, momentum, weight_decay, nesterov: as SGD's (see the module docstring for the
             momentum form).
         trust_coefficient: LARS's ``trust`` (the authors: 0.001).

@@ -11,15 +11,19 @@ fused PAWS loss (:class:`~fastssl.PawsLoss`) classifies each view's ``z`` by sof
 against the supports' ``z`` (all-gathered across ranks), with targets from the other global view's
 ``h`` against the supports' ``h``, sharpened, plus the mean-entropy regulariser. LARS over momentum
 SGD (:class:`~fastssl.train.optim.Lars`) steps with the per-iteration warm-up + cosine learning rate.
-After each epoch the encoder's ``h`` is evaluated by soft nearest neighbours against the labelled
-images (:class:`~fastssl.SoftNNClassifier`) on a labelled validation set.
+After each epoch the encoder's output ``z`` is evaluated by soft nearest neighbours against the
+labelled images (:class:`~fastssl.SoftNNClassifier`) on a labelled validation set.
 
 Differences from the authors' ``paws_train.py``: the augmentation runs on the device, in one go per
 batch; the learning rates are given per 256 unlabelled images and scaled by the total batch (the
-authors' 6.4 at 4096 images is 0.4 per 256), and the first iteration uses the schedule's first
-value; biases and every 1-D parameter (all norms) are excluded from decay and LARS (the authors
-match ``bias`` / ``bn`` in names); with several support views and several ranks the labels follow
-the supports' gathered order.
+authors' 6.4 at 4096 images is 0.4 per 256), and the warm-up reaches its peak one iteration early
+(``np.linspace`` includes its end, as DINO's schedule); biases and every 1-D parameter (all norms)
+are excluded from decay and LARS (the authors match ``bias`` / ``bn`` in names); with several
+support views and several ranks the labels follow the supports' gathered order; label smoothing
+spreads over the class slots in use (the authors' matrix with shared classes on several ranks is
+``world`` times wider); each support batch draws its images afresh (the authors walk each class
+without repeats within an epoch); with ``--multicrop 0`` the authors widen the global crops' scale
+to (0.08, 1): pass ``--global-crops-scale 0.08 1`` for that.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from .optim import Lars
 from .runtime import (
     EpochMeter,
     Logger,
+    any_rank,
     backward_and_step,
     clip_gradients_,
     in_process_group,
@@ -104,8 +109,11 @@ def build_paws_datasets(cfg: dict, device: torch.device):
 
 
 def build_paws_model(cfg: dict) -> PawsModel:
+    # The authors' ResNets keep the last BatchNorm of each block at 1 (zero_init_residual=False); timm's
+    # default sets it to 0.
+    extra = {"zero_init_last": False} if cfg["arch"].startswith(("resnet", "wide_resnet")) else {}
     backbone = build_backbone(cfg["arch"], drop_path_rate=cfg["drop_path_rate"], img_size=cfg["img_size"],
-                              patch_size=cfg["patch_size"])
+                              patch_size=cfg["patch_size"], **extra)
     return PawsModel(backbone, cfg["output_dim"], cfg["hidden_dim"], cfg["use_pred_head"])
 
 
@@ -157,11 +165,12 @@ def paws_state_from_authors(state: dict) -> dict:
 @torch.no_grad()
 def snn_eval(model: PawsModel, labelled_set, val_set, device: torch.device, cfg: dict, amp_dtype=None) -> dict:
     """Top-1 / top-5 (percent) of soft nearest neighbours (``tau = cfg["snn_tau"]``) of the validation
-    images' ``h`` against every labelled image's ``h``."""
+    images' embeddings against every labelled image's, as the authors' ``snn_eval.py``: the encoder's
+    output (``z``, after the prediction head when there is one), centre crops resized bilinearly."""
     (bank, bank_labels), (query, query_labels) = embed_datasets(
         model, (labelled_set, val_set), device, forward=model.embed, size=cfg["global_crop_size"],
         crop_fraction=cfg["eval_crop_fraction"], batch_size=cfg["eval_batch_size"], num_workers=cfg["num_workers"],
-        amp_dtype=amp_dtype)
+        amp_dtype=amp_dtype, interpolation="bilinear")
     clf = SoftNNClassifier(bank.float(), bank_labels, cfg["snn_tau"], num_classes=len(labelled_set.classes))
     acc = clf.accuracy(query.float(), query_labels, topk=(1, min(5, clf.num_classes)))
     return {"top1": 100.0 * acc[1], "top5": 100.0 * acc[min(5, clf.num_classes)]}
@@ -199,8 +208,8 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
     model = build_paws_model(cfg).to(device)
     if world > 1 and device.type == "cuda":  # the authors: apex's SyncBatchNorm (CUDA only; gloo: per process)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg["compile"]:
-        model.backbone = torch.compile(model.backbone)
+    if cfg["compile"]:  # in place: the state dict keeps its keys (no _orig_mod.)
+        model.backbone.compile()
     model_ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None, broadcast_buffers=False) if world > 1 else model
 
@@ -268,11 +277,13 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                 images, skipped = decode_batch(data, device)
                 simages, s_skipped = decode_batch(sdata, device)
                 skipped += data.skipped
-                if s_skipped or sdata.skipped:  # the label slots assume complete support batches
+                # Decided alike on every rank: a rank that skipped the step's collectives would hang the rest.
+                bad_supports, empty = any_rank(bool(s_skipped or sdata.skipped), not len(images))
+                if bad_supports:  # the label slots assume complete support batches
                     raise DataError(f"a labelled image could not be read (support batch of iteration {it}): fix or "
                                     "remove it from the labelled set")
-                if not len(images):
-                    meter.skip(skipped)
+                if empty:
+                    meter.skip(skipped + len(images))
                     continue
                 aug_gen.manual_seed(step_seed(cfg["seed"], rank, it))  # the same crops on resume
                 global_views, small_views = view_aug(images, generator=aug_gen)
@@ -298,10 +309,10 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                              step=it)
                 if should_stop(signal_received, cfg, it + 1):
                     stopped = True
-                    path = save(epoch, i + 1) if i + 1 < niter else save(epoch + 1, 0)
                     break
             last_loss = meter.close()
-            if stopped:
+            if stopped and i + 1 < niter:  # mid-epoch: the epoch's end comes when the run resumes
+                path = save(epoch, i + 1)
                 break
             epochs_done = epoch + 1
             path = save(epoch + 1, 0)
@@ -313,6 +324,8 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                 if main:
                     print(f"epoch {epoch + 1}: soft-NN top-1 {snn_result['top1']:.2f}% top-5 {snn_result['top5']:.2f}% "
                           f"({len(labelled_set)} labelled images, tau={cfg['snn_tau']})", flush=True)
+            if stopped:
+                break
     if stopped and main:
         print_stop(signal_received, cfg, it + 1, epochs_done, path)
     if main and math.isfinite(last_loss):

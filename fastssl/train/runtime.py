@@ -25,9 +25,9 @@ from . import checkpoint as ckpt
 
 T = TypeVar("T")
 
-__all__ = ["EpochMeter", "Logger", "backward_and_step", "clip_gradients_", "in_process_group", "mixed_precision",
-           "param_groups", "plain_config", "print_stop", "resume_run", "setup_distributed", "should_stop", "step_seed",
-           "strip_prefix", "teardown_distributed", "version"]
+__all__ = ["EpochMeter", "Logger", "any_rank", "backward_and_step", "clip_gradients_", "in_process_group",
+           "mixed_precision", "param_groups", "plain_config", "print_stop", "resume_run", "setup_distributed",
+           "should_stop", "step_seed", "strip_prefix", "teardown_distributed", "version"]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -173,14 +173,20 @@ def step_seed(seed: int, rank: int, it: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + it * 104_729) % (2**63 - 1)
 
 
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over the ranks: decisions that skip collectives (DDP's all-reduce, the loss's
+    all-gather) must be the same on every rank, else the others wait forever."""
+    if distributed.world_size() <= 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return [bool(v) for v in (t > 0).tolist()]
+
+
 def should_stop(signal_received, cfg: dict, steps_done: int) -> bool:
     """A signal arrived or ``--stop-after-steps`` is reached, on any rank: all stop together."""
     stop = bool(signal_received) or (cfg["stop_after_steps"] is not None and steps_done >= cfg["stop_after_steps"])
-    if distributed.world_size() > 1:  # every rank stops at the same step (one of them got the signal)
-        flag = torch.tensor([float(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag)
-        stop = bool(flag.item())
-    return stop
+    return any_rank(stop)[0]  # every rank stops at the same step (one of them got the signal)
 
 
 def version() -> str:
