@@ -340,3 +340,15 @@ def test_torchrun_two_processes_gloo_paws(folders, tmp_path):
     assert state["epoch"] == 1 and state["config"]["batch_size_per_gpu"] == 4
     assert len([r for r in read_log(out) if "paws_xent" in r]) == 5  # 40 images / (2 x 4): rank 0 alone logs
     assert len([r for r in read_log(out) if "snn_top1" in r]) == 1
+
+
+def test_resnet_encoder_as_the_authors(folders, tmp_path):
+    """A ResNet backbone: the authors' projection width (the trunk's 512 / 2048 features), no zero-init of
+    each block's last BatchNorm, and one forward per resolution."""
+    cfg = dict(cfg_for(folders, tmp_path, "--arch", "resnet18", "--output-dim", "64"), img_size=None,
+               hidden_dim=None)  # the width defaults to the backbone's
+    model = build_paws_model(cfg)
+    assert model.fc.fc1.in_features == model.fc.fc1.out_features == 512 and model.pred.fc1.out_features == 16
+    assert all(block.bn2.weight.abs().min() > 0 for block in model.backbone.layer1)
+    h, z = model(torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16))
+    assert h.shape == z.shape == (10, 64)
