@@ -226,22 +226,27 @@ def test_presets_and_overrides():
     assert parse_args(["dino", "--data", "x"]).lr == 0.0005  # main_dino.py's default
 
 
-def test_torchrun_two_processes_gloo(folder, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "fastssl.train", "dino", "--data", str(folder), "--output-dir", str(out), *TINY, "--stop-after-steps", "2",
-           "--batch-size-per-gpu", "4"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    # A session of its own, so that a timeout kills torchrun's workers too, not only torchrun.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> str:
+    """``torchrun --standalone -m fastssl.train ARGS`` on the CPU (gloo); returns its stdout, fails the test
+    on a non-zero exit or a timeout (then the workers are killed with it: a session of their own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "fastssl.train", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail("torchrun did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n" + stdout[-3000:] + stderr[-3000:])
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
+
+
+def test_torchrun_two_processes_gloo(folder, tmp_path):
+    out = tmp_path / "ddp"
+    stdout = torchrun("dino", "--data", str(folder), "--output-dir", str(out), *TINY, "--stop-after-steps", "2",
+                      "--batch-size-per-gpu", "4")
     assert "x 2 process(es)" in stdout
     state = ckpt.load_checkpoint(out / "checkpoint.pth")
     assert state["step"] == 2 and state["config"]["batch_size_per_gpu"] == 4

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_train import read_log, write_folder
+from test_train import read_log, torchrun, write_folder
 
 from fastssl import ClassStratifiedSampler
 from fastssl.train import checkpoint as ckpt
@@ -322,19 +319,8 @@ def test_paws_presets_and_overrides():
 
 def test_torchrun_two_processes_gloo_paws(folders, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "fastssl.train", "paws", "--data", str(folders[0]), "--val-data", str(folders[1]), "--output-dir", str(out),
-           *TINY, "--batch-size-per-gpu", "4", "--epochs", "1", "--warmup-epochs", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("torchrun did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    stdout = torchrun("paws", "--data", str(folders[0]), "--val-data", str(folders[1]), "--output-dir", str(out),
+                      *TINY, "--batch-size-per-gpu", "4", "--epochs", "1", "--warmup-epochs", "0")
     assert "x 2 process(es)" in stdout and "4 class slots" in stdout  # 2 classes per rank, unique per rank
     state = ckpt.load_checkpoint(out / "checkpoint.pth")
     assert state["epoch"] == 1 and state["config"]["batch_size_per_gpu"] == 4
