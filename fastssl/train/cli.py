@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dino_options(p)
 
     p = sub.add_parser("knn", help="k-NN evaluation of a checkpoint's teacher (eval_knn.py)", formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="a fastssl-train checkpoint, or the DINO authors' (give --arch)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a fastssl-train checkpoint (DINO or PAWS), or the DINO or PAWS authors' (give --arch)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher", help="network to evaluate")
     p.add_argument("--data", required=True, help="labelled ImageFolder (the bank), or 'digits'")
     p.add_argument("--val-data", dest="val_data", default=None, help="labelled ImageFolder to classify")
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attention", help="the last layer's CLS self-attention maps of a ViT checkpoint, as PNGs",
                        formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="a fastssl-train checkpoint, or the DINO authors' (give --arch)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a fastssl-train checkpoint (DINO or PAWS), or the DINO or PAWS authors' (give --arch)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher", help="network to show")
     p.add_argument("--image", required=True, help="image file, or 'digits:N' for test digit N")
     p.add_argument("--output-dir", dest="output_dir", default="attention", help="where the PNGs go")

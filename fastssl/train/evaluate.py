@@ -1,4 +1,4 @@
-"""``fastssl-train knn``: the k-NN accuracy of a checkpoint's network on a labelled folder."""
+"""``fastssl-train knn``: the k-NN accuracy of a checkpoint's network (DINO or PAWS) on a labelled folder."""
 
 from __future__ import annotations
 
@@ -11,13 +11,41 @@ from .knn import knn_eval
 __all__ = ["knn_command", "model_from_checkpoint"]
 
 
+def _paws_model_from_checkpoint(cfg: dict, state: dict, train_cfg: dict | None):
+    """A PAWS run's encoder: this trainer's (``model`` + its config) or the PAWS authors' (``encoder``:
+    the heads' widths read off the weights, the backbone named by ``--arch``)."""
+    from .checkpoint import check_state_dict
+    from .cli import parse_args
+    from .paws import build_paws_model, paws_state_from_authors
+
+    if "encoder" in state:
+        if not cfg.get("arch"):
+            raise CheckpointError(f"{cfg['checkpoint']!r} is a PAWS authors' checkpoint: give --arch (e.g. resnet50)")
+        weights = paws_state_from_authors(state)
+        train_cfg = vars(parse_args(["paws", "--data", "none", "--arch", cfg["arch"]]))
+        if "fc.fc3.weight" in weights:
+            train_cfg["output_dim"], train_cfg["hidden_dim"] = weights["fc.fc3.weight"].shape
+        train_cfg["use_pred_head"] = any(k.startswith("pred.") for k in weights)
+    else:
+        weights = {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state["model"].items()}
+    model = build_paws_model(train_cfg)
+    check_state_dict(model, weights, "encoder", cfg["checkpoint"])
+    model.load_state_dict(weights)
+    return model, train_cfg
+
+
 def model_from_checkpoint(cfg: dict, device: torch.device):
     """``(network, its training config)`` of ``cfg["checkpoint"]``: the config saved in a fastssl
-    checkpoint, else ``--arch`` / ``--patch-size`` (the authors' checkpoints)."""
+    checkpoint, else ``--arch`` / ``--patch-size`` (the authors' checkpoints). DINO checkpoints give
+    their teacher or student (``--which``), PAWS ones their encoder; either way ``network.backbone``
+    holds the features."""
     from .dino import build_dino_model
 
     state = load_checkpoint(cfg["checkpoint"])
     train_cfg = state.get("config")
+    if "encoder" in state or (isinstance(train_cfg, dict) and train_cfg.get("command") == "paws"):
+        model, train_cfg = _paws_model_from_checkpoint(cfg, state, train_cfg)
+        return model.to(device).eval(), train_cfg
     if not isinstance(train_cfg, dict):
         if not cfg.get("arch"):
             raise CheckpointError(f"{cfg['checkpoint']!r} carries no fastssl config: give --arch (and --patch-size)")
