@@ -300,3 +300,16 @@ def test_batches_are_pinned_by_the_loader(folder):
     batch = next(iter(loader))
     images = batch.images if isinstance(batch.images, list) else [batch.images]
     assert all(im.is_pinned() for im in images) and batch.labels.is_pinned()
+
+
+def test_tensorboard_needs_its_package(folder, tmp_path):
+    """--tensorboard writes scalars when tensorboard is installed, else says what to install."""
+    cfg = cfg_for(folder, tmp_path / "tb", "--tensorboard", "true", "--stop-after-steps", "2")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            train_dino(cfg)
+        return
+    train_dino(cfg)
+    assert any((tmp_path / "tb" / "tensorboard").iterdir())
