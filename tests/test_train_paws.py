@@ -259,10 +259,11 @@ def test_the_loss_gets_the_authors_rows(folders, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("stop_at", [3, 5])  # mid-epoch, and the last step of epoch 1 (its evaluation runs)
 def test_paws_resume_is_exact(folders, tmp_path, stop_at):
-    straight = train_paws(cfg_for(folders, tmp_path / "a", "--epochs", "2"))
-    first = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2", "--stop-after-steps", str(stop_at)))
+    extra = ("--epochs", "2", "--drop-path-rate", "0.2")  # drop path: the global RNG must resume too
+    straight = train_paws(cfg_for(folders, tmp_path / "a", *extra))
+    first = train_paws(cfg_for(folders, tmp_path / "b", *extra, "--stop-after-steps", str(stop_at)))
     assert first.stopped_early and first.step == stop_at
-    second = train_paws(cfg_for(folders, tmp_path / "b", "--epochs", "2"))
+    second = train_paws(cfg_for(folders, tmp_path / "b", *extra))
     assert second.step == straight.step == 10
     a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pth")
     b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.pth")

@@ -206,6 +206,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
 
     torch.manual_seed(cfg["seed"])  # every rank starts from the same weights (DDP also broadcasts them)
     model = build_paws_model(cfg).to(device)
+    torch.manual_seed(cfg["seed"] + rank)  # then each rank its own randomness (drop path)
     if world > 1 and device.type == "cuda":  # the authors: apex's SyncBatchNorm (CUDA only; gloo: per process)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg["compile"]:  # in place: the state dict keeps its keys (no _orig_mod.)
@@ -245,7 +246,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen)
     support_loader = DataLoader(labelled_set, batch_sampler=SupportBatches(support_sampler, first_it),
                                 num_workers=min(cfg["num_workers"], 4), collate_fn=collate,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg["seed"]))
     supports_iter = iter(support_loader)
 
     def clip() -> None:
