@@ -62,15 +62,15 @@ class Lars(torch.optim.Optimizer):
             wd, lr, mom = group["weight_decay"], group["lr"], group["momentum"]
             if group["lars_exclude"]:
                 steps = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
-            else:
-                p_norms = torch._foreach_norm(params)
-                g_norms = torch._foreach_norm(grads)
-                steps = []
-                for p, g, pn, gn in zip(params, grads, p_norms, g_norms, strict=True):
-                    ok = (pn > 0) & (gn > 0)
-                    ratio = torch.where(ok, group["trust_coefficient"] * pn / (gn + pn * wd + group["eps"]), 1.0)
-                    decay = torch.where(ok, ratio * wd, 0.0)
-                    steps.append(g * ratio.to(g.dtype) + p * decay.to(p.dtype))
+            else:  # every parameter's ratio at once, as vectors of norms
+                p_norms = torch.stack(torch._foreach_norm(params)).float()
+                g_norms = torch.stack(torch._foreach_norm(grads)).float()
+                ok = (p_norms > 0) & (g_norms > 0)
+                ratio = torch.where(ok, group["trust_coefficient"] * p_norms / (g_norms + p_norms * wd + group["eps"]),
+                                    1.0)
+                decay = torch.where(ok, ratio * wd, 0.0)
+                steps = torch._foreach_mul(grads, list(ratio.unbind()))  # 0-dim: each keeps its dtype
+                torch._foreach_add_(steps, torch._foreach_mul(params, list(decay.unbind())))
             torch._foreach_mul_(steps, -lr)
             if mom:
                 bufs = []
