@@ -313,3 +313,27 @@ def test_tensorboard_needs_its_package(folder, tmp_path):
         return
     train_dino(cfg)
     assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("mode", ["per_param", "global"])
+def test_gradient_clipping_is_the_authors(mode):
+    """per_param: the DINO authors' utils.clip_gradients (each gradient on its own to norm <= clip);
+    global: all gradients together, as clip_grad_norm_."""
+    from fastssl.train.runtime import clip_gradients_
+
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    scales = [10.0, 0.01, 3.0, 0.5]  # some gradients above the clip, some below
+    for p, s in zip(model.parameters(), scales, strict=True):
+        p.grad = torch.randn_like(p) * s
+    grads = [p.grad.double().clone() for p in model.parameters()]
+    clip_gradients_(model, 1.5, mode)
+    if mode == "per_param":
+        want = []
+        for g in grads:
+            coef = 1.5 / (g.norm() + 1e-6)
+            want.append(g * coef if coef < 1 else g)
+    else:
+        total = torch.stack([g.norm() for g in grads]).norm()
+        want = [g * min(1.0, 1.5 / (total + 1e-6)) for g in grads]
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad.double(), w, rtol=1e-5, atol=1e-7)

@@ -94,9 +94,11 @@ def clip_gradients_(model: nn.Module, clip: float, mode: str) -> None:
     if mode == "global":
         torch.nn.utils.clip_grad_norm_(params, clip)
         return
-    norms = torch._foreach_norm([p.grad for p in params])
-    for p, n in zip(params, norms, strict=True):
-        p.grad.mul_(torch.clamp(clip / (n + 1e-6), max=1.0))
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    scales = torch.clamp(clip / (torch.stack(torch._foreach_norm(grads)).float() + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))  # one scale per gradient, no host sync
 
 
 def mixed_precision(cfg: dict, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
