@@ -353,13 +353,8 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
                        ours.get("roofline_pct_issue"), "%", GOALS["roofline_pct_issue"], True))
         checks.append((f"peak memory <= {GOALS['mem_over_grad']}x the gradient", ours.get("mem_over_grad"),
                        "x", GOALS["mem_over_grad"], False))
-        for text, value, unit, goal, higher in checks:
-            if value is None:
-                lines.append(f"- {text}: not measured on this device")
-                continue
-            verdict = ("PASS" if (value >= goal if higher else value <= goal) else "FAIL") if on_cuda else \
-                "not judged (CPU run; the goals are for the GPU kernels)"
-            lines.append(f"- {text}: {value:.2f}{unit} {verdict}")
+        lines += [harness.goal_line(text, value, unit, goal, on_cuda, higher=higher)
+                  for text, value, unit, goal, higher in checks]
     return lines
 
 

@@ -282,10 +282,7 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
     checks.append((f">= {GOALS['roofline_pct']:.0f}% of measured copy bandwidth (3 x parameter bytes)",
                    ours["roofline_pct"], "%", GOALS["roofline_pct"]))
     lines = [f"Targets (issue), {TARGET['model']} {TARGET['dtype']}:"]
-    for text, value, unit, goal in checks:
-        verdict = ("PASS" if value >= goal else "FAIL") if on_cuda else \
-            "not judged (CPU run; the goals are for the GPU kernel)"
-        lines.append(f"- {text}: {value:.2f}{unit} {verdict}")
+    lines += [harness.goal_line(text, value, unit, goal, on_cuda) for text, value, unit, goal in checks]
     graph = rows.get("fastssl-graph")
     lines.append("- captured in a CUDA graph with a device momentum: " + (
         f"PASS (checked against the float64 update; replay {graph['median_ms']:.4g} ms)" if graph

@@ -363,6 +363,16 @@ def roofline_pct(bytes_moved: float, ms: float, bandwidth_gbs: float) -> float:
 
 # ----------------------------------------------------------------------------- reporting
 
+def goal_line(text: str, value: float | None, unit: str, goal: float, on_cuda: bool, *, higher: bool = True) -> str:
+    """One issue target as a markdown bullet: the measured value and PASS / FAIL, judged on CUDA only
+    (the targets are for the GPU; a CPU run reports its number without a verdict)."""
+    if value is None:
+        return f"- {text}: not measured on this device"
+    verdict = ("PASS" if (value >= goal if higher else value <= goal) else "FAIL") if on_cuda else \
+        "not judged (CPU run; the goals are for the GPU)"
+    return f"- {text}: {value:.2f}{unit} {verdict}"
+
+
 def results_dir(info: dict, root: str | os.PathLike | None = None) -> Path:
     """``<root>/<device slug>/``, root defaulting to ``benchmarks/results``."""
     return Path(root if root is not None else RESULTS_ROOT) / info["slug"]

@@ -260,13 +260,7 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
                ours.get("speedup_vs_loop"), "x", GOALS["vs_loop"]),
               (f">= {GOALS['roofline_pct']:.0f}% of measured copy bandwidth", ours.get("roofline_pct"), "%",
                GOALS["roofline_pct"])]
-    for text, value, unit, goal in checks:
-        if value is None:
-            lines.append(f"- {text}: not measured")
-            continue
-        verdict = ("PASS" if value >= goal else "FAIL") if on_cuda else \
-            "not judged (CPU run; the goals are for the GPU)"
-        lines.append(f"- {text}: {value:.2f}{unit} {verdict}")
+    lines += [harness.goal_line(text, value, unit, goal, on_cuda) for text, value, unit, goal in checks]
     return lines
 
 

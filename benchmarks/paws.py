@@ -330,20 +330,17 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
         if ours["train"]:
             if "authors" in rows:
                 checks.append((f">= {GOALS['train_vs_authors']}x faster than authors",
-                               rows["authors"]["median_ms"] / ours["median_ms"], "x", GOALS["train_vs_authors"]))
+                               rows["authors"]["median_ms"] / ours["median_ms"], "x", GOALS["train_vs_authors"], True))
             if "sdpa" in rows:
                 checks.append(("no slower than sdpa", rows["sdpa"]["median_ms"] / ours["median_ms"], "x",
-                               GOALS["train_vs_sdpa"]))
+                               GOALS["train_vs_sdpa"], True))
         elif "authors" in rows:
             checks.append((f">= {GOALS['eval_vs_authors']}x the authors' throughput",
-                           rows["authors"]["median_ms"] / ours["median_ms"], "x", GOALS["eval_vs_authors"]))
-        for text, value, unit, goal in checks:
-            verdict = ("PASS" if value >= goal else "FAIL") if on_cuda else \
-                "not judged (CPU run; the goals are for the GPU kernels)"
-            lines.append(f"- {text}: {value:.2f}{unit} {verdict}")
+                           rows["authors"]["median_ms"] / ours["median_ms"], "x", GOALS["eval_vs_authors"], True))
         if ours.get("mem_over_nm") is not None:
-            verdict = ("PASS" if ours["mem_over_nm"] < 1 else "FAIL") if on_cuda else "not judged"
-            lines.append(f"- peak memory below one fp32 N x M matrix: {ours['mem_over_nm']:.2f}x {verdict}")
+            checks.append(("peak memory below one fp32 N x M matrix", ours["mem_over_nm"], "x", 1.0, False))
+        lines += [harness.goal_line(text, value, unit, goal, on_cuda, higher=higher)
+                  for text, value, unit, goal, higher in checks]
     return lines
 
 

@@ -533,13 +533,7 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
     checks = [(f">= {GOALS['vs_authors']}x the authors' images/s", ours.get("speedup"), GOALS["vs_authors"], True),
               (f"<= {GOALS['mem_vs_authors']}x the authors' peak memory", ours.get("mem_vs_authors"),
                GOALS["mem_vs_authors"], False)]
-    for text, value, goal, higher in checks:
-        if value is None:
-            lines.append(f"- {text}: not measured on this device")
-            continue
-        verdict = ("PASS" if (value >= goal if higher else value <= goal) else "FAIL") if on_cuda else \
-            "not judged (CPU run; the goals are for the GPU)"
-        lines.append(f"- {text}: {value:.2f}x {verdict}")
+    lines += [harness.goal_line(text, value, "x", goal, on_cuda, higher=higher) for text, value, goal, higher in checks]
     return lines
 
 

@@ -178,3 +178,14 @@ def test_train_step_check_catches_a_wrong_ema(tmp_path, monkeypatch):
     monkeypatch.setattr(train_step.ema_bench, "_authors", lambda teacher, student, m: None)
     with pytest.raises(train_step.CorrectnessError, match="MomentumTeacher's update differs"):
         train_step.check(train_step.make_config(case), case, torch.device("cpu"), None, tmp_path, seed=0)
+
+
+def test_goal_line_judges_on_cuda_only():
+    from benchmarks.harness import goal_line
+
+    assert goal_line("fast", 12.345, "x", 10, True).endswith("12.35x PASS")
+    assert goal_line("fast", 9.0, "x", 10, True).endswith("9.00x FAIL")
+    assert goal_line("lean", 0.7, "x", 0.8, True, higher=False).endswith("PASS")
+    assert goal_line("lean", 0.9, "x", 0.8, True, higher=False).endswith("FAIL")
+    assert "not judged" in goal_line("fast", 99.0, "x", 10, False)
+    assert goal_line("fast", None, "x", 10, True) == "- fast: not measured on this device"
