@@ -1,9 +1,13 @@
-"""Shared test helpers: comparisons against float64 references."""
+"""Shared test helpers: comparisons against float64 references, a 2-process torchrun launcher."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
+import pytest
 import torch
 
 # The device every test puts its tensors on: CUDA when there is a GPU and the kernels are
@@ -29,3 +33,27 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_rel_close(actual, expected, tol: float, what: str = "value") -> None:
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300, script: str | None = None) -> str:
+    """``torchrun --standalone -m fastssl.train ARGS`` (or ``torchrun --standalone SCRIPT ARGS``) on the CPU
+    (gloo); returns its stdout, fails the test on a non-zero exit or a timeout (then the workers are killed
+    with it: a session of their own)."""
+    target = [script] if script is not None else ["-m", "fastssl.train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 from fastssl.train import checkpoint as ckpt
 from fastssl.train.cli import parse_args
@@ -224,23 +225,6 @@ def test_presets_and_overrides():
     args = parse_args(["dino", "--data", "x", "--preset", "dino_vits16", "--teacher-temp", "0.05"])
     assert (args.epochs, args.teacher_temp, args.norm_last_layer, args.preset) == (300, 0.05, False, "dino_vits16")
     assert parse_args(["dino", "--data", "x"]).lr == 0.0005  # main_dino.py's default
-
-
-def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> str:
-    """``torchrun --standalone -m fastssl.train ARGS`` on the CPU (gloo); returns its stdout, fails the test
-    on a non-zero exit or a timeout (then the workers are killed with it: a session of their own)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "fastssl.train", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n" + stdout[-3000:] + stderr[-3000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stdout
 
 
 def test_torchrun_two_processes_gloo(folder, tmp_path):

@@ -132,9 +132,12 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg["seed"], rank=rank, world_size=world)
     niter = sampler.per_rank // batch  # drop_last, as the authors
 
-    torch.manual_seed(cfg["seed"] + rank)
+    # Every rank builds the same weights: DDP broadcasts rank 0's student, but the teacher (loaded from the
+    # student before that) would otherwise start from each rank's own initialisation.
+    torch.manual_seed(cfg["seed"])
     student = build_dino_model(cfg).to(device)
     teacher_net = build_dino_model(cfg, drop_path_rate=0.0).to(device)  # the teacher never drops paths
+    torch.manual_seed(cfg["seed"] + rank)  # then each rank its own randomness (drop path)
     if world > 1 and cfg["use_bn_in_head"] and device.type == "cuda":  # SyncBatchNorm is CUDA only
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher_net = nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net)
