@@ -53,6 +53,10 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 TRAIN = dict(N=512, M=6720, C=960)
 EVAL = dict(N=4096, M=128116, d=384, C=1000)
 GOALS = dict(train_vs_authors=2.0, train_vs_sdpa=1.0, eval_vs_authors=3.0)
+# The issue's memory goal is O(N * C + M * d): its constant, over the fp32 [N, C] probabilities
+# and the [N, d] + [M, d] embeddings (the gradients' size). fastssl's forward keeps up to 8
+# partial [N, C] accumulators; its backward one dc chunk of at most M * d elements.
+MEM_BOUND_FACTOR = 3.0
 
 
 class CorrectnessError(AssertionError):
@@ -280,7 +284,8 @@ def run_case(case: Case, preset: Preset, device: torch.device, contenders: Seque
         torch.cuda.empty_cache()
 
     records = []
-    nm_bytes = case.N * case.M * 4  # one fp32 N x M matrix, what fastssl never builds
+    nm_bytes = case.N * case.M * 4  # one fp32 N x M matrix, what the authors' formulation builds
+    bound_bytes = (case.N * case.C + (case.N + case.M) * case.d) * 4
     for mode in case.modes:
         stats = harness.combine_sets(per_mode[mode])
         authors_ms = stats["authors"]["median_ms"] if "authors" in stats else None
@@ -294,6 +299,7 @@ def run_case(case: Case, preset: Preset, device: torch.device, contenders: Seque
                        tflops=case.gflop(mode) / st["median_ms"],
                        peak_mem_mb=None if mem is None else mem / 2**20,
                        mem_over_nm=None if mem is None else mem / nm_bytes,
+                       mem_over_bound=None if mem is None else mem / bound_bytes,
                        speedup=None if authors_ms is None else authors_ms / st["median_ms"],
                        tolerance=TOLERANCE[case.dtype], **errors[name])
             if name == "authors+compile":
@@ -337,8 +343,9 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
         elif "authors" in rows:
             checks.append((f">= {GOALS['eval_vs_authors']}x the authors' throughput",
                            rows["authors"]["median_ms"] / ours["median_ms"], "x", GOALS["eval_vs_authors"], True))
-        if ours.get("mem_over_nm") is not None:
-            checks.append(("peak memory below one fp32 N x M matrix", ours["mem_over_nm"], "x", 1.0, False))
+        if ours.get("mem_over_bound") is not None:
+            checks.append((f"peak memory O(N*C + M*d): within {MEM_BOUND_FACTOR:g}x fp32 [N,C] + [N,d] + [M,d]",
+                           ours["mem_over_bound"], "x", MEM_BOUND_FACTOR, False))
         lines += [harness.goal_line(text, value, unit, goal, on_cuda, higher=higher)
                   for text, value, unit, goal, higher in checks]
     return lines
@@ -346,7 +353,7 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
 
 def columns(records: Sequence[dict]) -> list[str]:
     cols = ["case", "mode", "contender", "median_ms", "min_ms", "max_ms", "speedup", "tflops", "peak_mem_mb",
-            "mem_over_nm", "max_rel_err"]
+            "mem_over_nm", "mem_over_bound", "max_rel_err"]
     return [c for c in cols if any(r.get(c) is not None for r in records)]
 
 
@@ -365,7 +372,8 @@ def notes(preset_name: str, preset: Preset, records: Sequence[dict], device: tor
         "`dense` matrix or `ids` (class ids, no [M, C] matrix).",
         f"Correctness: probabilities and both gradients against the authors' formulation in fp32, relative "
         f"tolerance {tols} for fastssl (the others' errors are recorded, not judged); `max_rel_err` is the worst.",
-        "`mem_over_nm`: peak memory the call allocates over one fp32 N x M matrix.",
+        "`mem_over_nm`: peak memory the call allocates over one fp32 N x M matrix; `mem_over_bound`: over the "
+        f"fp32 size of [N, C] + [N, d] + [M, d] (the issue's O(N*C + M*d), goal <= {MEM_BOUND_FACTOR:g}).",
     ]
     if device.type != "cuda":
         lines.append("CPU run: `fastssl` is the PyTorch path (the Triton kernels need a GPU); no memory column.")

@@ -18,7 +18,11 @@ log-sum-exp for the backward.
 
 * dense labels (``_fwd_dense_kernel``): the accumulator is [BLOCK_N, C] (C tiled over
   the grid when it is wider than ``_MAX_BLOCK_C``), updated by p @ Y_block; the support
-  ranges are splits of M, merged by a weighted sum of the partial accumulators.
+  ranges are splits of M, merged by a weighted sum of the partial accumulators. So
+  wide an accumulator leaves room for only 16 query rows, too narrow a tile for the
+  dots when d is wide: from d = 512 on, ``_matmul_kernel`` first writes the raw dots
+  of a chunk of supports (an [N, chunk] fp32 scratch, at most M * d elements) and the
+  kernel reads them instead.
 * class ids (``_fwd_ids_kernel``): the supports are visited in class order (a
   permutation, computed by the launcher), so that a program owning a tile of
   BLOCK_C classes only streams the supports of those classes and its accumulator
@@ -33,19 +37,26 @@ Backward, with G = dL/dP [N, C] and D_i = sum_c G_ic P_ic (= sum_j A_ij dA_ij):
     dq^_i = sum_j dc_ij s^_j           ds^_j = sum_i dc_ij q^_i
     dq_i  = (dq^_i - q^_i (q^_i . dq^_i)) / |q_i|    (the normalisation's backward; likewise ds)
 
-A is recomputed blockwise from the saved log-sum-exp. ``_bwd_dq_kernel`` owns query
-blocks (support range split over the grid, partials summed by ``_norm_bwd_kernel``),
-``_bwd_ds_kernel`` owns support blocks; both tile d over the grid when it is wider
-than their accumulator. ``_norm_bwd_kernel`` applies the normalisation's backward and
-writes the gradients in the embeddings' dtype.
+Per chunk of supports, ``_bwd_dc_kernel`` recomputes A from the saved log-sum-exp and
+writes the chunk's dc (its own [BLOCK_N, BLOCK_M] tiles, the full d and C reduced in
+registers); two ``_matmul_kernel`` calls then accumulate dq^ += dc @ S^_chunk (split over
+the chunk's supports into partials) and write ds^[chunk] = dc.T @ Q^, normalising the rows
+of S and Q on the fly (a row scale by the inverse norms, so 16-bit operands stay within
+[-1, 1]); ``_norm_bwd_kernel`` sums the partials and applies the normalisation's backward.
+A flash-attention-style backward that keeps dq^ in registers cannot hold a 2048-wide row
+(PAWS's projection width) and would recompute the logits once per d tile; here they are
+recomputed once, whatever d, and two thirds of the work runs on 128 x 128 matmul tiles.
 
 Precision: bf16/fp16 embeddings go through the tensor cores in their dtype with
 fp32 accumulation (p, dc and dense labels rounded to it, as flash attention does; the
 fp32 G enters G @ Y.T as two 16-bit parts, since dA_ij - D_i cancels); fp32 embeddings
 use ``tf32x3`` (three TF32 products, ~fp32 accurate), never plain TF32.
 
-Memory beyond inputs and outputs: O(N * C * splits) forward partials, O(M * d) fp32
-gradient scratch, O(N + M) statistics; never N x M.
+Memory beyond inputs and outputs: O(N * C * splits) forward partials, O(N + M)
+statistics, one chunk of dots (forward, d >= 512: at most 8 N C elements) or of dc
+(backward: at most max(M * d, 64 N)), and the backward's fp32 partial gradients (at most
+min(8, M / N) x [N, d], and [M, d]; written over by the gradients for fp32 inputs):
+O(N * C + M * d) whatever N x M.
 """
 
 from __future__ import annotations
@@ -143,12 +154,17 @@ def _softmax_step(dots, row_scale, inv_s, jmask, m, l):
 
 
 @triton.jit
-def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, PART_M, PART_L, PART_ACC, N, M, d, C, stride_q, stride_s, stride_y,
-                      chunk, scale2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, L, PART_M, PART_L, PART_ACC, N, d, C, stride_q, stride_s, stride_y,
+                      j_lo, j_hi, chunk, part_base, scale2, PRE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    # Program (query block, split of the supports [j_lo, j_hi), class tile): the split's online
+    # softmax state, written as part part_base + split. PRE: the raw dots come from L, the
+    # [N, j_hi - j_lo] product Q @ S[j_lo:j_hi].T computed beforehand by _matmul_kernel.
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_c = tl.program_id(2)
+    part = part_base + split
     DT = Q.dtype.element_ty
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -159,13 +175,17 @@ def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, PART_M, PART_L, PART_ACC, N, M, d, 
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    j_start = split * chunk
-    j_end = tl.minimum(j_start + chunk, M)
+    j_start = j_lo + split * chunk
+    j_end = tl.minimum(j_start + chunk, j_hi)
+    l_off = rows.to(tl.int64) * (j_hi - j_lo) - j_lo
     for j0 in range(j_start, j_end, BLOCK_M):
         js = j0 + tl.arange(0, BLOCK_M)
         jmask = js < j_end
-        dots = _raw_dots(Q, S, q_off, js.to(tl.int64) * stride_s, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC,
-                         UPCAST)
+        if PRE:
+            dots = tl.load(L + l_off[:, None] + js[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
+        else:
+            dots = _raw_dots(Q, S, q_off, js.to(tl.int64) * stride_s, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D,
+                             PREC, UPCAST)
         inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
         p, alpha, m_new, l = _softmax_step(dots, row_scale, inv_s, jmask, m, l)
         y = tl.load(Y + js.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=jmask[:, None] & cmask[None, :],
@@ -173,9 +193,9 @@ def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, PART_M, PART_L, PART_ACC, N, M, d, 
         acc = _mma(p.to(DT), y.to(DT), acc * alpha[:, None], PREC, UPCAST)
         m = m_new
     if pid_c == 0:
-        tl.store(PART_M + split * N + rows, m, mask=rmask)
-        tl.store(PART_L + split * N + rows, l, mask=rmask)
-    out = (split * N + rows).to(tl.int64) * C
+        tl.store(PART_M + part * N + rows, m, mask=rmask)
+        tl.store(PART_L + part * N + rows, l, mask=rmask)
+    out = (part * N + rows).to(tl.int64) * C
     tl.store(PART_ACC + out[:, None] + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
@@ -255,77 +275,85 @@ def _combine_kernel(PART_M, PART_L, PART_ACC, P, LSE, N, C, nparts, keep, spread
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _bwd_dq_kernel(Q, S, Y, G, INV_Q, INV_S, LSE, E, DQ_PART, N, M, d, C, stride_q, stride_s, stride_y, stride_g,
-                   chunk, scale2, inv_tau, gscale, DENSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr,
+def _bwd_dc_kernel(Q, S, Y, G, INV_Q, INV_S, LSE, E, F, N, d, C, j_lo, mc, stride_q, stride_s, stride_y, stride_g,
+                   stride_f, scale2, inv_tau, gscale, DENSE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
                    UPCAST: tl.constexpr):
-    # Program (query block, d tile, support split): the split's part of dq^ for that tile.
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    split = tl.program_id(2)
+    # Program (support block of the chunk [j_lo, j_lo + mc), query block): its tile of dc, A
+    # recomputed from the saved log-sum-exp. Support blocks on grid axis 0 (no 65535 limit).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     DT = Q.dtype.element_ty
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    jmask = cols < mc
+    js = j_lo + cols
     q_off = rows.to(tl.int64) * stride_q
-    g_off = rows.to(tl.int64) * stride_g
     row_scale = tl.load(INV_Q + rows, mask=rmask, other=0.0) * scale2
+    inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     e = tl.load(E + rows, mask=rmask, other=0.0)
-    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dmask = dcols < d
-    acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
-    j_start = split * chunk
-    j_end = tl.minimum(j_start + chunk, M)
-    for j0 in range(j_start, j_end, BLOCK_M):
-        js = j0 + tl.arange(0, BLOCK_M)
-        jmask = js < j_end
-        s_off = js.to(tl.int64) * stride_s
-        dots = _raw_dots(Q, S, q_off, s_off, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC, UPCAST)
-        inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
-        a = tl.exp2(dots * row_scale[:, None] * inv_s[None, :] - lse[:, None])
-        a = tl.where(rmask[:, None] & jmask[None, :], a, 0.0)
-        da = _label_grads(G, Y, g_off, js, rmask, jmask, C, stride_y, gscale, DENSE, BLOCK_N, BLOCK_M, BLOCK_C, DT,
-                          PREC, UPCAST)
-        dc = a * (da + e[:, None]) * inv_tau
-        sv = tl.load(S + s_off[:, None] + dcols[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
-        acc = _mma((dc * inv_s[None, :]).to(DT), sv, acc, PREC, UPCAST)
-    out = (split * N + rows).to(tl.int64) * d
-    tl.store(DQ_PART + out[:, None] + dcols[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+    dots = _raw_dots(Q, S, q_off, js.to(tl.int64) * stride_s, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC,
+                     UPCAST)
+    a = tl.exp2(dots * row_scale[:, None] * inv_s[None, :] - lse[:, None])
+    a = tl.where(rmask[:, None] & jmask[None, :], a, 0.0)
+    da = _label_grads(G, Y, rows.to(tl.int64) * stride_g, js, rmask, jmask, C, stride_y, gscale, DENSE, BLOCK_N,
+                      BLOCK_M, BLOCK_C, DT, PREC, UPCAST)
+    dc = a * (da + e[:, None]) * inv_tau
+    out = rows.to(tl.int64)[:, None] * stride_f + cols[None, :]
+    tl.store(F + out, dc.to(F.dtype.element_ty), mask=rmask[:, None] & jmask[None, :])
 
 
 @triton.jit
-def _bwd_ds_kernel(Q, S, Y, G, INV_Q, INV_S, LSE, E, DS_HAT, N, M, d, C, stride_q, stride_s, stride_y, stride_g,
-                   scale2, inv_tau, gscale, DENSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr,
+def _matmul_kernel(A, B, B_SCALE, OUT, R, K, Cn, k_split, stride_ar, stride_ak, stride_bk, stride_bc, stride_or,
+                   stride_op, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr, PREC: tl.constexpr,
                    UPCAST: tl.constexpr):
-    # Program (support block, d tile): ds^ of those supports over every query block.
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    DT = Q.dtype.element_ty
-    js = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    jmask = js < M
-    s_off = js.to(tl.int64) * stride_s
-    inv_s = tl.load(INV_S + js, mask=jmask, other=0.0)
-    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dmask = dcols < d
-    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
-    for i0 in range(0, N, BLOCK_N):
-        rows = i0 + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        q_off = rows.to(tl.int64) * stride_q
-        inv_q = tl.load(INV_Q + rows, mask=rmask, other=0.0)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        e = tl.load(E + rows, mask=rmask, other=0.0)
-        dots = _raw_dots(Q, S, q_off, s_off, rmask, jmask, d, BLOCK_N, BLOCK_M, BLOCK_D, PREC, UPCAST)
-        a = tl.exp2(dots * (inv_q * scale2)[:, None] * inv_s[None, :] - lse[:, None])
-        a = tl.where(rmask[:, None] & jmask[None, :], a, 0.0)
-        da = _label_grads(G, Y, rows.to(tl.int64) * stride_g, js, rmask, jmask, C, stride_y, gscale, DENSE,
-                          BLOCK_N, BLOCK_M, BLOCK_C, DT, PREC, UPCAST)
-        dc = a * (da + e[:, None]) * inv_tau
-        qv = tl.load(Q + q_off[:, None] + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        acc = _mma(tl.trans((dc * inv_q[:, None]).to(DT)), qv, acc, PREC, UPCAST)
-    out = js.to(tl.int64) * d
-    tl.store(DS_HAT + out[:, None] + dcols[None, :], acc, mask=jmask[:, None] & dmask[None, :])
+    # OUT[p] (+)= A[:, Kp] @ (diag(B_SCALE) B)[Kp, :] for the p-th range Kp of k_split columns of
+    # A (split K: program_id(1) = p, partial p at OUT + p * stride_op), fp32 accumulation and
+    # output. A and B of any strides (dc transposed is dc with its strides swapped); B's rows
+    # scaled in fp32 and rounded back to B's dtype (the inverse norms: S -> S^, so every 16-bit
+    # operand stays within [-1, 1] whatever the embeddings' norms). GROUP_R row tiles per column
+    # tile, so that neighbouring programs share B's tiles in L2.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_r = tl.cdiv(R, BLOCK_R)
+    n_c = tl.cdiv(Cn, BLOCK_C)
+    per_group = GROUP_R * n_c
+    first = (pid // per_group) * GROUP_R
+    size = tl.minimum(n_r - first, GROUP_R)
+    pid_r = first + (pid % per_group) % size
+    pid_c = (pid % per_group) // size
+    rs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    k_lo = split * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    kr = tl.arange(0, BLOCK_K)
+    ks = (k_lo + kr).to(tl.int64)
+    # Rows and columns past the edge read a valid one (their results are never stored), so
+    # only K needs a mask in the loop.
+    a_ptr = A + (rs % R).to(tl.int64)[:, None] * stride_ar + ks[None, :] * stride_ak
+    b_ptr = B + ks[:, None] * stride_bk + (cs % Cn).to(tl.int64)[None, :] * stride_bc
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kmask = kr < k_hi - k0
+        a = tl.load(a_ptr, mask=kmask[None, :], other=0.0)
+        b = tl.load(b_ptr, mask=kmask[:, None], other=0.0)
+        if HAS_SCALE:
+            sc = tl.load(B_SCALE + k0 + kr, mask=kmask, other=0.0)
+            b = (b.to(tl.float32) * sc[:, None]).to(B.dtype.element_ty)
+        acc = _mma(a, b, acc, PREC, UPCAST)
+        a_ptr += BLOCK_K * stride_ak
+        b_ptr += BLOCK_K * stride_bk
+    out = OUT + split.to(tl.int64) * stride_op + rs.to(tl.int64)[:, None] * stride_or + cs[None, :]
+    mask = (rs < R)[:, None] & (cs < Cn)[None, :]
+    if ACCUMULATE:
+        # One add per element and launch, launches in stream order: deterministic, and the
+        # old tile never occupies registers.
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, acc, mask=mask)
 
 
 @triton.jit
@@ -340,7 +368,8 @@ def _sum_parts(GHAT, rows, ks, mask, n_rows, d, nparts, BLOCK_R: tl.constexpr, B
 def _norm_bwd_kernel(X, GHAT, DX, n_rows, d, nparts, stride_x, stride_dx, eps, BLOCK_R: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     # dx = (g - x^ (x^ . g)) / |x| with g the sum of the nparts partial gradients of x^; when
-    # F.normalize clamped the norm to eps, x^ = x / eps and dx = g / eps.
+    # F.normalize clamped the norm to eps, x^ = x / eps and dx = g / eps. DX may be part 0 of
+    # GHAT: a program reads each element of its rows before it writes that element.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     x_off = rows.to(tl.int64) * stride_x
@@ -373,7 +402,10 @@ _TARGET_PROGRAMS = 1024
 _MAX_BLOCK_C = 1024   # widest class accumulator a dense-label program holds
 _ACC_ELEMS = 16384    # fp32 accumulator elements a program holds: 64 registers a thread at 8 warps
 _MIN_BLOCKS_PER_SPLIT = 4
+_MIN_MM_PROGRAMS = 256  # a matmul's programs: about two per SM of an H100 (132) or A100 (108)
 _MAX_DENSE_SPLITS = 8
+# From this embedding width on, the dense forward takes its dots from a matmul (fwd_dense_config).
+_PRE_MIN_D = 512
 _TORCH_TO_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -395,18 +427,65 @@ def _splits(n_blocks: int, M: int, block_m: int, max_splits: int | None = None):
     return triton.cdiv(M, chunk), chunk
 
 
+def _support_chunk(M: int, budget: int, per_support: int, block: int = 64) -> int:
+    """Supports per chunk of a scratch of ``per_support`` elements per support (an [N, chunk]
+    dots or dc matrix: N): about ``budget`` elements at most (at least one block of supports),
+    the chunks of M balanced to multiples of ``block``."""
+    most = max(block, budget // max(per_support, 1) // block * block)
+    n_chunks = triton.cdiv(M, most) if M else 1
+    return min(M, triton.cdiv(triton.cdiv(M, n_chunks), block) * block)
+
+
+def _mm_config(fp32: bool, R: int, n_cols: int, K: int, max_splits: int = 1, a_transposed: bool = False) -> dict:
+    """_matmul_kernel tiles and K splits for an [R, K] @ [K, n_cols] product.
+
+    128-row tiles (64 when that leaves too few programs), up to 128 columns: spill-free with 8
+    warps on sm_80 / sm_90 (AOT build, with the JIT's alignment hints); tf32x3 splits every
+    operand, so fp32 takes a quarter of the K step and one stage less. K is split (partial outputs, summed by the
+    caller) until there are ~_MIN_MM_PROGRAMS programs, at most ``max_splits`` ways.
+    """
+    block_k = 16 if fp32 else 64
+    block_c = _pow2(n_cols, 32, 128)
+    tiles = triton.cdiv(n_cols, block_c)
+    block_r = 128 if triton.cdiv(R, 128) * tiles >= _MIN_MM_PROGRAMS else 64
+    if fp32 and a_transposed:  # tf32x3 with a column-major A tile: 128 rows spill on sm_80
+        block_r = 64
+    tiles *= triton.cdiv(R, block_r)
+    nsplit = max(1, min(max_splits, triton.cdiv(_MIN_MM_PROGRAMS, tiles), K // (4 * block_k)))
+    return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_C=block_c, GROUP_R=8, nsplit=nsplit, num_warps=8,
+                num_stages=2 if fp32 else 3)
+
+
 def fwd_dense_config(N: int, M: int, d: int, C: int, dtype) -> dict:
-    """Block sizes of the dense-label forward: the [BLOCK_N, BLOCK_C] accumulator fits _ACC_ELEMS."""
+    """Block sizes of the dense-label forward: the [BLOCK_N, BLOCK_C] accumulator fits _ACC_ELEMS.
+
+    Its narrow query blocks make the fused dots slow when d is wide, so from d = _PRE_MIN_D
+    on the dots are one _matmul_kernel product per support chunk (``pre``), which the kernel
+    then reads: ``segments`` lists (first support, supports, splits, split length, first part).
+    The dots chunk stays within the partials' own budget (8 x N x C), and ``pre`` needs at
+    most 8 chunks: the forward's memory is O(N x C) either way.
+    """
+    fp32 = dtype in (torch.float32, "fp32")
     block_c = _pow2(C, 16, _MAX_BLOCK_C)
     block_n = _pow2(_ACC_ELEMS // block_c, 16, 64)
     # The label tile [BLOCK_M, BLOCK_C] goes through shared memory: keep it under 64 KiB.
-    block_m = 16 if block_c * (4 if dtype in (torch.float32, "fp32") else 2) > 2048 else 32
+    block_m = 16 if block_c * (4 if fp32 else 2) > 2048 else 32
     n_q, n_c = triton.cdiv(N, block_n), triton.cdiv(C, block_c)
-    # At most 8 splits: their partials (nsplit x N x C fp32) stay O(N x C).
-    nsplit, chunk = _splits(n_q * n_c, M, block_m, max_splits=_MAX_DENSE_SPLITS)
-    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=32, BLOCK_C=block_c, nsplit=nsplit,
-                chunk=chunk, grid=(n_q, nsplit, n_c), num_warps=8 if block_n * block_c >= 8192 else 4,
-                num_stages=1)
+    mchunk = _support_chunk(M, _MAX_DENSE_SPLITS * N * C, N)
+    n_chunks = triton.cdiv(M, mchunk)
+    pre = d >= _PRE_MIN_D and n_chunks <= _MAX_DENSE_SPLITS
+    if not pre:
+        mchunk, n_chunks = M, 1
+    # At most 8 parts in all: their partials (parts x N x C fp32) stay O(N x C).
+    segments, nparts = [], 0
+    for j_lo in range(0, M, mchunk):
+        mc = min(mchunk, M - j_lo)
+        nsplit, chunk = _splits(n_q * n_c, mc, block_m, max_splits=_MAX_DENSE_SPLITS // n_chunks)
+        segments.append((j_lo, mc, nsplit, chunk, nparts))
+        nparts += nsplit
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=32, BLOCK_C=block_c, pre=pre, mchunk=mchunk,
+                segments=segments, nparts=nparts, grid=(n_q, n_c), num_warps=8 if block_n * block_c >= 8192 else 4,
+                num_stages=1, mm=_mm_config(fp32, N, mchunk, d))
 
 
 def fwd_ids_config(N: int, M: int, d: int, C: int, dtype) -> dict:
@@ -435,24 +514,20 @@ def combine_config(N: int, C: int, nparts: int) -> dict:
 
 
 def bwd_config(N: int, M: int, d: int, C: int, dtype) -> dict:
-    """Block sizes of both gradient kernels; d is tiled over the grid past BLOCK_DO columns.
+    """Block sizes of the backward: the dc tiles, the support chunk, and the two matmuls.
 
-    Each kernel owns 16 rows (its [16, BLOCK_DO] accumulator) and streams 32; the 2-D
-    pointer tiles of the d loads dominate the registers, so BLOCK_DO stays at 512 (256 for
-    fp32, whose tf32x3 dots split every operand) and the dense G @ Y.T loop takes 16
-    classes a step: spill-free on sm_80 / sm_90 (AOT build).
+    dc exists for one chunk of ``chunk`` supports at a time, at most max(M * d, 64 N)
+    elements (the size of the supports' gradient), so the memory stays O(N * C + M * d) at
+    any N x M. ``mm_q`` (dq^ = dc @ S^, K = the chunk's supports) splits K into at most M / N
+    partials, so that they too stay within M x d.
     """
     fp32 = dtype in (torch.float32, "fp32")
-    block_do = _pow2(d, 16, 256 if fp32 else 512)
-    n_d = triton.cdiv(d, block_do)
-    owned, streamed = 16, 32
-    n_q = triton.cdiv(N, owned)
-    # The dq partials (nsplit x N x d fp32) stay within the M x d of the supports' gradient.
-    nsplit, chunk = _splits(n_q * n_d, M, streamed, max_splits=M // max(N, 1))
-    common = dict(BLOCK_D=16 if fp32 else 32, BLOCK_C=16, BLOCK_DO=block_do, num_warps=8,
-                  num_stages=1)
-    return dict(dq=dict(BLOCK_N=owned, BLOCK_M=streamed, **common), ds=dict(BLOCK_N=streamed, BLOCK_M=owned, **common),
-                nsplit=nsplit, chunk=chunk, grid_dq=(n_q, n_d, nsplit), grid_ds=(triton.cdiv(M, owned), n_d))
+    chunk = _support_chunk(M, M * d, N)
+    dc = dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16 if fp32 else 32, BLOCK_C=16 if fp32 else 32, num_warps=8,
+              num_stages=1)
+    mm_q = _mm_config(fp32, N, d, chunk, max_splits=max(1, min(8, M // max(N, 1))))
+    mm_s = _mm_config(fp32, chunk, d, N, a_transposed=True)
+    return dict(chunk=chunk, dc=dc, mm_q=mm_q, mm_s=mm_s)
 
 
 def row_config(n_rows: int, d: int) -> dict:
@@ -477,6 +552,25 @@ def _inv_norms(x: torch.Tensor) -> torch.Tensor:
     _inv_norm_kernel[rc["grid"]](x, inv, n, d, x.stride(0), NORM_EPS, BLOCK_R=rc["BLOCK_R"],
                                  BLOCK_D=rc["BLOCK_D"], **_launch_opts(rc))
     return inv
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, mm: dict, prec: str, upcast: bool, *,
+            scale: torch.Tensor | None = None, accumulate: bool = False) -> None:
+    """out[p] (+)= a[:, K_p] @ (diag(scale) b)[K_p, :] for the mm["nsplit"] ranges K_p of K.
+
+    a, b: 2-D views of any strides; out: fp32 [nsplit, R, Cn] with row-major [R, Cn] parts
+    (a 2-D out is one part)."""
+    R, K = a.shape
+    Cn = b.shape[1]
+    nsplit = mm["nsplit"]
+    parts = out if out.dim() == 3 else out.unsqueeze(0)
+    assert parts.shape[0] == nsplit and parts.stride(2) == 1
+    k_split = triton.cdiv(triton.cdiv(K, nsplit), mm["BLOCK_K"]) * mm["BLOCK_K"]
+    grid = (triton.cdiv(R, mm["BLOCK_R"]) * triton.cdiv(Cn, mm["BLOCK_C"]), nsplit)
+    _matmul_kernel[grid](a, b, scale if scale is not None else b, parts, R, K, Cn, k_split, a.stride(0), a.stride(1),
+                         b.stride(0), b.stride(1), parts.stride(1), parts.stride(0), HAS_SCALE=scale is not None,
+                         ACCUMULATE=accumulate, BLOCK_R=mm["BLOCK_R"], BLOCK_K=mm["BLOCK_K"], BLOCK_C=mm["BLOCK_C"],
+                         GROUP_R=mm["GROUP_R"], PREC=prec, UPCAST=upcast, **_launch_opts(mm))
 
 
 def _class_order(ids: torch.Tensor, C: int):
@@ -514,14 +608,18 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
         if dense:
             labels = rows_contiguous(labels)
             fc = fwd_dense_config(N, M, d, C, query.dtype)
-            nparts = fc["nsplit"]
+            nparts = fc["nparts"]
             part_m, part_l = torch.empty(2, nparts, N, device=dev, dtype=torch.float32)
             part_acc = torch.empty(nparts, N, C, device=dev, dtype=torch.float32)
-            _fwd_dense_kernel[fc["grid"]](
-                query, supports, labels, inv_q, inv_s, part_m, part_l, part_acc, N, M, d, C, query.stride(0),
-                supports.stride(0), labels.stride(0), fc["chunk"], scale2, BLOCK_N=fc["BLOCK_N"],
-                BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast,
-                **_launch_opts(fc))
+            dots = torch.empty(N * fc["mchunk"] if fc["pre"] else 0, device=dev, dtype=torch.float32)
+            for j_lo, mc, nsplit, chunk, part_base in fc["segments"]:
+                if fc["pre"]:
+                    _matmul(query, supports[j_lo:j_lo + mc].t(), dots[: N * mc].view(N, mc), fc["mm"], prec, upcast)
+                _fwd_dense_kernel[(fc["grid"][0], nsplit, fc["grid"][1])](
+                    query, supports, labels, inv_q, inv_s, dots, part_m, part_l, part_acc, N, d, C, query.stride(0),
+                    supports.stride(0), labels.stride(0), j_lo, j_lo + mc, chunk, part_base, scale2, PRE=fc["pre"],
+                    BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
+                    PREC=prec, UPCAST=upcast, **_launch_opts(fc))
             keep, spread, tile_c = 1.0, 0.0, 1
         else:
             perm, sorted_ids, start = _class_order(labels, C)
@@ -541,9 +639,11 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
     return probs, lse, inv_q, inv_s
 
 
-def _normalize_backward(x: torch.Tensor, ghat: torch.Tensor, nparts: int) -> torch.Tensor:
-    n, d = x.shape
-    dx = torch.empty(n, d, device=x.device, dtype=x.dtype)
+def _normalize_backward(x: torch.Tensor, ghat: torch.Tensor) -> torch.Tensor:
+    """The inputs' gradient from ``ghat``, [nparts, n, d] fp32 partial gradients of x^ = normalize(x)."""
+    nparts, n, d = ghat.shape
+    # fp32 inputs: written over part 0 (each program reads an element before it writes it).
+    dx = ghat[0] if x.dtype == torch.float32 else torch.empty(n, d, device=x.device, dtype=x.dtype)
     rc = row_config(n, d)
     _norm_bwd_kernel[rc["grid"]](x, ghat, dx, n, d, nparts, x.stride(0), dx.stride(0), NORM_EPS,
                                  BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **_launch_opts(rc))
@@ -553,7 +653,15 @@ def _normalize_backward(x: torch.Tensor, ghat: torch.Tensor, nparts: int) -> tor
 def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor,
                  probs: torch.Tensor, lse: torch.Tensor, inv_q: torch.Tensor, inv_s: torch.Tensor, tau: float,
                  num_classes: int, smoothing: float, need_query: bool, need_supports: bool):
-    """Gradients ``(d query, d supports)`` in the inputs' dtype (an empty tensor where not needed)."""
+    """Gradients ``(d query, d supports)`` in the inputs' dtype (an empty tensor where not needed).
+
+    Per chunk of supports: ``_bwd_dc_kernel`` writes dc, then two matmuls give dq^ += dc @ S^
+    (split over the chunk's supports into partials) and ds^[chunk] = dc.T @ Q^, the rows
+    normalised on the fly by the matmul's row scales; ``_norm_bwd_kernel`` sums the partials
+    and applies the normalisation's backward. The logits are recomputed once, whatever d:
+    3 N M d multiply-adds (the authors' backward does 2) and N M C for dA, two thirds of
+    them on 128 x 128 matmul tiles.
+    """
     query, supports = rows_contiguous(query), rows_contiguous(supports)
     N, d = query.shape
     M = supports.shape[0]
@@ -573,73 +681,117 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
         gscale = 1.0 - smoothing
         stride_y = 1
     bc = bwd_config(N, M, d, C, query.dtype)
-    args = (query, supports, labels, g, inv_q, inv_s, lse, e)
-    strides = (query.stride(0), supports.stride(0), stride_y, g.stride(0))
-    common = dict(DENSE=dense, PREC=_precision(query.dtype), UPCAST=_interpreted(query))
+    dc, chunk = bc["dc"], bc["chunk"]
+    prec, upcast = _precision(query.dtype), _interpreted(query)
     dq = ds = torch.empty(0, device=dev, dtype=query.dtype)
+    if not (need_query or need_supports) or M == 0:
+        return dq, ds
     with launch_device(query, "snn"):
+        f = torch.empty(N, chunk, device=dev, dtype=query.dtype)
+        gq = torch.empty(bc["mm_q"]["nsplit"], N, d, device=dev, dtype=torch.float32) if need_query else None
+        gs = torch.empty(1, M, d, device=dev, dtype=torch.float32) if need_supports else None
+        for j_lo in range(0, M, chunk):
+            mc = min(chunk, M - j_lo)
+            f_mc = f[:, :mc]
+            grid = (triton.cdiv(mc, dc["BLOCK_M"]), triton.cdiv(N, dc["BLOCK_N"]))
+            _bwd_dc_kernel[grid](query, supports, labels, g, inv_q, inv_s, lse, e, f_mc, N, d, C, j_lo, mc,
+                                 query.stride(0), supports.stride(0), stride_y, g.stride(0), f_mc.stride(0),
+                                 LOG2E / tau, 1.0 / tau, gscale, DENSE=dense, BLOCK_N=dc["BLOCK_N"],
+                                 BLOCK_M=dc["BLOCK_M"], BLOCK_D=dc["BLOCK_D"], BLOCK_C=dc["BLOCK_C"], PREC=prec,
+                                 UPCAST=upcast, **_launch_opts(dc))
+            if need_query:
+                _matmul(f_mc, supports[j_lo:j_lo + mc], gq, bc["mm_q"], prec, upcast, scale=inv_s[j_lo:j_lo + mc],
+                        accumulate=j_lo > 0)
+            if need_supports:
+                _matmul(f_mc.t(), query, gs[:, j_lo:j_lo + mc], bc["mm_s"], prec, upcast, scale=inv_q)
         if need_query:
-            dq_part = torch.empty(bc["nsplit"], N, d, device=dev, dtype=torch.float32)
-            _bwd_dq_kernel[bc["grid_dq"]](*args, dq_part, N, M, d, C, *strides, bc["chunk"], LOG2E / tau, 1.0 / tau,
-                                          gscale, **common, **bc["dq"])
-            dq = _normalize_backward(query, dq_part, bc["nsplit"])
+            dq = _normalize_backward(query, gq)
         if need_supports:
-            ds_hat = torch.empty(M, d, device=dev, dtype=torch.float32)
-            _bwd_ds_kernel[bc["grid_ds"]](*args, ds_hat, N, M, d, C, *strides, LOG2E / tau, 1.0 / tau, gscale,
-                                          **common, **bc["ds"])
-            ds = _normalize_backward(supports, ds_hat, 1)
+            ds = _normalize_backward(supports, gs)
     return dq, ds
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs
 
+def _int(value: int) -> str:
+    """An i32 argument with the hint the JIT would give it: equal to 1, or divisible by 16."""
+    return "i32:1" if value == 1 else "i32:16" if value % 16 == 0 else "i32"
+
+
 def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool = True):
     """What the launchers above compile for this problem: ``(kernel, signature, constexprs, options)``.
 
-    Used by ``fastssl.kernels.aot`` to build every kernel for real GPUs without one.
+    Used by ``fastssl.kernels.aot`` to build every kernel for real GPUs without one; integer
+    arguments carry the hints the JIT derives from their values (contiguous rows: stride 1).
     """
-    f32, i32, x = "*fp32", "i32", f"*{dtype}"
+    f32, x = "*fp32", f"*{dtype}"
     prec = _precision(dtype)
     y = "*fp32" if dense else "*i64"
+    stride_y = C if dense else 1
     for n_rows in (N, M):
         rc = row_config(n_rows, d)
-        yield (_inv_norm_kernel, dict(X=x, INV=f32, n_rows=i32, d=i32, stride_x=i32, eps="fp32"),
+        yield (_inv_norm_kernel, dict(X=x, INV=f32, n_rows=_int(n_rows), d=_int(d), stride_x=_int(d), eps="fp32"),
                dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
     if dense:
         fc = fwd_dense_config(N, M, d, C, dtype)
-        nparts, tile_c = fc["nsplit"], 1
+        nparts, tile_c = fc["nparts"], 1
+        j_lo, mc, _, chunk, part_base = fc["segments"][-1]
+        if fc["pre"]:  # the dots of a chunk: Q @ S[chunk].T
+            yield _matmul_spec(x, fc["mm"], prec, R=N, K=d, Cn=mc, strides=(d, 1, 1, d, mc), scaled=False,
+                               accumulate=False)
         yield (_fwd_dense_kernel,
-               dict(Q=x, S=x, Y=y, INV_Q=f32, INV_S=f32, PART_M=f32, PART_L=f32, PART_ACC=f32, N=i32, M=i32, d=i32,
-                    C=i32, stride_q=i32, stride_s=i32, stride_y=i32, chunk=i32, scale2="fp32"),
-               dict(BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
-                    PREC=prec, UPCAST=False), fc)
+               dict(Q=x, S=x, Y=y, INV_Q=f32, INV_S=f32, L=f32, PART_M=f32, PART_L=f32, PART_ACC=f32, N=_int(N),
+                    d=_int(d), C=_int(C), stride_q=_int(d), stride_s=_int(d), stride_y=_int(stride_y),
+                    j_lo=_int(j_lo), j_hi=_int(j_lo + mc), chunk=_int(chunk), part_base=_int(part_base),
+                    scale2="fp32"),
+               dict(PRE=fc["pre"], BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"],
+                    BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=False), fc)
     else:
         fc = fwd_ids_config(N, M, d, C, dtype)
         nparts, tile_c = fc["grid"][1], fc["BLOCK_C"]
         yield (_fwd_ids_kernel,
                dict(Q=x, S=x, PERM="*i32", SORTED_IDS="*i32", CLASS_START="*i32", INV_Q=f32, INV_S=f32, PART_M=f32,
-                    PART_L=f32, ACC=f32, N=i32, d=i32, C=i32, stride_q=i32, stride_s=i32, scale2="fp32"),
+                    PART_L=f32, ACC=f32, N=_int(N), d=_int(d), C=_int(C), stride_q=_int(d), stride_s=_int(d),
+                    scale2="fp32"),
                dict(BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
                     PREC=prec, UPCAST=False), fc)
     cc = combine_config(N, C, nparts)
     yield (_combine_kernel,
-           dict(PART_M=f32, PART_L=f32, PART_ACC=f32, P=f32, LSE=f32, N=i32, C=i32, nparts=i32, keep="fp32",
-                spread="fp32"),
+           dict(PART_M=f32, PART_L=f32, PART_ACC=f32, P=f32, LSE=f32, N=_int(N), C=_int(C), nparts=_int(nparts),
+                keep="fp32", spread="fp32"),
            dict(DENSE=dense, TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"], BLOCK_S=cc["BLOCK_S"]), cc)
     bc = bwd_config(N, M, d, C, dtype)
-    common = dict(Q=x, S=x, Y=y, G=f32, INV_Q=f32, INV_S=f32, LSE=f32, E=f32)
-    scalars = dict(N=i32, M=i32, d=i32, C=i32, stride_q=i32, stride_s=i32, stride_y=i32, stride_g=i32)
-    for fn, out, extra in ((_bwd_dq_kernel, "DQ_PART", dict(chunk=i32)), (_bwd_ds_kernel, "DS_HAT", {})):
-        cfg = bc["dq" if fn is _bwd_dq_kernel else "ds"]
-        consts = dict(DENSE=dense, PREC=prec, UPCAST=False,
-                      **{k: v for k, v in cfg.items() if k.startswith("BLOCK_")})
-        yield (fn, dict(**common, **{out: f32}, **scalars, **extra, scale2="fp32", inv_tau="fp32", gscale="fp32"),
-               consts, cfg)
+    dc, mc = bc["dc"], bc["chunk"]
+    yield (_bwd_dc_kernel,
+           dict(Q=x, S=x, Y=y, G=f32, INV_Q=f32, INV_S=f32, LSE=f32, E=f32, F=x, N=_int(N), d=_int(d), C=_int(C),
+                j_lo=_int(mc), mc=_int(mc), stride_q=_int(d), stride_s=_int(d), stride_y=_int(stride_y),
+                stride_g=_int(C), stride_f=_int(mc), scale2="fp32", inv_tau="fp32", gscale="fp32"),
+           dict(DENSE=dense, PREC=prec, UPCAST=False, **{k: v for k, v in dc.items() if k.startswith("BLOCK_")}), dc)
+    # dq^ (+)= dc @ S^ in K splits (the first chunk writes, the next ones add); ds^[chunk] = dc.T @ Q^.
+    for accumulate in (False, True):
+        yield _matmul_spec(x, bc["mm_q"], prec, R=N, K=mc, Cn=d, strides=(mc, 1, d, 1, d), scaled=True,
+                           accumulate=accumulate, parts=N * d)
+    yield _matmul_spec(x, bc["mm_s"], prec, R=mc, K=N, Cn=d, strides=(1, mc, d, 1, d), scaled=True,
+                       accumulate=False, parts=M * d)
     for n_rows in (N, M):
         rc = row_config(n_rows, d)
         yield (_norm_bwd_kernel,
-               dict(X=x, GHAT=f32, DX=x, n_rows=i32, d=i32, nparts=i32, stride_x=i32, stride_dx=i32, eps="fp32"),
+               dict(X=x, GHAT=f32, DX=x, n_rows=_int(n_rows), d=_int(d), nparts=_int(1), stride_x=_int(d),
+                    stride_dx=_int(d), eps="fp32"),
                dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
+
+
+def _matmul_spec(x: str, mm: dict, prec: str, *, R: int, K: int, Cn: int, strides: tuple, scaled: bool,
+                 accumulate: bool, parts: int = 0):
+    """One _matmul_kernel variant as _matmul launches it; strides: A's (row, k), B's (k, column), OUT's row."""
+    ar, ak, bk, bc, orow = strides
+    k_split = triton.cdiv(triton.cdiv(K, mm["nsplit"]), mm["BLOCK_K"]) * mm["BLOCK_K"]
+    return (_matmul_kernel,
+            dict(A=x, B=x, B_SCALE="*fp32" if scaled else x, OUT="*fp32", R=_int(R), K=_int(K), Cn=_int(Cn),
+                 k_split=_int(k_split), stride_ar=_int(ar), stride_ak=_int(ak), stride_bk=_int(bk),
+                 stride_bc=_int(bc), stride_or=_int(orow), stride_op=_int(parts)),
+            dict(HAS_SCALE=scaled, ACCUMULATE=accumulate, PREC=prec, UPCAST=False,
+                 **{k: v for k, v in mm.items() if k.startswith(("BLOCK_", "GROUP_"))}), mm)
 
 
 # The benchmark's shapes: the paper's training shape per GPU (N = 512 anchors, M = 6720

@@ -74,6 +74,119 @@ def test_snn_matches_reference_fp32(backend, N, M, d, C, kind, smoothing):
     assert_rel_close(ds, rds, FP32_TOL, "gradient to the supports")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["dense", "ids"])
+def test_snn_backward_over_support_chunks(backend, kind, dtype):
+    # Many queries, narrow embeddings: the backward's F scratch (<= M * d elements) holds only a
+    # chunk of the supports at a time, so r_q accumulates over chunks; the last chunk is partial.
+    from fastssl.kernels.snn import bwd_config
+
+    N, M, d, C, tau = 150, 333, 9, 7, 0.1
+    chunk = bwd_config(N, M, d, C, dtype)["chunk"]
+    assert 1 < math.ceil(M / chunk) and M % chunk != 0 and N * chunk <= max(M * d, 64 * N)
+    query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
+    if kind == "dense":
+        labels = _soft_labels(M, C)
+        probs = snn(query, supports, labels, tau, backend=backend)
+        dense = labels.double()
+    else:
+        labels = torch.randint(0, C, (M,), device=DEVICE)
+        probs = snn(query, supports, labels, tau, num_classes=C, smoothing=0.1, backend=backend)
+        dense = _dense_of(labels, C, 0.1)
+    weight = torch.randn(N, C, device=DEVICE)
+    dq, ds = _snn_grads(probs, query, supports, weight)
+    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
+    rdq, rds = _snn_grads(snn_reference(q64, s64, dense, tau), q64, s64, weight.double())
+    tol = FP32_TOL if dtype == torch.float32 else TOL[dtype]
+    assert dq.dtype == ds.dtype == dtype
+    assert_rel_close(dq, rdq, tol, "gradient to the queries")
+    assert_rel_close(ds, rds, tol, "gradient to the supports")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,M,d,chunks", [(40, 150, 12, 3), (9, 60, 20, 1)])
+def test_dense_forward_with_dots_from_a_matmul(backend, monkeypatch, N, M, d, chunks, dtype):
+    # Wide embeddings (d >= _PRE_MIN_D, PAWS's 2048) take the dots from _matmul_kernel, one support
+    # chunk (at most 8 C supports) at a time; lowered here so small problems take that path.
+    from fastssl.kernels import snn as kernels
+
+    monkeypatch.setattr(kernels, "_PRE_MIN_D", 1)
+    C, tau = 13, 0.1
+    cfg = kernels.fwd_dense_config(N, M, d, C, dtype)
+    assert cfg["pre"] and cfg["nparts"] <= 8 and len(cfg["segments"]) == chunks
+    query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
+    labels = _soft_labels(M, C)
+    probs = snn(query, supports, labels, tau, backend=backend)
+    weight = torch.randn(N, C, device=DEVICE)
+    dq, ds = _snn_grads(probs, query, supports, weight)
+    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
+    ref = snn_reference(q64, s64, labels.double(), tau)
+    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
+    tol = FP32_TOL if dtype == torch.float32 else TOL[dtype]
+    assert_rel_close(probs, ref, tol, "probs")
+    assert_rel_close(dq, rdq, tol, "gradient to the queries")
+    assert_rel_close(ds, rds, tol, "gradient to the supports")
+
+
+def test_scratch_is_bounded_by_n_c_and_m_d():
+    # The issue's memory bound O(N * C + M * d) at any N x M: the backward's dc chunk never holds
+    # more than the supports' gradient, the forward's dots chunk more than its 8 [N, C] partials.
+    from fastssl.kernels.snn import bwd_config, fwd_dense_config
+
+    for N, M, d, C in [(512, 6720, 256, 960), (512, 6720, 2048, 960), (4096, 128116, 384, 1000),
+                       (4096, 1281167, 2048, 1000), (1, 1, 1, 1), (70000, 5, 3, 2)]:
+        chunk = bwd_config(N, M, d, C, torch.bfloat16)["chunk"]
+        assert 1 <= chunk <= M and N * chunk <= max(M * d, 64 * N), (N, M, d, chunk)
+        fc = fwd_dense_config(N, M, d, C, torch.bfloat16)
+        if fc["pre"]:
+            assert N * fc["mchunk"] <= max(8 * N * C, 64 * N), (N, M, d, fc["mchunk"])
+        assert sum(mc for _, mc, *_ in fc["segments"]) == M and fc["nparts"] <= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", [2.4e-3, 1.0, 80.0])
+def test_snn_16bit_embeddings_of_any_norm(backend, dtype, norm):
+    # The gradients only see normalised rows: 16-bit operands stay within [-1, 1] however large
+    # or small the embeddings are (fp16 overflows at 65504 and loses precision below 6e-5).
+    N, M, d, C, tau = 30, 140, 24, 9, 0.1
+    query = (_emb(N, d) * norm / math.sqrt(d)).to(dtype).requires_grad_()
+    supports = (_emb(M, d) * norm / math.sqrt(d)).to(dtype).requires_grad_()
+    labels = torch.randint(0, C, (M,), device=DEVICE)
+    probs = snn(query, supports, labels, tau, num_classes=C, smoothing=0.1, backend=backend)
+    weight = torch.randn(N, C, device=DEVICE)
+    dq, ds = _snn_grads(probs, query, supports, weight)
+    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
+    ref = snn_reference(q64, s64, _dense_of(labels, C, 0.1), tau)
+    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
+    assert_rel_close(probs, ref, TOL[dtype], "probs")
+    assert_rel_close(dq, rdq, TOL[dtype], "gradient to the queries")
+    assert_rel_close(ds, rds, TOL[dtype], "gradient to the supports")
+
+
+def test_snn_rows_below_the_normalisation_eps(backend):
+    # F.normalize divides by max(|x|, 1e-12): a zero row stays zero (its gradient is g / eps), a
+    # row below eps is scaled by 1 / eps; the kernels take that branch of the backward too.
+    N, M, d, C, tau = 7, 50, 16, 5, 0.1
+    query, supports = _emb(N, d), _emb(M, d)
+    query[2] = 0.0
+    query[4] *= 1e-14
+    supports[3] = 0.0
+    supports[10] *= 3e-13
+    query.requires_grad_()
+    supports.requires_grad_()
+    labels = _soft_labels(M, C)
+    probs = snn(query, supports, labels, tau, backend=backend)
+    weight = torch.randn(N, C, device=DEVICE)
+    dq, ds = _snn_grads(probs, query, supports, weight)
+    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
+    ref = snn_reference(q64, s64, labels.double(), tau)
+    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
+    assert_rel_close(probs, ref, FP32_TOL, "probs")
+    for got, want, what in ((dq, rdq, "queries"), (ds, rds, "supports")):
+        for i in range(got.shape[0]):  # row by row: the clamped rows' gradients are ~1e12 larger
+            assert_rel_close(got[i], want[i], FP32_TOL, f"gradient to {what} row {i}")
+
+
 def test_snn_strided_rows_and_extreme_tau(backend):
     # Embeddings sliced out of wider tensors (row stride != d) are read in place; tau = 0.01
     # puts logits at +-144 (the online softmax keeps them finite).

@@ -10,9 +10,11 @@ Each unlabelled view is classified by soft nearest neighbours against the suppor
 
 which has the shape of attention (queries q, keys S, values Y): the Triton kernels
 (``fastssl.kernels.snn``) compute it and its gradient to q and S like flash attention,
-without the N x M similarity matrix. Labels are a dense ``[M, C]`` matrix (soft labels,
-as the authors' ``make_labels_matrix`` builds) or integer class ids ``[M]`` with
-``num_classes`` and ``smoothing`` (then no ``[M, C]`` matrix exists anywhere).
+in O(N * C + M * d) memory: the similarities are never stored whole (the backward writes
+their gradient in chunks of supports no larger than the supports' gradient). Labels are
+a dense ``[M, C]`` matrix (soft labels, as the authors' ``make_labels_matrix`` builds) or
+integer class ids ``[M]`` with ``num_classes`` and ``smoothing`` (then no ``[M, C]`` matrix
+exists anywhere).
 
 The loss then acts on ``[N, C]`` tensors in PyTorch: the targets are the sharpened
 predictions of the two global target views (``p**(1/T)`` renormalised; each multi-crop
