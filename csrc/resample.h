@@ -68,6 +68,7 @@ FASTSSL_HD AxisTaps axis_taps(float origin, float length, int64_t extent, int64_
   t.lo = static_cast<int64_t>(floorf(origin));
   t.hi = static_cast<int64_t>(ceilf(origin + length));
   if (t.lo < 0) t.lo = 0;
+  if (t.lo > extent - 1) t.lo = extent - 1;  // refused by the checks; never read past the image
   if (t.hi > extent) t.hi = extent;
   if (t.hi <= t.lo) t.hi = t.lo + 1;
   const float scale = length / static_cast<float>(out_size);

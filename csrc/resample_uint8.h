@@ -54,7 +54,7 @@ inline FixedAxis make_fixed_axis(float origin, float length, int64_t extent, int
                                  bool antialias, bool flip) {
   int64_t lo = static_cast<int64_t>(std::floor(origin));
   int64_t hi = static_cast<int64_t>(std::ceil(static_cast<double>(origin) + length));
-  lo = std::max<int64_t>(lo, 0);
+  lo = std::min<int64_t>(std::max<int64_t>(lo, 0), extent - 1);  // refused by the checks; never read past
   hi = std::min<int64_t>(hi, extent);
   if (hi <= lo) hi = lo + 1;
   const int64_t n = hi - lo;  // the box's pixels: torch's input_size for an integer box

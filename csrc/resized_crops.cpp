@@ -289,10 +289,11 @@ void check_box_values(const at::Tensor& image_info, const at::Tensor& boxes) {
                 " has image index ", idx, ", out of range for ", B, " images");
     const int64_t i = static_cast<int64_t>(idx);
     const int64_t H = info[i * kInfoCols + 1], W = info[i * kInfoCols + 2];
+    // Written so that NaN fails every check; a box starts inside its image (top < H, left < W).
     TORCH_CHECK(b[3] > 0 && b[4] > 0, "resized_crops: box ", n, " has non-positive height/width (", b[3], ", ",
                 b[4], ")");
-    TORCH_CHECK(b[1] >= 0 && b[2] >= 0 && b[1] + b[3] <= static_cast<float>(H) + 1e-3f &&
-                    b[2] + b[4] <= static_cast<float>(W) + 1e-3f,
+    TORCH_CHECK(b[1] >= 0 && b[2] >= 0 && b[1] < static_cast<float>(H) && b[2] < static_cast<float>(W) &&
+                    b[1] + b[3] <= static_cast<float>(H) + 1e-3f && b[2] + b[4] <= static_cast<float>(W) + 1e-3f,
                 "resized_crops: box ", n, " (top=", b[1], ", left=", b[2], ", height=", b[3], ", width=", b[4],
                 ") is outside its image ", i, " of height ", H, " and width ", W);
   }

@@ -277,6 +277,11 @@ def test_errors():
         (dict(images=img, boxes=torch.tensor([[0, 5, 0, 16, 30]])), "outside its image"),
         (dict(images=img, boxes=torch.tensor([[1, 0, 1, 20, 30]])), "outside its image"),
         (dict(images=img, boxes=torch.tensor([[0, -1, 0, 10, 10]])), "outside its image"),
+        # Within the slack at its end, but starting on the bottom / right edge: would read row 20 / column 30.
+        (dict(images=img, boxes=torch.tensor([[0, 20, 0, 5e-4, 5]])), "outside its image"),
+        (dict(images=img, boxes=torch.tensor([[1, 0, 30, 5, 5e-4]])), "outside its image"),
+        (dict(images=img, boxes=torch.tensor([[0, float("nan"), 0, 5, 5]])), "outside its image"),
+        (dict(images=img, boxes=torch.tensor([[0, 0, 0, float("nan"), 5]])), "non-positive side"),
         (dict(images=img, boxes=torch.tensor([[2, 0, 0, 5, 5]])), "image index 2, out of range for 2 images"),
         (dict(images=img, boxes=torch.tensor([[-1, 0, 0, 5, 5]])), "out of range"),
         (dict(images=img, boxes=torch.tensor([[0, 0, 0, 0, 5]])), "non-positive side"),
@@ -307,7 +312,8 @@ def test_op_checks_box_values_on_cpu():
     data = torch.rand(3 * 10 * 10)
     info = torch.tensor([[0, 10, 10]])
     for box, match in (([0, 5, 0, 6, 10], "outside its image"), ([1, 0, 0, 5, 5], "out of range"),
-                       ([0, 0, 0, 5, 0], "non-positive")):
+                       ([0, 0, 0, 5, 0], "non-positive"), ([0, 10, 0, 5e-4, 5], "outside its image"),
+                       ([0, 0, 0, float("nan"), 5], "non-positive")):
         with pytest.raises(RuntimeError, match=match):
             torch.ops.fastssl.resized_crops(data, info, torch.tensor([box], dtype=torch.float32), None, 3, 8,
                                             "bilinear", True, None, None, 1.0, torch.float32, False)
@@ -360,7 +366,7 @@ def test_torch_compile_still_refuses_bad_boxes(backend):
     fn = torch.compile(lambda im, b: resized_crops(im, b, 12), backend=backend, fullgraph=False)
     good = torch.tensor([[0, 1, 2, 15, 20], [1, 0, 0, 20, 24]])
     torch.testing.assert_close(fn(images, good), resized_crops(images, good, 12))
-    for bad in ([[0, 1, 2, 15, 23]], [[2, 0, 0, 5, 5]], [[1, 0, 0, 0, 5]], [[0, -1, 0, 5, 5]]):
+    for bad in ([[0, 1, 2, 15, 23]], [[2, 0, 0, 5, 5]], [[1, 0, 0, 0, 5]], [[0, -1, 0, 5, 5]], [[0, 20, 0, 5e-4, 5]]):
         with pytest.raises(RuntimeError, match="a box is outside its image"):
             fn(images, torch.tensor(bad))
 

@@ -96,14 +96,15 @@ def _check_box_values(boxes: torch.Tensor, image_info: torch.Tensor) -> None:
     if bad.any():
         n = int(bad.nonzero()[0])
         raise ValueError(f"resized_crops: boxes[{n}] has image index {idx[n].item():g}, out of range for {B} images")
-    bad = (b[:, 3] <= 0) | (b[:, 4] <= 0)
+    bad = ~(b[:, 3] > 0) | ~(b[:, 4] > 0)  # NaN sides too
     if bad.any():
         n = int(bad.nonzero()[0])
         raise ValueError(f"resized_crops: boxes[{n}] has a non-positive side: height={b[n, 3].item():g}, "
                          f"width={b[n, 4].item():g}")
     hw = info[idx.long(), 1:].double()
-    bad = (b[:, 1] < 0) | (b[:, 2] < 0) | (b[:, 1] + b[:, 3] > hw[:, 0] + _BOX_SLACK) | \
-          (b[:, 2] + b[:, 4] > hw[:, 1] + _BOX_SLACK)
+    # A box starts inside its image (a tiny box at top = H would read row H) and ends within the slack.
+    bad = ~((b[:, 1] >= 0) & (b[:, 2] >= 0) & (b[:, 1] < hw[:, 0]) & (b[:, 2] < hw[:, 1]) &
+            (b[:, 1] + b[:, 3] <= hw[:, 0] + _BOX_SLACK) & (b[:, 2] + b[:, 4] <= hw[:, 1] + _BOX_SLACK))
     if bad.any():
         n = int(bad.nonzero()[0])
         top, left, h, w = (v.item() for v in b[n, 1:])
@@ -120,6 +121,7 @@ def _assert_box_values_async(boxes: torch.Tensor, image_info: torch.Tensor) -> N
     valid_idx = (idx >= 0) & (idx < info.shape[0]) & (idx == idx.floor())
     hw = info[idx.long().clamp(0, info.shape[0] - 1), 1:].to(boxes.dtype)  # clamped only to read; judged above
     ok = valid_idx & (boxes[:, 3] > 0) & (boxes[:, 4] > 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] >= 0) & \
+        (boxes[:, 1] < hw[:, 0]) & (boxes[:, 2] < hw[:, 1]) & \
         (boxes[:, 1] + boxes[:, 3] <= hw[:, 0] + _BOX_SLACK) & (boxes[:, 2] + boxes[:, 4] <= hw[:, 1] + _BOX_SLACK)
     torch._assert_async(ok.all(), "resized_crops: a box is outside its image, has a non-positive side or an "
                         "out-of-range image index (checked on the device under torch.compile; run eagerly to be told "
