@@ -8,6 +8,7 @@ An unreadable or corrupt image is skipped with a warning and counted, never a cr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -256,20 +257,60 @@ def decode_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor | lis
     raw = [i for i, im in enumerate(images) if im.dim() == 1]
     out: list[torch.Tensor | None] = [None if im.dim() == 1 else im.to(device, non_blocking=True) for im in images]
     if raw:
-        try:
-            decoded = decode_jpeg([images[i] for i in raw], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one bad file fails the batched call: decode one by one
-            decoded = []
-            for i in raw:
-                try:
-                    decoded.append(decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as e:
-                    _warn_skipped(f"#{int(batch.indices[i])}", e)
-                    decoded.append(None)
+        with _decode_stream(device) as main:
+            try:
+                decoded = decode_jpeg([images[i] for i in raw], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:  # one bad file fails the batched call: decode one by one
+                decoded = []
+                for i in raw:
+                    try:
+                        decoded.append(decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device))
+                    except RuntimeError:
+                        decoded.append(_decode_on_cpu(images[i], f"#{int(batch.indices[i])}", device))
+            for im in decoded:
+                if im is not None:
+                    im.record_stream(main)
         for i, im in zip(raw, decoded, strict=True):
             out[i] = im
     kept = [im for im in out if im is not None]
     return kept, len(out) - len(kept)
+
+
+def _decode_on_cpu(data: torch.Tensor, name: str, device: torch.device) -> torch.Tensor | None:
+    """What nvJPEG refuses (CMYK JPEGs, a PNG named .jpg: both occur in ImageNet) decoded on the
+    host; None, with a warning, when that fails too."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+    except RuntimeError as e:
+        _warn_skipped(name, e)
+        return None
+
+
+_DECODE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+@contextlib.contextmanager
+def _decode_stream(device: torch.device):
+    """Run GPU JPEG decoding on a stream of its own and hand its outputs to the current stream.
+
+    nvJPEG's hardware decoder does not honour stream order (torchvision allocates the outputs on
+    the current stream, and the decoder may write them while queued kernels still read a block
+    the caching allocator just recycled: pytorch/vision#9606, meta-pytorch/torchcodec#1634).
+    Here the outputs come from a stream only decoding uses, whose blocks are recycled only after
+    the consumers recorded with ``record_stream`` are done, and the host waits for the decode
+    itself (not for the training step queued before it). Yields the consuming stream.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _DECODE_STREAMS.get(index)
+    if side is None:
+        side = _DECODE_STREAMS[index] = torch.cuda.Stream(device=index)
+    main = torch.cuda.current_stream(index)
+    with torch.cuda.stream(side):
+        yield main
+    side.synchronize()
+    main.wait_stream(side)
 
 
 class ResumableSampler(Sampler):
