@@ -89,6 +89,24 @@ def load_extension() -> str:
     return how
 
 
+def load_installed_extension() -> bool:
+    """Import the installed ``fastssl._C`` if there is one (no compiler, no build); whether the ops
+    are now defined. Run when ``fastssl.ops`` is imported, so that the first call of an op may
+    already be traced by ``torch.compile(fullgraph=True)``."""
+    global _loaded
+    if _loaded is not None:
+        return True
+    if os.environ.get("FASTSSL_FORCE_JIT", "0") not in ("", "0"):
+        return False
+    with _lock:
+        try:
+            importlib.import_module("fastssl._C")
+        except ImportError:
+            return False
+        _loaded = "fastssl._C"
+    return True
+
+
 def has_cuda_kernels() -> bool:
     """Whether the loaded ops have CUDA kernels (the extension was built with nvcc)."""
     load_extension()

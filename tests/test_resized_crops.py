@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -369,6 +371,19 @@ def test_torch_compile_still_refuses_bad_boxes(backend):
     for bad in ([[0, 1, 2, 15, 23]], [[2, 0, 0, 5, 5]], [[1, 0, 0, 0, 5]], [[0, -1, 0, 5, 5]], [[0, 20, 0, 5e-4, 5]]):
         with pytest.raises(RuntimeError, match="a box is outside its image"):
             fn(images, torch.tensor(bad))
+
+
+def test_first_call_may_be_traced_with_fullgraph():
+    """In a fresh process, an installed build's op is ready at import: the very first call may be
+    inside torch.compile(fullgraph=True) (loading it there would be a graph break)."""
+    code = ("import torch\n"
+            "from fastssl.ops import resized_crops\n"
+            "f = torch.compile(lambda x, b: resized_crops(x, b, 8), fullgraph=True, backend='eager')\n"
+            "x, b = torch.rand(1, 3, 10, 12), torch.tensor([[0, 1, 2, 8, 9.0]])\n"
+            "torch.testing.assert_close(f(x, b), resized_crops(x, b, 8))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FASTSSL_FORCE_JIT"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_cuda_sources_were_compiled():

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._ext import load_extension
+from .._ext import load_extension, load_installed_extension
 
 __all__ = ["resized_crops"]
 
@@ -233,7 +233,9 @@ def _load_op() -> None:
     load_extension()  # which calls _register_fake
 
 
-# The extension names this module (m.set_python_module) as where its fake implementation lives:
-# when the op is already loaded, register it now; else the first call loads it.
-if hasattr(torch.ops.fastssl, "resized_crops"):
+# An installed build is loaded now (an import: no compiler), so that the first call may be inside
+# torch.compile(fullgraph=True); without one, the first (eager) call builds it. The extension names
+# this module (m.set_python_module) as where its fake implementation lives: register it once the op
+# is defined.
+if hasattr(torch.ops.fastssl, "resized_crops") or load_installed_extension():
     _register_fake()
