@@ -37,6 +37,26 @@ def _snn_grads(probs, query, supports, weight):
     return torch.autograd.grad((probs * weight).sum(), (query, supports))
 
 
+def _snn_vs_reference(query, supports, labels, tau, backend, num_classes=None, smoothing=0.0):
+    """snn's probabilities and the gradients of a random weighting of them, beside the float64
+    definition's on the same (rounded) inputs: ``((probs, dq, ds), (ref, rdq, rds))``."""
+    if labels.is_floating_point():
+        probs = snn(query, supports, labels, tau, backend=backend)
+        dense = labels.double()
+    else:
+        probs = snn(query, supports, labels, tau, num_classes=num_classes, smoothing=smoothing, backend=backend)
+        dense = _dense_of(labels, num_classes, smoothing)
+    weight = torch.randn(probs.shape, device=DEVICE)
+    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
+    ref = snn_reference(q64, s64, dense, tau)
+    return (probs, *_snn_grads(probs, query, supports, weight)), (ref, *_snn_grads(ref, q64, s64, weight.double()))
+
+
+def _assert_snn_close(got, want, tol):
+    for g, w, what in zip(got, want, ("probs", "gradient to the queries", "gradient to the supports"), strict=True):
+        assert_rel_close(g, w, tol, what)
+
+
 # (N, M, d, C, labels, smoothing): M, d and C off the block sizes; M past one support block and
 # C past one class tile of the kernels (past the widest dense accumulator: 1100 classes); a
 # single query; a single support.
@@ -53,54 +73,28 @@ SNN_CASES = [
 
 @pytest.mark.parametrize("N,M,d,C,kind,smoothing", SNN_CASES)
 def test_snn_matches_reference_fp32(backend, N, M, d, C, kind, smoothing):
-    tau = 0.1
     query, supports = _emb(N, d).requires_grad_(), _emb(M, d).requires_grad_()
-    if kind == "dense":
-        labels = _soft_labels(M, C)
-        probs = snn(query, supports, labels, tau, backend=backend)
-        dense = labels.double()
-    else:
-        labels = torch.randint(0, C, (M,), device=DEVICE)
-        probs = snn(query, supports, labels, tau, num_classes=C, smoothing=smoothing, backend=backend)
-        dense = _dense_of(labels, C, smoothing)
-    weight = torch.randn(N, C, device=DEVICE)
-    dq, ds = _snn_grads(probs, query, supports, weight)
-    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
-    ref = snn_reference(q64, s64, dense, tau)
-    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
-    assert probs.dtype == torch.float32 and probs.shape == (N, C)
-    assert_rel_close(probs, ref, FP32_TOL, "probs")
-    assert_rel_close(dq, rdq, FP32_TOL, "gradient to the queries")
-    assert_rel_close(ds, rds, FP32_TOL, "gradient to the supports")
+    labels = _soft_labels(M, C) if kind == "dense" else torch.randint(0, C, (M,), device=DEVICE)
+    got, want = _snn_vs_reference(query, supports, labels, 0.1, backend, num_classes=C, smoothing=smoothing)
+    assert got[0].dtype == torch.float32 and got[0].shape == (N, C)
+    _assert_snn_close(got, want, FP32_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["dense", "ids"])
 def test_snn_backward_over_support_chunks(backend, kind, dtype):
-    # Many queries, narrow embeddings: the backward's F scratch (<= M * d elements) holds only a
-    # chunk of the supports at a time, so r_q accumulates over chunks; the last chunk is partial.
+    # Many queries, narrow embeddings: the backward's dc scratch (<= M * d elements) holds only a
+    # chunk of the supports at a time, so dq^ accumulates over chunks; the last chunk is partial.
     from fastssl.kernels.snn import bwd_config
 
-    N, M, d, C, tau = 150, 333, 9, 7, 0.1
+    N, M, d, C = 150, 333, 9, 7
     chunk = bwd_config(N, M, d, C, dtype)["chunk"]
     assert 1 < math.ceil(M / chunk) and M % chunk != 0 and N * chunk <= max(M * d, 64 * N)
     query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
-    if kind == "dense":
-        labels = _soft_labels(M, C)
-        probs = snn(query, supports, labels, tau, backend=backend)
-        dense = labels.double()
-    else:
-        labels = torch.randint(0, C, (M,), device=DEVICE)
-        probs = snn(query, supports, labels, tau, num_classes=C, smoothing=0.1, backend=backend)
-        dense = _dense_of(labels, C, 0.1)
-    weight = torch.randn(N, C, device=DEVICE)
-    dq, ds = _snn_grads(probs, query, supports, weight)
-    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
-    rdq, rds = _snn_grads(snn_reference(q64, s64, dense, tau), q64, s64, weight.double())
-    tol = FP32_TOL if dtype == torch.float32 else TOL[dtype]
-    assert dq.dtype == ds.dtype == dtype
-    assert_rel_close(dq, rdq, tol, "gradient to the queries")
-    assert_rel_close(ds, rds, tol, "gradient to the supports")
+    labels = _soft_labels(M, C) if kind == "dense" else torch.randint(0, C, (M,), device=DEVICE)
+    got, want = _snn_vs_reference(query, supports, labels, 0.1, backend, num_classes=C, smoothing=0.1 * (kind == "ids"))
+    assert got[1].dtype == got[2].dtype == dtype
+    _assert_snn_close(got, want, FP32_TOL if dtype == torch.float32 else TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -115,17 +109,8 @@ def test_dense_forward_with_dots_from_a_matmul(backend, monkeypatch, N, M, d, ch
     cfg = kernels.fwd_dense_config(N, M, d, C, dtype)
     assert cfg["pre"] and cfg["nparts"] <= 8 and len(cfg["segments"]) == chunks
     query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
-    labels = _soft_labels(M, C)
-    probs = snn(query, supports, labels, tau, backend=backend)
-    weight = torch.randn(N, C, device=DEVICE)
-    dq, ds = _snn_grads(probs, query, supports, weight)
-    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
-    ref = snn_reference(q64, s64, labels.double(), tau)
-    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
-    tol = FP32_TOL if dtype == torch.float32 else TOL[dtype]
-    assert_rel_close(probs, ref, tol, "probs")
-    assert_rel_close(dq, rdq, tol, "gradient to the queries")
-    assert_rel_close(ds, rds, tol, "gradient to the supports")
+    got, want = _snn_vs_reference(query, supports, _soft_labels(M, C), tau, backend)
+    _assert_snn_close(got, want, FP32_TOL if dtype == torch.float32 else TOL[dtype])
 
 
 def test_scratch_is_bounded_by_n_c_and_m_d():
@@ -152,15 +137,8 @@ def test_snn_16bit_embeddings_of_any_norm(backend, dtype, norm):
     query = (_emb(N, d) * norm / math.sqrt(d)).to(dtype).requires_grad_()
     supports = (_emb(M, d) * norm / math.sqrt(d)).to(dtype).requires_grad_()
     labels = torch.randint(0, C, (M,), device=DEVICE)
-    probs = snn(query, supports, labels, tau, num_classes=C, smoothing=0.1, backend=backend)
-    weight = torch.randn(N, C, device=DEVICE)
-    dq, ds = _snn_grads(probs, query, supports, weight)
-    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
-    ref = snn_reference(q64, s64, _dense_of(labels, C, 0.1), tau)
-    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
-    assert_rel_close(probs, ref, TOL[dtype], "probs")
-    assert_rel_close(dq, rdq, TOL[dtype], "gradient to the queries")
-    assert_rel_close(ds, rds, TOL[dtype], "gradient to the supports")
+    got, want = _snn_vs_reference(query, supports, labels, tau, backend, num_classes=C, smoothing=0.1)
+    _assert_snn_close(got, want, TOL[dtype])
 
 
 def test_snn_rows_below_the_normalisation_eps(backend):
@@ -174,13 +152,7 @@ def test_snn_rows_below_the_normalisation_eps(backend):
     supports[10] *= 3e-13
     query.requires_grad_()
     supports.requires_grad_()
-    labels = _soft_labels(M, C)
-    probs = snn(query, supports, labels, tau, backend=backend)
-    weight = torch.randn(N, C, device=DEVICE)
-    dq, ds = _snn_grads(probs, query, supports, weight)
-    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
-    ref = snn_reference(q64, s64, labels.double(), tau)
-    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
+    (probs, dq, ds), (ref, rdq, rds) = _snn_vs_reference(query, supports, _soft_labels(M, C), tau, backend)
     assert_rel_close(probs, ref, FP32_TOL, "probs")
     for got, want, what in ((dq, rdq, "queries"), (ds, rds, "supports")):
         for i in range(got.shape[0]):  # row by row: the clamped rows' gradients are ~1e12 larger
@@ -194,15 +166,8 @@ def test_snn_strided_rows_and_extreme_tau(backend):
     wide_q, wide_s = _emb(N, d + 7), _emb(M, d + 3)
     query, supports = wide_q[:, 2:2 + d].requires_grad_(), wide_s[:, :d].requires_grad_()
     labels = torch.randint(0, C, (M,), device=DEVICE)
-    probs = snn(query, supports, labels, tau, num_classes=C, backend=backend)
-    weight = torch.randn(N, C, device=DEVICE)
-    dq, ds = _snn_grads(probs, query, supports, weight)
-    q64, s64 = query.detach().double().requires_grad_(), supports.detach().double().requires_grad_()
-    ref = snn_reference(q64, s64, _dense_of(labels, C, 0.0), tau)
-    rdq, rds = _snn_grads(ref, q64, s64, weight.double())
-    assert_rel_close(probs, ref, FP32_TOL, "probs")
-    assert_rel_close(dq, rdq, FP32_TOL, "gradient to the queries")
-    assert_rel_close(ds, rds, FP32_TOL, "gradient to the supports")
+    got, want = _snn_vs_reference(query, supports, labels, tau, backend, num_classes=C)
+    _assert_snn_close(got, want, FP32_TOL)
 
 
 def _paws_inputs(multicrop, B, M, d, C, kind, smoothing, dtype=torch.float32):

@@ -31,9 +31,9 @@ TINY = ["--arch", "vit_pico", "--img-size", "16", "--global-crop-size", "16", "-
         "--device", "cpu", "--momentum-teacher", "0.9", "--blur-sigma", "0.1", "0.5"]
 
 
-def write_folder(root: Path, n_per_class: int = 12, classes: int = 2) -> Path:
-    """PNG images of a few sizes, each class with its own brightness pattern."""
-    from torchvision.io import write_png
+def write_folder(root: Path, n_per_class: int = 12, classes: int = 2, *, jpeg: bool = False) -> Path:
+    """PNG (or JPEG) images of a few sizes, each class with its own brightness pattern."""
+    from torchvision.io import encode_jpeg, encode_png
 
     g = torch.Generator().manual_seed(0)
     for c in range(classes):
@@ -43,7 +43,8 @@ def write_folder(root: Path, n_per_class: int = 12, classes: int = 2) -> Path:
             img = torch.randint(0, 60, (3, h, w), generator=g, dtype=torch.uint8)
             img[:, : h // 2] += 120 if c == 0 else 0
             img[:, :, : w // 2] += 120 if c == 1 else 0
-            write_png(img, str(root / f"class{c}" / f"{i:03d}.png"))
+            data = encode_jpeg(img, quality=95) if jpeg else encode_png(img)
+            (root / f"class{c}" / f"{i:03d}.{'jpg' if jpeg else 'png'}").write_bytes(data.numpy().tobytes())
     return root
 
 

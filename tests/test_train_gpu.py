@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import cfg_for, read_log
+from test_train import cfg_for, read_log, write_folder
 from test_train_paws import cfg_for as paws_cfg_for
 
 from fastssl.train import checkpoint as ckpt
@@ -25,19 +25,12 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="trains on 
 
 
 def write_jpegs(root: Path, n_per_class: int = 12, classes: int = 2) -> Path:
-    """JPEGs of a few sizes (what nvJPEG decodes), one PNG named .jpg (what it refuses)."""
-    from torchvision.io import encode_jpeg, encode_png
+    """JPEGs (what nvJPEG decodes) and one PNG named .jpg (what it refuses)."""
+    from torchvision.io import decode_image, encode_png
 
-    g = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            h, w = 20 + (i % 3) * 4, 24 - (i % 2) * 4
-            img = torch.randint(0, 60, (3, h, w), generator=g, dtype=torch.uint8)
-            img[:, : h // 2] += 120 if c == 0 else 0
-            img[:, :, : w // 2] += 120 if c == 1 else 0
-            data = encode_png(img) if (c, i) == (0, 0) else encode_jpeg(img, quality=95)
-            (root / f"class{c}" / f"{i:03d}.jpg").write_bytes(data.numpy().tobytes())
+    write_folder(root, n_per_class, classes, jpeg=True)
+    first = root / "class0" / "000.jpg"
+    first.write_bytes(encode_png(decode_image(str(first))).numpy().tobytes())
     return root
 
 
