@@ -76,6 +76,10 @@ def test_gaussian_blur_matches_torchvision(fixed):
     per_sample(ours, x, lambda im, n: TF.gaussian_blur(im, [int(k[n])] * 2, [float(sigma[n])] * 2)
                if int(k[n]) > 1 else im, "gaussian_blur")
     assert torch.equal(ours[1], x[1])
+    # A known bound (no host sync): a wider zero-padded kernel reads the same pixels, same result.
+    bounded = F.gaussian_blur(x, sigma, k, k_max=15)
+    torch.testing.assert_close(bounded, ours, rtol=1e-6, atol=1e-6)
+    assert torch.equal(bounded[1], x[1])
 
 
 def test_functional_errors():
@@ -88,6 +92,10 @@ def test_functional_errors():
         F.gaussian_blur(x, 1.0, 4)
     with pytest.raises(ValueError, match="larger than"):
         F.gaussian_blur(x, 1.0, 17)
+    with pytest.raises(ValueError, match="k_max must be an odd positive int"):
+        F.gaussian_blur(x, 1.0, 3, k_max=4)
+    with pytest.raises(RuntimeError, match="at most k_max=3"):  # x on the CPU: the device check raises here
+        F.gaussian_blur(x, 1.0, torch.tensor([3, 5]), k_max=3)
 
 
 # ----------------------------------------------------------------------------- the pipeline

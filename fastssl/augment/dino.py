@@ -129,6 +129,8 @@ class DinoAugment(torch.nn.Module):
             raise ValueError(f"DinoAugment: blur_kernel_size must be None or an odd positive int, got "
                              f"{blur_kernel_size!r}")
         self.blur_kernel_size = blur_kernel_size
+        # The largest kernel a crop can draw: the sigmas are drawn in fp32, so bound them in fp32 too.
+        self.blur_k_max = blur_kernel_size or int(F.blur_kernel_size(torch.tensor([hi], dtype=torch.float32)))
         self.mean, self.std = tuple(mean), tuple(std)
 
     @property
@@ -207,8 +209,9 @@ class DinoAugment(torch.nn.Module):
                 idx = hue_idx[r]
                 x = x.index_copy(0, idx, F.adjust_hue(x.index_select(0, idx), p.hue.index_select(0, idx)))
         x = torch.where(p.grayscale.view(-1, 1, 1, 1), F.rgb_to_grayscale(x, 3), x)
-        if bool(p.blur.any()):
-            x = F.gaussian_blur(x, p.sigma, p.kernel_size)
+        # Every crop through the blur (size 1 where it does not apply: an exact identity), sized by the
+        # largest kernel the sigma range allows: no host sync to read the batch's largest.
+        x = F.gaussian_blur(x, p.sigma, p.kernel_size, k_max=self.blur_k_max)
         x = F.solarize(x, p.solarize, 0.5)
         if normalize:
             mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)

@@ -119,8 +119,11 @@ def blur_kernel_size(sigma: torch.Tensor, sigmas: float = 3.0) -> torch.Tensor:
     return 2 * torch.ceil(sigmas * sigma.double()).long() + 1
 
 
-def gaussian_blur(x: torch.Tensor, sigma, kernel_size) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma, kernel_size, *, k_max: int | None = None) -> torch.Tensor:
     """Per-sample Gaussian blur with per-sample odd ``kernel_size`` and ``sigma`` (``[N]`` tensors or scalars).
+
+    ``k_max``: an upper bound of the kernel sizes known to the caller; the sizes are then checked on
+    the device (an assert, no host sync) instead of read back to size the convolution.
 
     Sample ``n`` equals ``torchvision.transforms.v2.functional.gaussian_blur(x[n], [k, k], [s, s])``:
     taps at integer offsets ``-k//2 .. k//2`` weighted ``exp(-t^2 / (2 s^2))``, normalised, applied
@@ -135,9 +138,15 @@ def gaussian_blur(x: torch.Tensor, sigma, kernel_size) -> torch.Tensor:
     s = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(N)
     if N == 0:
         return x.clone()
-    k_max = int(k.max())
-    if bool(((k % 2) == 0).any()) or int(k.min()) < 1:
-        raise ValueError(f"gaussian_blur: kernel sizes must be odd and positive, got {k.tolist()}")
+    if k_max is None:
+        k_max = int(k.max())
+        if bool(((k % 2) == 0).any()) or int(k.min()) < 1:
+            raise ValueError(f"gaussian_blur: kernel sizes must be odd and positive, got {k.tolist()}")
+    else:
+        if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1 or k_max % 2 == 0:
+            raise ValueError(f"gaussian_blur: k_max must be an odd positive int, got {k_max!r}")
+        torch._assert_async(((k % 2 == 1) & (k >= 1) & (k <= k_max)).all(),
+                            f"gaussian_blur: kernel sizes must be odd, positive and at most k_max={k_max}")
     r = k_max // 2
     if r >= min(H, W):
         raise ValueError(f"gaussian_blur: kernel size {k_max} needs images larger than {r} pixels, got {H}x{W}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import resized_crops
+from ..ops._crops import _pack, _resized_crops
 from .boxes import sample_boxes
 
 __all__ = ["MultiCrop", "CropParams", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -132,10 +132,13 @@ class MultiCrop(torch.nn.Module):
 
     def apply(self, images, params: CropParams) -> tuple[torch.Tensor, torch.Tensor]:
         """The crops of ``images`` for given :class:`CropParams`: ``(globals, locals)``."""
+        # Packed once for both sizes; the boxes are checked on the device (no host sync: a device-side
+        # assert where resized_crops would raise a ValueError naming the box).
+        packed = _pack(images)
         kw = dict(interpolation=self.interpolation, antialias=self.antialias, mean=self.mean, std=self.std,
-                  out_dtype=self.out_dtype, channels_last=self.channels_last)
-        g = resized_crops(images, params.global_boxes, self.global_size, flips=params.global_flips, **kw)
-        loc = resized_crops(images, params.local_boxes, self.local_size, flips=params.local_flips, **kw)
+                  out_dtype=self.out_dtype, channels_last=self.channels_last, check_on_host=False)
+        g = _resized_crops(packed, params.global_boxes, self.global_size, flips=params.global_flips, **kw)
+        loc = _resized_crops(packed, params.local_boxes, self.local_size, flips=params.local_flips, **kw)
         return g, loc
 
     def forward(self, images, generator: torch.Generator | None = None, return_params: bool = False):

@@ -17,6 +17,7 @@ the pixels it overlaps. The formulas are in the header comment of ``csrc/resampl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -31,8 +32,17 @@ _INTERPOLATIONS = ("bilinear", "bicubic")
 _BOX_SLACK = 1e-3
 
 
-def _pack(images) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(data, image_info, channels)``: the images as one flat buffer, rows (offset, H, W) per image."""
+class Packed(NamedTuple):
+    """Images as one flat buffer: rows (offset, H, W) per image on its device and on the host."""
+
+    data: torch.Tensor
+    image_info: torch.Tensor
+    info_host: torch.Tensor
+    channels: int
+
+
+def _pack(images) -> Packed:
+    """The images (a batch tensor or a list of [C, H, W] tensors) as one flat buffer."""
     if isinstance(images, torch.Tensor):
         if images.dim() == 3:
             images = images.unsqueeze(0)
@@ -70,26 +80,31 @@ def _pack(images) -> tuple[torch.Tensor, torch.Tensor, int]:
         data = data.float()
     if data.dtype not in _IN_DTYPES:
         raise ValueError(f"resized_crops: images must be uint8 or floating point, got {data.dtype}")
-    image_info = torch.tensor(info, dtype=torch.int64).to(data.device, non_blocking=True)
-    return data, image_info, int(C)
+    info_host = torch.tensor(info, dtype=torch.int64)
+    return Packed(data, info_host.to(data.device, non_blocking=True), info_host, int(C))
 
 
 def _per_channel(name: str, value, C: int, device: torch.device) -> torch.Tensor | None:
     if value is None:
         return None
-    t = torch.as_tensor(value, dtype=torch.float32).to(device).reshape(-1)
+    t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
     if t.numel() == 1 and C != 1:
         t = t.expand(C)
     if t.numel() != C:
         raise ValueError(f"resized_crops: {name} must have one value per channel (C={C}), got shape "
                          f"{tuple(torch.as_tensor(value).shape)}")
-    return t.contiguous()
+    if name == "std":
+        if torch.compiler.is_compiling() or t.device.type != "cpu":  # no sync: checked on the device
+            torch._assert_async((t != 0).all(), "resized_crops: std must be non-zero")
+        elif bool((t == 0).any()):
+            raise ValueError(f"resized_crops: std must be non-zero, got {t.tolist()}")
+    return t.to(device).contiguous()
 
 
-def _check_box_values(boxes: torch.Tensor, image_info: torch.Tensor) -> None:
-    """Every box inside its image, with positive sides and a valid image index (host-side check)."""
+def _check_box_values(boxes: torch.Tensor, info: torch.Tensor) -> None:
+    """Every box inside its image, with positive sides and a valid image index (host-side check;
+    ``info`` the images' layout on the host)."""
     b = boxes.detach().to("cpu", torch.float64)
-    info = image_info.cpu()
     B = info.shape[0]
     idx = b[:, 0]
     bad = (idx < 0) | (idx >= B) | (idx != idx.floor())
@@ -163,7 +178,16 @@ def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Te
     rounded and clamped to uint8 before the vertical one (``csrc/resample_uint8.h``); for
     integer boxes the crops then equal torchvision's exactly.
     """
-    data, image_info, C = _pack(images)
+    return _resized_crops(_pack(images), boxes, size, flips=flips, interpolation=interpolation, antialias=antialias,
+                          mean=mean, std=std, out_dtype=out_dtype, channels_last=channels_last, check_on_host=True)
+
+
+def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antialias, mean, std, out_dtype,
+                   channels_last, check_on_host: bool) -> torch.Tensor:
+    """:func:`resized_crops` of packed images. ``check_on_host=False`` (boxes valid by construction,
+    e.g. ``MultiCrop``'s) checks the box values on the device instead: a device-side assert rather
+    than a ValueError naming the box, and no host sync."""
+    data, image_info, C = packed.data, packed.image_info, packed.channels
     device = data.device
     if hasattr(interpolation, "value"):  # torchvision's InterpolationMode
         interpolation = interpolation.value
@@ -190,17 +214,14 @@ def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Te
                          "floating out_dtype")
     mean_t = _per_channel("mean", mean, C, device)
     std_t = _per_channel("std", std, C, device)
-    if std_t is not None and torch.compiler.is_compiling():
-        torch._assert_async((std_t != 0).all(), "resized_crops: std must be non-zero")
-    elif std_t is not None and bool((std_t == 0).any()):
-        raise ValueError(f"resized_crops: std must be non-zero, got {std_t.tolist()}")
     normalise = mean_t is not None or std_t is not None
     input_scale = 1.0 / 255.0 if normalise and data.dtype == torch.uint8 else 1.0
     boxes = boxes.to(dtype=torch.float32)
-    if not torch.compiler.is_compiling():
-        _check_box_values(boxes, image_info)  # on the host: a sync when the boxes are on a GPU
+    on_host = not torch.compiler.is_compiling() and (check_on_host or boxes.device.type == "cpu")
+    if on_host:
+        _check_box_values(boxes, packed.info_host)  # a sync when the boxes are on a GPU
     boxes = boxes.to(device=device).contiguous()
-    if torch.compiler.is_compiling():
+    if not on_host:
         _assert_box_values_async(boxes, image_info)
     if not _op_ready:
         _load_op()
