@@ -152,6 +152,23 @@ def test_errors():
             mc(images)
 
 
+def test_params_not_drawn_here_are_checked_on_the_host():
+    # Boxes sample_params drew are inside by construction (checked on the device, no host sync);
+    # params built by hand get resized_crops' host check and its ValueError, on any device.
+    images = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8, device=DEVICE)
+    mc = fastssl.MultiCrop(global_size=8, local_size=4, n_global=1, n_local=1)
+    drawn = mc.sample_params(images, generator=gen(0))
+    assert drawn.sampled
+    g, loc = mc.apply(images, drawn)
+    assert g.shape == (2, 3, 8, 8) and loc.shape == (2, 3, 4, 4)
+    bad = fastssl.augment.CropParams(drawn.global_boxes.clone(), drawn.global_flips, drawn.local_boxes,
+                                     drawn.local_flips)
+    assert not bad.sampled
+    bad.global_boxes[1, 1] = 20.0  # top = H: outside image 1
+    with pytest.raises(ValueError, match=r"boxes\[1\] .* is outside its image 1"):
+        mc.apply(images, bad)
+
+
 def test_bytes_moved():
     from benchmarks import multicrop
     case = multicrop.Case(B=2, H=10, W=20)

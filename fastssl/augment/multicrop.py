@@ -22,12 +22,16 @@ class CropParams:
 
     ``*_boxes``: ``[n * B, 5]`` float32 rows ``(image index, top, left, height, width)``, integer
     valued; ``*_flips``: ``[n * B]`` bool, True where the crop is flipped horizontally.
+    ``sampled``: drawn by :meth:`MultiCrop.sample_params`, inside the images by construction, so
+    :meth:`MultiCrop.apply` checks the boxes on the device (an assert, no host sync); other
+    boxes are checked on the host, with a ``ValueError`` naming a bad one.
     """
 
     global_boxes: torch.Tensor
     global_flips: torch.Tensor
     local_boxes: torch.Tensor
     local_flips: torch.Tensor
+    sampled: bool = False
 
 
 def _image_sizes(images) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
@@ -128,15 +132,14 @@ class MultiCrop(torch.nn.Module):
         l_boxes = sample_boxes(heights, widths, self.n_local, self.local_scale, self.ratio, generator=generator)
         flips = torch.rand((self.n_global + self.n_local) * B, generator=generator, device=device) < self.flip_p
         n = self.n_global * B
-        return CropParams(g_boxes, flips[:n], l_boxes, flips[n:])
+        return CropParams(g_boxes, flips[:n], l_boxes, flips[n:], sampled=True)
 
     def apply(self, images, params: CropParams) -> tuple[torch.Tensor, torch.Tensor]:
         """The crops of ``images`` for given :class:`CropParams`: ``(globals, locals)``."""
-        # Packed once for both sizes; the boxes are checked on the device (no host sync: a device-side
-        # assert where resized_crops would raise a ValueError naming the box).
+        # Packed once for both sizes; sampled boxes are checked on the device (see CropParams.sampled).
         packed = _pack(images)
         kw = dict(interpolation=self.interpolation, antialias=self.antialias, mean=self.mean, std=self.std,
-                  out_dtype=self.out_dtype, channels_last=self.channels_last, check_on_host=False)
+                  out_dtype=self.out_dtype, channels_last=self.channels_last, check_on_host=not params.sampled)
         g = _resized_crops(packed, params.global_boxes, self.global_size, flips=params.global_flips, **kw)
         loc = _resized_crops(packed, params.local_boxes, self.local_size, flips=params.local_flips, **kw)
         return g, loc
