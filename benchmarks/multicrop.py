@@ -7,6 +7,9 @@ B uint8 images of ImageNet size (3 x 375 x 500) to 2 global 224 px and 10 local 
 the benchmark's device and the same input tensor:
 
 * ``fastssl``: ``fastssl.MultiCrop`` (boxes sampled on the device, one launch per crop size);
+* ``fastssl-op``: the crop op alone (``resized_crops``: the tiled CUDA program on a GPU) on boxes
+  sampled once, and ``fastssl-op-pixel`` (GPU only) the same with the one-thread-per-pixel program
+  of ``csrc/crop_programs.h``, the kernel the tiled one replaced: what the kernel itself costs;
 * ``torchvision-loop``: torchvision v2 ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
   ``ToDtype`` + ``Normalize`` called per image and per crop, the crops stacked crop-major;
 * ``kornia``: ``kornia.augmentation`` ``RandomResizedCrop`` (bicubic) + flip + normalise, batched,
@@ -39,7 +42,10 @@ NAME = "multicrop"
 GLOBAL, LOCAL, N_GLOBAL, N_LOCAL = 224, 96, 2, 10
 GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)
 MEAN, STD = fastssl.augment.IMAGENET_MEAN, fastssl.augment.IMAGENET_STD
-CONTENDERS = ("fastssl", "torchvision-loop", "kornia", "fastssl-dino", "authors-cpu", "authors-cpu-crops")
+CONTENDERS = ("fastssl", "fastssl-op", "fastssl-op-pixel", "torchvision-loop", "kornia", "fastssl-dino", "authors-cpu",
+              "authors-cpu-crops")
+# Rows whose bytes are the op's (source read once, crops written once): their % of the copy bandwidth.
+ROOFLINE_ROWS = ("fastssl", "fastssl-op", "fastssl-op-pixel")
 GOALS = dict(vs_loop=10.0, roofline_pct=60.0)
 
 
@@ -70,7 +76,7 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset(cases=(Case(B=2, H=64, W=80),), warmup=0, reps=2, authors_images=1,
-                    contenders=("fastssl", "torchvision-loop", "authors-cpu-crops"),
+                    contenders=("fastssl", "fastssl-op", "torchvision-loop", "authors-cpu-crops"),
                     note="Tiny images for the test suite, three contenders: timings mean nothing."),
     "cpu": Preset(cases=(Case(B=8),), warmup=1, reps=3, authors_images=8),
     "target": Preset(cases=(Case(B=256),), authors_images=32),
@@ -88,6 +94,32 @@ def bytes_moved(case: Case) -> int:
 
 
 # ----------------------------------------------------------------------------- contenders
+
+def _fastssl_op(images: torch.Tensor, mc: fastssl.MultiCrop, gen: torch.Generator, pixel: bool) -> dict:
+    """The crop op alone on boxes sampled once: the tiled program, and the pixel program if asked."""
+    from fastssl.ops._crops import _pack, _resized_crops
+
+    params = mc.sample_params(images, gen)
+    kw = dict(interpolation=mc.interpolation, antialias=mc.antialias, mean=mc.mean, std=mc.std,
+              out_dtype=mc.out_dtype, channels_last=mc.channels_last, check_on_host=False)
+
+    def op(program=None):
+        packed = _pack(images)
+        return (_resized_crops(packed, params.global_boxes, mc.global_size, flips=params.global_flips, program=program,
+                               **kw),
+                _resized_crops(packed, params.local_boxes, mc.local_size, flips=params.local_flips, program=program,
+                               **kw))
+
+    fns = {"fastssl-op": op}
+    if pixel:
+        ref = op()
+        got = op("pixel")
+        err = max((a - b).abs().max().item() for a, b in zip(ref, got, strict=True))
+        if err > 1e-3:
+            raise AssertionError(f"multicrop: the pixel and tiled programs differ by {err:.3g}")
+        fns["fastssl-op-pixel"] = lambda: op("pixel")
+    return fns
+
 
 def _torchvision_loop(images: torch.Tensor):
     import torchvision.transforms.v2 as T
@@ -198,6 +230,10 @@ def run_case(case: Case, preset: Preset, device: torch.device, contenders: Seque
     fns = {}
     if "fastssl" in contenders:
         fns["fastssl"] = lambda: mc(images, gen)
+    if "fastssl-op" in contenders or "fastssl-op-pixel" in contenders:
+        fns.update(_fastssl_op(images, mc, gen, pixel="fastssl-op-pixel" in contenders and device.type == "cuda"))
+        if "fastssl-op" not in contenders:
+            fns.pop("fastssl-op")
     if "torchvision-loop" in contenders:
         fns["torchvision-loop"] = _torchvision_loop(images)
     if "kornia" in contenders:
@@ -242,10 +278,10 @@ def run_case(case: Case, preset: Preset, device: torch.device, contenders: Seque
                    peak_mem_mb=None if st.get("peak_mem_bytes") is None else st["peak_mem_bytes"] / 2**20)
         if loop_ms is not None and not per_core:
             rec["speedup_vs_loop"] = loop_ms / ms
-        if name == "fastssl":
+        if name in ROOFLINE_ROWS:
             rec["bytes_moved"] = bytes_moved(case)
             rec["roofline_pct"] = harness.roofline_pct(rec["bytes_moved"], ms, info["copy_bandwidth_gbs"])
-            rec["max_abs_err"] = max_err
+            rec["max_abs_err"] = max_err if name == "fastssl" else None
         records.append(rec)
     return records
 

@@ -18,8 +18,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <vector>
 
+#include "crop_programs.h"
 #include "ops.h"
 #include "resample.h"
 #include "resample_uint8.h"
@@ -92,17 +95,6 @@ at::Tensor empty_crops(const at::Tensor& data, int64_t n, int64_t channels, int6
 }
 
 namespace {
-
-template <typename out_t>
-inline out_t store_value(float v) {
-  return static_cast<out_t>(v);
-}
-
-template <>
-inline uint8_t store_value<uint8_t>(float v) {
-  v = std::nearbyint(v);
-  return static_cast<uint8_t>(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
-}
 
 struct Axis {
   int width = 0;                 // taps per output (the widest window along the axis)
@@ -254,29 +246,6 @@ void crops_cpu_uint8_fixed(const at::Tensor& data, const at::Tensor& image_info,
   });
 }
 
-template <typename in_t>
-void dispatch_out(at::ScalarType out_dtype, const at::Tensor& data, const at::Tensor& image_info,
-                  const at::Tensor& boxes, const std::optional<at::Tensor>& flips,
-                  const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& stdev, int64_t C, int64_t S,
-                  bool cubic, bool antialias, float input_scale, at::Tensor& out) {
-  switch (out_dtype) {
-    case at::kFloat:
-      return crops_cpu_kernel<in_t, float>(data, image_info, boxes, flips, mean, stdev, C, S, cubic, antialias,
-                                           input_scale, out);
-    case at::kHalf:
-      return crops_cpu_kernel<in_t, c10::Half>(data, image_info, boxes, flips, mean, stdev, C, S, cubic, antialias,
-                                               input_scale, out);
-    case at::kBFloat16:
-      return crops_cpu_kernel<in_t, c10::BFloat16>(data, image_info, boxes, flips, mean, stdev, C, S, cubic,
-                                                   antialias, input_scale, out);
-    case at::kByte:
-      return crops_cpu_kernel<in_t, uint8_t>(data, image_info, boxes, flips, mean, stdev, C, S, cubic, antialias,
-                                             input_scale, out);
-    default:
-      TORCH_CHECK(false, "resized_crops: unsupported out_dtype ", out_dtype);
-  }
-}
-
 // The values of the boxes: each inside its image, positive sides, a valid image index.
 void check_box_values(const at::Tensor& image_info, const at::Tensor& boxes) {
   const int64_t B = image_info.size(0);
@@ -315,26 +284,62 @@ at::Tensor resized_crops_cpu(const at::Tensor& data, const at::Tensor& image_inf
     crops_cpu_uint8_fixed(data, image_info, boxes, flips, channels, size, cubic, antialias, out);
     return out;
   }
-  switch (data.scalar_type()) {
-    case at::kByte:
-      dispatch_out<uint8_t>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic, antialias,
-                            scale, out);
-      break;
-    case at::kFloat:
-      dispatch_out<float>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic, antialias,
-                          scale, out);
-      break;
-    case at::kHalf:
-      dispatch_out<c10::Half>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic,
-                              antialias, scale, out);
-      break;
-    case at::kBFloat16:
-      dispatch_out<c10::BFloat16>(out_dtype, data, image_info, boxes, flips, mean, stdev, channels, size, cubic,
-                                  antialias, scale, out);
-      break;
-    default:
-      TORCH_CHECK(false, "resized_crops: unsupported image dtype ", data.scalar_type());
+  dispatch_crop_dtypes(data.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
+    crops_cpu_kernel<typename decltype(in_tag)::type, typename decltype(out_tag)::type>(
+        data, image_info, boxes, flips, mean, stdev, channels, size, cubic, antialias, scale, out);
+  });
+  return out;
+}
+
+// The CPU as a GPU: one of the GPU programs (crop_programs.h) run thread by thread, a step of every
+// thread of a block before the next step, so that the tests check the CUDA kernels' indexing here.
+struct EmulatedBlock {
+  std::vector<TileAcc> accs = std::vector<TileAcc>(kTileThreads);
+  template <typename Step>
+  void each(Step step) {
+    for (int tid = 0; tid < kTileThreads; ++tid) step(tid);
   }
+  TileAcc& acc(int tid) { return accs[tid]; }
+};
+
+template <typename in_t, typename out_t>
+void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
+  if (program == CropProgram::kPixel) {
+    at::parallel_for(0, a.N * a.S * a.S, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) crop_pixel(a, i / (a.S * a.S), (i / a.S) % a.S, i % a.S);
+    });
+    return;
+  }
+  const int64_t tiles_x = tiles_along(a.S, kTileX), tiles_y = tiles_along(a.S, kTileY);
+  at::parallel_for(0, a.N * tiles_x * tiles_y, 1, [&](int64_t begin, int64_t end) {
+    auto shared = std::make_unique<TileShared>();
+    EmulatedBlock block;
+    for (int64_t b = begin; b < end; ++b) {
+      // Poisoned, as a GPU's shared memory holds whatever the last block left there.
+      std::memset(static_cast<void*>(shared.get()), 0xff, sizeof(TileShared));
+      run_tile(CropTile<in_t, out_t>(a, *shared, b, tiles_x, tiles_y), block);
+    }
+  });
+}
+
+at::Tensor resized_crops_program_cpu(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
+                                     const std::optional<at::Tensor>& flips, int64_t channels, int64_t size,
+                                     std::string interpolation, bool antialias, const std::optional<at::Tensor>& mean,
+                                     const std::optional<at::Tensor>& stdev, double input_scale,
+                                     at::ScalarType out_dtype, bool channels_last, std::string program) {
+  const CropProgram which = parse_crop_program(program);
+  const int interp = check_resized_crops_args(data, image_info, boxes, flips, channels, size, interpolation, mean,
+                                              stdev, out_dtype);
+  check_box_values(image_info, boxes);
+  at::Tensor out = empty_crops(data, boxes.size(0), channels, size, out_dtype, channels_last);
+  if (boxes.size(0) == 0) return out;
+  dispatch_crop_dtypes(data.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
+    using in_t = typename decltype(in_tag)::type;
+    using out_t = typename decltype(out_tag)::type;
+    emulate_program(make_crop_args<in_t, out_t>(data, image_info, boxes, flips, mean, stdev, channels, size,
+                                                interp == kBicubic, antialias, input_scale, out),
+                    which);
+  });
   return out;
 }
 
@@ -347,9 +352,18 @@ TORCH_LIBRARY(fastssl, m) {
       "resized_crops(Tensor data, Tensor image_info, Tensor boxes, Tensor? flips, int channels, int size, "
       "str interpolation, bool antialias, Tensor? mean, Tensor? std, float input_scale, ScalarType out_dtype, "
       "bool channels_last) -> Tensor");
+  // The same op run by a named GPU program ('pixel' or 'tiled', crop_programs.h): on CUDA, for the
+  // benchmark; on CPU, emulated thread by thread, for the tests.
+  m.def(
+      "_resized_crops_program(Tensor data, Tensor image_info, Tensor boxes, Tensor? flips, int channels, int size, "
+      "str interpolation, bool antialias, Tensor? mean, Tensor? std, float input_scale, ScalarType out_dtype, "
+      "bool channels_last, str program) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastssl, CPU, m) { m.impl("resized_crops", &resized_crops_cpu); }
+TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
+  m.impl("resized_crops", &resized_crops_cpu);
+  m.impl("_resized_crops_program", &resized_crops_program_cpu);
+}
 
 }  // namespace fastssl
 

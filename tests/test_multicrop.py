@@ -184,3 +184,18 @@ def test_benchmark_smoke(tmp_path):
         assert paths[kind].exists() and paths[kind].stat().st_size > 0
     text = paths["md"].read_text()
     assert "fastssl" in text and "torchvision-loop" in text and "images_per_s" in text
+    assert "fastssl-op" in text
+
+
+def test_benchmark_programs_agree():
+    """The benchmark's op-only rows, the pixel program included (a GPU row; emulated here): both
+    programs make the same crops, and the timed functions return them."""
+    from benchmarks import multicrop
+    images = torch.randint(0, 256, (2, 3, 70, 90), dtype=torch.uint8)
+    mc = fastssl.MultiCrop(40, 16, 2, 3)
+    fns = multicrop._fastssl_op(images, mc, torch.Generator().manual_seed(0), pixel=True)
+    assert set(fns) == {"fastssl-op", "fastssl-op-pixel"}
+    tiled, pixel = fns["fastssl-op"](), fns["fastssl-op-pixel"]()
+    assert [t.shape for t in tiled] == [(2 * 2, 3, 40, 40), (3 * 2, 3, 16, 16)]
+    for a, b in zip(tiled, pixel, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -183,10 +183,11 @@ def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Te
 
 
 def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antialias, mean, std, out_dtype,
-                   channels_last, check_on_host: bool) -> torch.Tensor:
+                   channels_last, check_on_host: bool, program: str | None = None) -> torch.Tensor:
     """:func:`resized_crops` of packed images. ``check_on_host=False`` (boxes valid by construction,
     e.g. ``MultiCrop``'s) checks the box values on the device instead: a device-side assert rather
-    than a ValueError naming the box, and no host sync."""
+    than a ValueError naming the box, and no host sync. ``program`` ("pixel" or "tiled") runs that
+    GPU program of ``csrc/crop_programs.h``: on CUDA for the benchmark, emulated on CPU for the tests."""
     data, image_info, C = packed.data, packed.image_info, packed.channels
     device = data.device
     if hasattr(interpolation, "value"):  # torchvision's InterpolationMode
@@ -225,8 +226,11 @@ def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antiali
         _assert_box_values_async(boxes, image_info)
     if not _op_ready:
         _load_op()
-    return torch.ops.fastssl.resized_crops(data, image_info, boxes, flips, C, size, interpolation, bool(antialias),
-                                           mean_t, std_t, input_scale, out_dtype, bool(channels_last))
+    args = (data, image_info, boxes, flips, C, size, interpolation, bool(antialias), mean_t, std_t, input_scale,
+            out_dtype, bool(channels_last))
+    if program is not None:
+        return torch.ops.fastssl._resized_crops_program(*args, program)
+    return torch.ops.fastssl.resized_crops(*args)
 
 
 _op_ready = False
@@ -238,12 +242,14 @@ def _register_fake() -> None:
     if _op_ready:
         return
 
-    @torch.library.register_fake("fastssl::resized_crops")
-    def _(data, image_info, boxes, flips, channels, size, interpolation, antialias, mean, std, input_scale,
-          out_dtype, channels_last):
+    def fake(data, image_info, boxes, flips, channels, size, interpolation, antialias, mean, std, input_scale,
+             out_dtype, channels_last, program=None):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty((boxes.shape[0], channels, size, size), dtype=out_dtype, device=data.device,
                            memory_format=fmt)
+
+    torch.library.register_fake("fastssl::resized_crops")(fake)
+    torch.library.register_fake("fastssl::_resized_crops_program")(fake)
 
     _op_ready = True
 

@@ -1,0 +1,151 @@
+"""The GPU programs of resized_crops (csrc/crop_programs.h), each against torchvision.
+
+``_resized_crops_program`` runs one named program: on a GPU machine the CUDA kernel, here the same
+steps emulated thread by thread on the CPU (a step of every thread of a block, then the next step),
+so the kernels' tiling, tap tables, row chunks and fallbacks are checked without a GPU. The cases
+below are built to reach each path of the tiled program.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICE
+from test_resized_crops import FLOAT_ATOL, check_crops, random_boxes, random_images
+
+from fastssl.ops import resized_crops
+from fastssl.ops._crops import _pack, _resized_crops
+
+PROGRAMS = ["pixel", "tiled"]
+MODES = ["bilinear", "bicubic"]
+# Mirrors crop_programs.h: a tile's widest tabulated window and the source rows of one pass.
+TILE_TAPS, TILE_ROWS, TILE_Y = 16, 64, 16
+
+
+def run(program, images, boxes, size, **kw):
+    args = dict(flips=None, interpolation="bilinear", antialias=True, mean=None, std=None, out_dtype=torch.float32,
+                channels_last=False)
+    args.update(kw)
+    if args["flips"] is not None:
+        args["flips"] = args["flips"].to(DEVICE)
+    return _resized_crops(_pack([im.to(DEVICE) for im in images]), boxes, size, check_on_host=True, program=program,
+                          **args)
+
+
+def window(length: float, size: int, mode: str) -> int:
+    """The widest antialiased window along an axis: 2 * ceil(support) + 1 taps at most."""
+    support = (2.0 if mode == "bicubic" else 1.0) * max(length / size, 1.0)
+    return 2 * math.ceil(support) + 1
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_program_matches_torchvision(program, mode, antialias, dtype):
+    """Random images and boxes (borders included), flips; sizes that are not multiples of the tile."""
+    shapes = [(int(torch.randint(20, 130, ())), int(torch.randint(20, 130, ()))) for _ in range(3)]
+    images = random_images(dtype, shapes)
+    boxes = random_boxes(shapes, 10)
+    flips = torch.rand(boxes.shape[0]) < 0.5
+    for size in (7, 40, 53):
+        out = run(program, images, boxes, size, flips=flips, interpolation=mode, antialias=antialias)
+        check_crops(out, images, boxes, size, mode, antialias, flips=flips, what=f"{program} {dtype}")
+    if dtype == torch.uint8:
+        # uint8 out on a GPU: the float result rounded and clamped, as torchvision on CUDA.
+        out8 = run(program, images, boxes, 40, flips=flips, interpolation=mode, antialias=antialias,
+                   out_dtype=torch.uint8)
+        check_crops(out8, images, boxes, 40, mode, antialias, flips=flips, uint8_out=True, what=f"{program} uint8")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiled_program_chunks_the_rows(mode):
+    """A tile of 16 rows down-scaled 6.7x (bilinear) or 3.5x (bicubic) vertically reaches more source
+    rows than one horizontal pass holds: two passes, the vertical sums carried across them."""
+    H, W, size = (400, 70, 60) if mode == "bilinear" else (420, 70, 120)
+    rows_reached = (TILE_Y - 1) * H / size + window(H, size, mode)
+    assert window(H, size, mode) <= TILE_TAPS and rows_reached > TILE_ROWS
+    images = random_images(torch.uint8, [(H, W)])
+    boxes = torch.tensor([[0, 0, 0, H, W], [0, 7, 5, H - 7, 61]], dtype=torch.float32)
+    for program in PROGRAMS:
+        out = run(program, images, boxes, size, interpolation=mode)
+        check_crops(out, images, boxes, size, mode, True, what=f"{program} chunked rows")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiled_program_falls_back_on_wide_windows(mode):
+    """Windows wider than the tap tables: every axis, the vertical one only, the horizontal one only."""
+    images = random_images(torch.float32, [(300, 260)])
+    size = 9
+    boxes = torch.tensor([[0, 0, 0, 300, 260],    # both axes wide
+                          [0, 10, 20, 280, 12],   # rows wide, columns not
+                          [0, 5, 0, 14, 250]],    # columns wide, rows not
+                         dtype=torch.float32)
+    for _, _, _, h, w in boxes.tolist():
+        assert max(window(h, size, mode), window(w, size, mode)) > TILE_TAPS
+    flips = torch.tensor([True, False, True])
+    for program in PROGRAMS:
+        out = run(program, images, boxes, size, flips=flips, interpolation=mode)
+        check_crops(out, images, boxes, size, mode, True, flips=flips, what=f"{program} wide window")
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_program_channels_dtypes_layouts(program):
+    """1 and 6 channels (two channel passes of 4), fp16/bf16 images, normalisation, every out dtype,
+    channels-last, fractional boxes: equal to the CPU kernel (the same sums in the same order)."""
+    for C in (1, 6):
+        shapes = [(57, 81), (33, 29)]
+        images = random_images(torch.float32, shapes, C=C)
+        boxes = torch.cat([random_boxes(shapes, 6), torch.tensor([[0, 1.25, 2.5, 40.5, 70.25], [1, 0.5, 0.0, 30.0,
+                                                                                               27.75]])])
+        flips = torch.rand(boxes.shape[0]) < 0.5
+        mean, std = torch.rand(C).tolist(), (torch.rand(C) + 0.5).tolist()
+        for in_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            ims = [im.to(in_dtype) for im in images]
+            kw = dict(flips=flips, interpolation="bicubic", mean=mean, std=std)
+            ref = resized_crops([im.float() for im in ims], boxes, 35, **kw)  # the CPU kernel
+            for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+                got = run(program, ims, boxes, 35, out_dtype=out_dtype, channels_last=out_dtype == torch.float16, **kw)
+                assert got.dtype == out_dtype and got.shape == ref.shape
+                tol = 1e-4 if out_dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(got.cpu().float(), ref, atol=tol, rtol=tol,
+                                           msg=lambda m, C=C, i=in_dtype, o=out_dtype: f"C={C} {i}->{o}: {m}")
+        got8 = run(program, images, boxes, 35, flips=flips, out_dtype=torch.uint8)
+        ref8 = resized_crops(images, boxes, 35, flips=flips).clamp(0, 255).round()
+        assert (got8.cpu().float() - ref8).abs().max() <= 1
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_program_on_photos(program):
+    """The sample photos scikit-learn ships, to DINO's crop sizes, uint8 in, normalised float out."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    photos = [torch.from_numpy(im.copy()).permute(2, 0, 1).contiguous() for im in datasets.load_sample_images().images]
+    boxes = random_boxes([tuple(p.shape[1:]) for p in photos], 4)
+    for size in (96, 224):
+        out = run(program, photos, boxes, size)
+        check_crops(out, photos, boxes, size, "bilinear", True, what=f"{program} photo")
+
+
+def test_program_name_is_checked():
+    images = [torch.rand(3, 10, 10)]
+    with pytest.raises(RuntimeError, match="program must be 'pixel' or 'tiled'"):
+        run("fast", images, torch.tensor([[0, 0, 0, 10, 10.0]]), 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to run the CUDA kernels")
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_cuda_program_equals_its_cpu_emulation(program):
+    """The CUDA kernel and its emulation on the CPU: the same steps, so the same values up to fused
+    multiply-adds (which the GPU compiler may form and the CPU one does not)."""
+    shapes = [(120, 90), (33, 200), (7, 9), (400, 70)]
+    images = random_images(torch.uint8, shapes)
+    boxes = torch.cat([random_boxes(shapes, 40), torch.tensor([[3, 0, 0, 400, 70]], dtype=torch.float32)])
+    flips = torch.rand(boxes.shape[0]) < 0.5
+    kw = dict(flips=flips, interpolation="bicubic", mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])
+    for size in (9, 48):
+        gpu = run(program, images, boxes, size, **kw)
+        cpu = _resized_crops(_pack(images), boxes, size, check_on_host=True, program=program, antialias=True,
+                             out_dtype=torch.float32, channels_last=False, **kw)
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=FLOAT_ATOL / 255, rtol=1e-4)
