@@ -45,7 +45,7 @@ pytest_args=(-q --maxfail=25 --durations=15 -p no:cacheprovider)
 python3 -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=300)
 # What only a GPU runs; the rest (gloo runs on CPU, packaging, the benchmarks' CPU smoke) is CI's.
 gpu_tests=(tests/test_dino_loss.py tests/test_dino_distributed.py tests/test_ema.py tests/test_paws.py
-           tests/test_paws_distributed.py tests/test_resized_crops.py tests/test_multicrop.py
+           tests/test_paws_distributed.py tests/test_resized_crops.py tests/test_crop_programs.py tests/test_multicrop.py
            tests/test_dino_augment.py tests/test_launch.py tests/test_train_gpu.py)
 
 case "$stage" in
