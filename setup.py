@@ -51,7 +51,7 @@ def _extension():
         make, kind = cpp_extension.CppExtension, "CPU kernels only"
     print(f"fastssl: building fastssl._C with {kind} ({why})")
     ext = make(name="fastssl._C", sources=build.sources(cuda_home is not None, relative_to=HERE),
-               extra_compile_args=build.extra_compile_args(cuda_home))
+               extra_compile_args=build.extra_compile_args(cuda_home), extra_link_args=build.extra_link_args())
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

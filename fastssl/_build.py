@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,9 +170,20 @@ def source_files() -> list[Path]:
     return sorted(p for p in csrc_dir().iterdir() if p.suffix in (".h", ".cpp", ".cu"))
 
 
+def _openmp() -> list[str]:
+    """-fopenmp on Linux: without it ``at::parallel_for`` in the CPU kernel runs on one thread (ATen's
+    header only forks under ``_OPENMP``). The library it links, libgomp.so.1, is the one torch ships
+    and has already loaded, so there is one OpenMP runtime in the process."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+def extra_link_args() -> list[str]:
+    return _openmp()
+
+
 def extra_compile_args(cuda_home: str | None) -> dict[str, list[str]]:
-    """Flags for the C++ compiler and, with a toolkit, nvcc: -O3, the archs, the wheel's headers."""
-    cxx = ["-O3", "-g0"]
+    """Flags for the C++ compiler and, with a toolkit, nvcc: -O3, OpenMP, the archs, the wheel's headers."""
+    cxx = ["-O3", "-g0", *_openmp()]
     args = {"cxx": cxx}
     if cuda_home is not None:
         cxx.append("-DFASTSSL_WITH_CUDA")

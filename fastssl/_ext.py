@@ -55,6 +55,7 @@ def _jit_build() -> None:
     try:
         cpp_extension.load(name="fastssl_C", sources=_build.sources(cuda_home is not None),
                            extra_cflags=flags["cxx"], extra_cuda_cflags=flags.get("nvcc"),
+                           extra_ldflags=_build.extra_link_args(),
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(f"fastssl: building the C++ extension in {build_dir} failed: {e}") from e

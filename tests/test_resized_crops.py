@@ -386,6 +386,20 @@ def test_first_call_may_be_traced_with_fullgraph():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_cpu_kernel_is_built_with_openmp():
+    """at::parallel_for only forks threads in code compiled with -fopenmp: without it the CPU kernel
+    quietly runs on one core (it did, until this test)."""
+    import importlib
+    try:
+        module = importlib.import_module("fastssl._C")
+    except ImportError:
+        pytest.skip("fastssl._C is not installed here (a just-in-time build is used)")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the build adds -fopenmp on Linux only")
+    with open(module.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), f"{module.__file__} makes no OpenMP call: at::parallel_for is serial"
+
+
 def test_cuda_sources_were_compiled():
     """Where torch is a CUDA build and a matching toolkit is found, the extension carries the CUDA kernel."""
     cuda_home, why = _build.cuda_plan(torch.version.cuda)
