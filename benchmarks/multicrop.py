@@ -105,10 +105,10 @@ def _fastssl_op(images: torch.Tensor, mc: fastssl.MultiCrop, gen: torch.Generato
 
     def op(program=None):
         packed = _pack(images)
-        return (_resized_crops(packed, params.global_boxes, mc.global_size, flips=params.global_flips, program=program,
-                               **kw),
-                _resized_crops(packed, params.local_boxes, mc.local_size, flips=params.local_flips, program=program,
-                               **kw))
+        return (_resized_crops(packed, params.global_boxes, mc.global_size, flips=params.global_flips,
+                               crops_per_image=mc.n_global, program=program, **kw),
+                _resized_crops(packed, params.local_boxes, mc.local_size, flips=params.local_flips,
+                               crops_per_image=mc.n_local, program=program, **kw))
 
     fns = {"fastssl-op": op}
     if pixel:

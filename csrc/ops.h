@@ -18,13 +18,15 @@ namespace fastssl {
 //
 //   fastssl::resized_crops(Tensor data, Tensor image_info, Tensor boxes, Tensor? flips, int channels,
 //                          int size, str interpolation, bool antialias, Tensor? mean, Tensor? std,
-//                          float input_scale, ScalarType out_dtype, bool channels_last) -> Tensor
+//                          float input_scale, ScalarType out_dtype, bool channels_last,
+//                          int crops_per_image=0) -> Tensor
 //
 // data: every image packed into one flat buffer, channel-major ([C, H_i, W_i] each);
 // image_info: int64 [B, 3] rows (offset into data, H_i, W_i); boxes: float32 [N, 5] rows
 // (image index, top, left, height, width); flips: bool [N]; mean, std: float32 [channels].
 // Output [N, channels, size, size]: ((resampled * input_scale) - mean) / std, cast to out_dtype
-// (uint8: rounded and clamped to [0, 255]).
+// (uint8: rounded and clamped to [0, 255]). crops_per_image = K > 0 says the boxes are crop-major
+// (box k * N / K + i is crop k of image i): the CUDA kernel then makes the crops image by image.
 //
 //   fastssl::_resized_crops_program(<the same arguments>, str program) -> Tensor
 //
@@ -77,6 +79,12 @@ void dispatch_crop_dtypes(at::ScalarType in, at::ScalarType out, F&& f) {
   }
 }
 
+inline void check_crops_per_image(int64_t crops_per_image, int64_t n_boxes) {
+  TORCH_CHECK(crops_per_image >= 0 && (crops_per_image == 0 || n_boxes % crops_per_image == 0),
+              "resized_crops: crops_per_image must be 0 or divide the number of boxes (", n_boxes, "), got ",
+              crops_per_image);
+}
+
 template <typename in_t, typename out_t>
 CropArgs<in_t, out_t> make_crop_args(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
                                      const std::optional<at::Tensor>& flips, const std::optional<at::Tensor>& mean,
@@ -86,6 +94,7 @@ CropArgs<in_t, out_t> make_crop_args(const at::Tensor& data, const at::Tensor& i
   a.src = data.const_data_ptr<in_t>();
   a.info = image_info.const_data_ptr<int64_t>();
   a.boxes = boxes.const_data_ptr<float>();
+  a.crops_per_image = 0;
   a.flips = flips.has_value() ? flips->const_data_ptr<bool>() : nullptr;
   a.mean = mean.has_value() ? mean->const_data_ptr<float>() : nullptr;
   a.stdev = stdev.has_value() ? stdev->const_data_ptr<float>() : nullptr;

@@ -22,6 +22,8 @@
 #include <memory>
 #include <vector>
 
+// The CPU runs the GPU programs only to test them: every source read checked (crop_programs.h).
+#define FASTSSL_CHECK_READS 1
 #include "crop_programs.h"
 #include "ops.h"
 #include "resample.h"
@@ -272,9 +274,10 @@ at::Tensor resized_crops_cpu(const at::Tensor& data, const at::Tensor& image_inf
                              const std::optional<at::Tensor>& flips, int64_t channels, int64_t size,
                              std::string interpolation, bool antialias, const std::optional<at::Tensor>& mean,
                              const std::optional<at::Tensor>& stdev, double input_scale, at::ScalarType out_dtype,
-                             bool channels_last) {
+                             bool channels_last, int64_t crops_per_image) {
   const int interp = check_resized_crops_args(data, image_info, boxes, flips, channels, size, interpolation, mean,
                                               stdev, out_dtype);
+  check_crops_per_image(crops_per_image, boxes.size(0));  // the order of the GPU's blocks; none here
   check_box_values(image_info, boxes);
   at::Tensor out = empty_crops(data, boxes.size(0), channels, size, out_dtype, channels_last);
   if (boxes.size(0) == 0) return out;
@@ -293,11 +296,24 @@ at::Tensor resized_crops_cpu(const at::Tensor& data, const at::Tensor& image_inf
 
 // The CPU as a GPU: one of the GPU programs (crop_programs.h) run thread by thread, a step of every
 // thread of a block before the next step, so that the tests check the CUDA kernels' indexing here.
+// Odd blocks run their threads in reverse order and find shared memory poisoned with another
+// pattern: a step that read what another thread of the same step writes would then differ.
 struct EmulatedBlock {
   std::vector<TileAcc> accs = std::vector<TileAcc>(kTileThreads);
+  bool reverse = false;
+  template <typename Step>
+  void own(Step step) {
+    for (int i = 0; i < kTileThreads; ++i) step(reverse ? kTileThreads - 1 - i : i);
+  }
   template <typename Step>
   void each(Step step) {
-    for (int tid = 0; tid < kTileThreads; ++tid) step(tid);
+    own(step);
+  }
+  template <typename Step>
+  bool each_or(Step step) {
+    bool any = false;
+    own([&](int tid) { any = step(tid) || any; });
+    return any;
   }
   TileAcc& acc(int tid) { return accs[tid]; }
 };
@@ -316,7 +332,8 @@ void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
     EmulatedBlock block;
     for (int64_t b = begin; b < end; ++b) {
       // Poisoned, as a GPU's shared memory holds whatever the last block left there.
-      std::memset(static_cast<void*>(shared.get()), 0xff, sizeof(TileShared));
+      block.reverse = b % 2 == 1;
+      std::memset(static_cast<void*>(shared.get()), block.reverse ? 0x7f : 0xff, sizeof(TileShared));
       run_tile(CropTile<in_t, out_t>(a, *shared, b, tiles_x, tiles_y), block);
     }
   });
@@ -326,8 +343,10 @@ at::Tensor resized_crops_program_cpu(const at::Tensor& data, const at::Tensor& i
                                      const std::optional<at::Tensor>& flips, int64_t channels, int64_t size,
                                      std::string interpolation, bool antialias, const std::optional<at::Tensor>& mean,
                                      const std::optional<at::Tensor>& stdev, double input_scale,
-                                     at::ScalarType out_dtype, bool channels_last, std::string program) {
+                                     at::ScalarType out_dtype, bool channels_last, int64_t crops_per_image,
+                                     std::string program) {
   const CropProgram which = parse_crop_program(program);
+  check_crops_per_image(crops_per_image, boxes.size(0));
   const int interp = check_resized_crops_args(data, image_info, boxes, flips, channels, size, interpolation, mean,
                                               stdev, out_dtype);
   check_box_values(image_info, boxes);
@@ -336,9 +355,10 @@ at::Tensor resized_crops_program_cpu(const at::Tensor& data, const at::Tensor& i
   dispatch_crop_dtypes(data.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
     using in_t = typename decltype(in_tag)::type;
     using out_t = typename decltype(out_tag)::type;
-    emulate_program(make_crop_args<in_t, out_t>(data, image_info, boxes, flips, mean, stdev, channels, size,
-                                                interp == kBicubic, antialias, input_scale, out),
-                    which);
+    auto args = make_crop_args<in_t, out_t>(data, image_info, boxes, flips, mean, stdev, channels, size,
+                                            interp == kBicubic, antialias, input_scale, out);
+    args.crops_per_image = crops_per_image;
+    emulate_program(args, which);
   });
   return out;
 }
@@ -351,13 +371,13 @@ TORCH_LIBRARY(fastssl, m) {
   m.def(
       "resized_crops(Tensor data, Tensor image_info, Tensor boxes, Tensor? flips, int channels, int size, "
       "str interpolation, bool antialias, Tensor? mean, Tensor? std, float input_scale, ScalarType out_dtype, "
-      "bool channels_last) -> Tensor");
+      "bool channels_last, int crops_per_image=0) -> Tensor");
   // The same op run by a named GPU program ('pixel' or 'tiled', crop_programs.h): on CUDA, for the
   // benchmark; on CPU, emulated thread by thread, for the tests.
   m.def(
       "_resized_crops_program(Tensor data, Tensor image_info, Tensor boxes, Tensor? flips, int channels, int size, "
       "str interpolation, bool antialias, Tensor? mean, Tensor? std, float input_scale, ScalarType out_dtype, "
-      "bool channels_last, str program) -> Tensor");
+      "bool channels_last, int crops_per_image, str program) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {

@@ -28,11 +28,19 @@ struct CudaBlock {
     step(static_cast<int>(threadIdx.x));
     __syncthreads();
   }
+  template <typename Step>
+  __device__ __forceinline__ bool each_or(Step step) {
+    return __syncthreads_or(step(static_cast<int>(threadIdx.x))) != 0;
+  }
+  template <typename Step>
+  __device__ __forceinline__ void own(Step step) {
+    step(static_cast<int>(threadIdx.x));
+  }
   __device__ __forceinline__ TileAcc& acc(int) { return acc_; }
 };
 
-// Two blocks of the tiled program per SM at least (at most 128 registers a thread; it takes about 96,
-// and 39 KB of shared memory a block). Three (85 registers) spill on sm_80 and sm_90; CI refuses spills.
+// Blocks of the tiled program resident per SM, at least: caps the registers a thread may take
+// (65536 / (256 * 2) = 128; it takes about 96). 3 (85 registers) spills, which CI refuses.
 constexpr int kTileMinBlocks = 2;
 
 // __grid_constant__: the programs take the arguments by reference without a per-thread copy.
@@ -74,19 +82,21 @@ at::Tensor crops_cuda(const at::Tensor& data, const at::Tensor& image_info, cons
                       const std::optional<at::Tensor>& flips, int64_t channels, int64_t size,
                       const std::string& interpolation, bool antialias, const std::optional<at::Tensor>& mean,
                       const std::optional<at::Tensor>& stdev, double input_scale, at::ScalarType out_dtype,
-                      bool channels_last, CropProgram program) {
+                      bool channels_last, int64_t crops_per_image, CropProgram program) {
   const int interp = check_resized_crops_args(data, image_info, boxes, flips, channels, size, interpolation, mean,
                                               stdev, out_dtype);
   c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = empty_crops(data, boxes.size(0), channels, size, out_dtype, channels_last);
   if (boxes.size(0) == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(data.device().index()).stream();
+  check_crops_per_image(crops_per_image, boxes.size(0));
   dispatch_crop_dtypes(data.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
     using in_t = typename decltype(in_tag)::type;
     using out_t = typename decltype(out_tag)::type;
-    launch(make_crop_args<in_t, out_t>(data, image_info, boxes, flips, mean, stdev, channels, size,
-                                       interp == kBicubic, antialias, input_scale, out),
-           program, stream);
+    auto args = make_crop_args<in_t, out_t>(data, image_info, boxes, flips, mean, stdev, channels, size,
+                                            interp == kBicubic, antialias, input_scale, out);
+    args.crops_per_image = crops_per_image;
+    launch(args, program, stream);
   });
   return out;
 }
@@ -95,9 +105,9 @@ at::Tensor resized_crops_cuda(const at::Tensor& data, const at::Tensor& image_in
                               const std::optional<at::Tensor>& flips, int64_t channels, int64_t size,
                               std::string interpolation, bool antialias, const std::optional<at::Tensor>& mean,
                               const std::optional<at::Tensor>& stdev, double input_scale, at::ScalarType out_dtype,
-                              bool channels_last) {
+                              bool channels_last, int64_t crops_per_image) {
   return crops_cuda(data, image_info, boxes, flips, channels, size, interpolation, antialias, mean, stdev,
-                    input_scale, out_dtype, channels_last, CropProgram::kTiled);
+                    input_scale, out_dtype, channels_last, crops_per_image, CropProgram::kTiled);
 }
 
 at::Tensor resized_crops_program_cuda(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
@@ -105,9 +115,9 @@ at::Tensor resized_crops_program_cuda(const at::Tensor& data, const at::Tensor& 
                                       std::string interpolation, bool antialias,
                                       const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& stdev,
                                       double input_scale, at::ScalarType out_dtype, bool channels_last,
-                                      std::string program) {
+                                      int64_t crops_per_image, std::string program) {
   return crops_cuda(data, image_info, boxes, flips, channels, size, interpolation, antialias, mean, stdev,
-                    input_scale, out_dtype, channels_last, parse_crop_program(program));
+                    input_scale, out_dtype, channels_last, crops_per_image, parse_crop_program(program));
 }
 
 }  // namespace

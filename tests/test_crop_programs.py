@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 from helpers import DEVICE
-from test_resized_crops import FLOAT_ATOL, check_crops, random_boxes, random_images
+from test_resized_crops import FLOAT_ATOL, check_crops, random_boxes, random_images, reference
 
+import fastssl
 from fastssl.ops import resized_crops
 from fastssl.ops._crops import _pack, _resized_crops
 
@@ -119,13 +120,34 @@ def test_program_channels_dtypes_layouts(program):
 
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_program_on_photos(program):
-    """The sample photos scikit-learn ships, to DINO's crop sizes, uint8 in, normalised float out."""
+    """The sample photos scikit-learn ships to DINO's crops as MultiCrop samples them (crop-major, made
+    image by image: crops_per_image), uint8 in, normalised float out."""
     datasets = pytest.importorskip("sklearn.datasets")
     photos = [torch.from_numpy(im.copy()).permute(2, 0, 1).contiguous() for im in datasets.load_sample_images().images]
-    boxes = random_boxes([tuple(p.shape[1:]) for p in photos], 4)
-    for size in (96, 224):
-        out = run(program, photos, boxes, size)
-        check_crops(out, photos, boxes, size, "bilinear", True, what=f"{program} photo")
+    mc = fastssl.MultiCrop(224, 96, 2, 3)
+    params = mc.sample_params(photos, torch.Generator().manual_seed(int(torch.randint(2**31, ()))))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    for boxes, flips, size, K in ((params.global_boxes, params.global_flips, 224, 2),
+                                  (params.local_boxes, params.local_flips, 96, 3)):
+        boxes = boxes.round()  # integer boxes: torchvision's resized_crop takes no others
+        out = run(program, photos, boxes, size, flips=flips, interpolation="bicubic", mean=mean, std=std,
+                  crops_per_image=K)
+        for n, box in enumerate(boxes.tolist()):
+            ref = reference(photos[int(box[0])], box, size, "bicubic", True, bool(flips[n]))
+            err = (out[n].cpu() - (ref / 255 - m) / s).abs().max().item()
+            assert err <= FLOAT_ATOL / 255 / min(std), f"{program} crop {n} of {K} per image: {err:.3g}"
+        # The order the crops are made in does not change them.
+        same = run(program, photos, boxes, size, flips=flips, interpolation="bicubic", mean=mean, std=std)
+        torch.testing.assert_close(out, same, atol=0, rtol=0)
+
+
+def test_crops_per_image_must_divide_the_boxes():
+    images = [torch.rand(3, 10, 10)] * 2
+    boxes = torch.tensor([[0, 0, 0, 10, 10.0], [1, 0, 0, 10, 10], [0, 1, 1, 5, 5]])
+    for program in PROGRAMS:
+        with pytest.raises(RuntimeError, match="crops_per_image must be 0 or divide the number of boxes"):
+            run(program, images, boxes, 4, crops_per_image=2)
 
 
 def test_program_name_is_checked():
@@ -136,16 +158,39 @@ def test_program_name_is_checked():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to run the CUDA kernels")
 @pytest.mark.parametrize("program", PROGRAMS)
-def test_cuda_program_equals_its_cpu_emulation(program):
-    """The CUDA kernel and its emulation on the CPU: the same steps, so the same values up to fused
-    multiply-adds (which the GPU compiler may form and the CPU one does not)."""
-    shapes = [(120, 90), (33, 200), (7, 9), (400, 70)]
-    images = random_images(torch.uint8, shapes)
-    boxes = torch.cat([random_boxes(shapes, 40), torch.tensor([[3, 0, 0, 400, 70]], dtype=torch.float32)])
-    flips = torch.rand(boxes.shape[0]) < 0.5
-    kw = dict(flips=flips, interpolation="bicubic", mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])
-    for size in (9, 48):
-        gpu = run(program, images, boxes, size, **kw)
-        cpu = _resized_crops(_pack(images), boxes, size, check_on_host=True, program=program, antialias=True,
-                             out_dtype=torch.float32, channels_last=False, **kw)
-        torch.testing.assert_close(gpu.cpu(), cpu, atol=FLOAT_ATOL / 255, rtol=1e-4)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("antialias", [True, False])
+def test_cuda_program_equals_its_cpu_emulation(program, mode, antialias):
+    """The CUDA kernel and its emulation on the CPU run the same steps: equal up to the rounding of
+    fused multiply-adds, which the GPU compiler forms and the CPU one does not. ImageNet-size images
+    to DINO's crops, small odd ones, 1/3/4 channels, uint8 and fp16 images, every out dtype."""
+    shapes = [(375, 500), (120, 90), (33, 200), (7, 9), (400, 70)]
+    mc = fastssl.MultiCrop(224, 96, 2, 4)
+    for C, in_dtype in ((3, torch.uint8), (1, torch.uint8), (4, torch.float16)):
+        images = [im.to(in_dtype) for im in random_images(torch.uint8, shapes, C=C)]
+        params = mc.sample_params(images, torch.Generator().manual_seed(int(torch.randint(2**31, ()))))
+        for boxes, size in ((params.global_boxes, 224), (params.local_boxes, 96), (random_boxes(shapes, 30), 37)):
+            flips = torch.rand(boxes.shape[0]) < 0.5
+            for out_dtype, norm in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                                    (torch.uint8, False)):
+                kw = dict(flips=flips, interpolation=mode, antialias=antialias, out_dtype=out_dtype,
+                          mean=[0.5] * C if norm else None, std=[0.25] * C if norm else None)
+                gpu = run(program, images, boxes, size, channels_last=C == 4, **kw).cpu().float()
+                cpu = run_on_cpu(program, images, boxes, size, **kw).float()
+                what = f"C={C} {in_dtype}->{out_dtype} norm={norm} size={size}"
+                if out_dtype == torch.uint8:
+                    assert (gpu - cpu).abs().max() <= 1, what
+                else:
+                    scale = 1 / (255 * 0.25) if norm else 1.0
+                    tol = FLOAT_ATOL * scale if out_dtype == torch.float32 else 1e-2 * (cpu.abs().max().item() + 1)
+                    torch.testing.assert_close(gpu, cpu, atol=tol, rtol=1e-4 if out_dtype == torch.float32 else 1e-2,
+                                               msg=lambda m, w=what: f"{w}: {m}")
+
+
+def run_on_cpu(program, images, boxes, size, **kw):
+    """The program emulated on the CPU, on the same inputs."""
+    args = dict(flips=None, interpolation="bilinear", antialias=True, mean=None, std=None, out_dtype=torch.float32,
+                channels_last=False)
+    args.update(kw)
+    return _resized_crops(_pack([im.cpu() for im in images]), boxes.cpu(), size, check_on_host=True, program=program,
+                          **args)

@@ -301,6 +301,11 @@ def test_errors():
         (dict(images=img, boxes=ok, std=[1.0, 0.0, 1.0]), "std must be non-zero"),
         (dict(images=img, boxes=ok, mean=[0.5] * 3, out_dtype=torch.uint8), "cannot hold normalised"),
         (dict(images=img, boxes=ok, out_dtype=torch.int32), "out_dtype must be one of"),
+        # 2**31 elements in one image (never touched: the check comes first), as a batch and in a list.
+        (dict(images=torch.empty((1, 2, 2**15, 2**15), dtype=torch.uint8, device=DEVICE), boxes=ok),
+         "fewer than 2\\*\\*31"),
+        (dict(images=[torch.empty((2, 2**15, 2**15), dtype=torch.uint8, device=DEVICE)], boxes=ok),
+         "fewer than 2\\*\\*31"),
     ]
     for kwargs, match in cases:
         kwargs.setdefault("size", 8)

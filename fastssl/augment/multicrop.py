@@ -140,8 +140,11 @@ class MultiCrop(torch.nn.Module):
         packed = _pack(images)
         kw = dict(interpolation=self.interpolation, antialias=self.antialias, mean=self.mean, std=self.std,
                   out_dtype=self.out_dtype, channels_last=self.channels_last, check_on_host=not params.sampled)
-        g = _resized_crops(packed, params.global_boxes, self.global_size, flips=params.global_flips, **kw)
-        loc = _resized_crops(packed, params.local_boxes, self.local_size, flips=params.local_flips, **kw)
+        # Sampled boxes are crop-major: crops_per_image lets the GPU make them image by image.
+        g = _resized_crops(packed, params.global_boxes, self.global_size, flips=params.global_flips,
+                           crops_per_image=self.n_global if params.sampled else 0, **kw)
+        loc = _resized_crops(packed, params.local_boxes, self.local_size, flips=params.local_flips,
+                             crops_per_image=self.n_local if params.sampled else 0, **kw)
         return g, loc
 
     def forward(self, images, generator: torch.Generator | None = None, return_params: bool = False):

@@ -41,6 +41,12 @@ class Packed(NamedTuple):
     channels: int
 
 
+def _check_image_elements(largest: int) -> None:
+    if largest >= 2**31:
+        raise ValueError(f"resized_crops: an image has {largest} elements (C*H*W); the kernels index inside one "
+                         "image with 32-bit offsets, so each image must have fewer than 2**31")
+
+
 def _pack(images) -> Packed:
     """The images (a batch tensor or a list of [C, H, W] tensors) as one flat buffer."""
     if isinstance(images, torch.Tensor):
@@ -52,6 +58,7 @@ def _pack(images) -> Packed:
         B, C, H, W = images.shape
         if B == 0 or C == 0 or H == 0 or W == 0:
             raise ValueError(f"resized_crops: images has an empty dimension: {tuple(images.shape)}")
+        _check_image_elements(C * H * W)
         data = images.contiguous().view(-1)
         info = [(b * C * H * W, H, W) for b in range(B)]
     else:
@@ -71,6 +78,7 @@ def _pack(images) -> Packed:
             if im.dtype != dtype or im.device != device:
                 raise ValueError(f"resized_crops: images[{i}] is {im.dtype} on {im.device} but images[0] is {dtype} "
                                  f"on {device}")
+        _check_image_elements(max(im.numel() for im in images))
         data = torch.cat([im.reshape(-1) for im in images])
         info, offset = [], 0
         for im in images:
@@ -183,11 +191,14 @@ def resized_crops(images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Te
 
 
 def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antialias, mean, std, out_dtype,
-                   channels_last, check_on_host: bool, program: str | None = None) -> torch.Tensor:
+                   channels_last, check_on_host: bool, crops_per_image: int = 0,
+                   program: str | None = None) -> torch.Tensor:
     """:func:`resized_crops` of packed images. ``check_on_host=False`` (boxes valid by construction,
     e.g. ``MultiCrop``'s) checks the box values on the device instead: a device-side assert rather
-    than a ValueError naming the box, and no host sync. ``program`` ("pixel" or "tiled") runs that
-    GPU program of ``csrc/crop_programs.h``: on CUDA for the benchmark, emulated on CPU for the tests."""
+    than a ValueError naming the box, and no host sync. ``crops_per_image=K > 0`` says the boxes are
+    crop-major (box ``k * N / K + i`` is crop k of image i, as MultiCrop samples them): the CUDA kernel
+    then makes them image by image, each image read once into L2. ``program`` ("pixel" or "tiled") runs
+    that GPU program of ``csrc/crop_programs.h``: on CUDA for the benchmark, emulated on CPU for the tests."""
     data, image_info, C = packed.data, packed.image_info, packed.channels
     device = data.device
     if hasattr(interpolation, "value"):  # torchvision's InterpolationMode
@@ -227,7 +238,7 @@ def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antiali
     if not _op_ready:
         _load_op()
     args = (data, image_info, boxes, flips, C, size, interpolation, bool(antialias), mean_t, std_t, input_scale,
-            out_dtype, bool(channels_last))
+            out_dtype, bool(channels_last), int(crops_per_image))
     if program is not None:
         return torch.ops.fastssl._resized_crops_program(*args, program)
     return torch.ops.fastssl.resized_crops(*args)
@@ -243,7 +254,7 @@ def _register_fake() -> None:
         return
 
     def fake(data, image_info, boxes, flips, channels, size, interpolation, antialias, mean, std, input_scale,
-             out_dtype, channels_last, program=None):
+             out_dtype, channels_last, crops_per_image=0, program=None):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty((boxes.shape[0], channels, size, size), dtype=out_dtype, device=data.device,
                            memory_format=fmt)
