@@ -307,8 +307,10 @@ def notes(preset_name: str, preset: Preset, records: Sequence[dict], device: tor
              f"{preset.authors_images} images of the batch).",
              "`fastssl-dino` and `authors-cpu` run the full DINO pipeline (colour jitter, grayscale, blur, "
              "solarisation); the others crops only (`authors-cpu-crops` is the authors' crop-only part).",
-             "Bytes (fastssl): uint8 source read once + float32 crops written once, against the measured copy "
-             "bandwidth; `max_abs_err`: fastssl's crops against torchvision's resized_crop on the same boxes."]
+             "`fastssl-op`: the crop op alone on boxes sampled once (on a GPU the tiled program); "
+             "`fastssl-op-pixel` (GPU only): the same op with the one-thread-per-pixel program it replaced.",
+             "Bytes (fastssl, fastssl-op*): uint8 source read once + float32 crops written once, against the measured "
+             "copy bandwidth; `max_abs_err`: fastssl's crops against torchvision's resized_crop on the same boxes."]
     if device.type != "cuda":
         lines.append(f"CPU run on {torch.get_num_threads()} threads: `fastssl` is the C++ op "
                      "(at::parallel_for over crops), `torchvision-loop` the same cores.")
