@@ -172,11 +172,12 @@ constexpr int kTileX = 32;
 constexpr int kTileThreads = 256;
 constexpr int kTileGroups = kTileThreads / kTileX;            // thread tid: column tid % 32, group tid / 32
 constexpr int kTilePixels = kTileY * kTileX / kTileThreads;  // output pixels per thread
-constexpr int kTileRows = 64;                                 // source rows per horizontal pass
+constexpr int kTileRows = 64;                                 // source rows per pass, at most
 constexpr int kRowsPerThread = kTileRows / kTileGroups;       // of them, per thread
 constexpr int kRowsAtOnce = 4;                                // of those, summed together
 constexpr int kTileChannels = 3;                              // channels per pass: RGB in one
 constexpr int kTileTaps = 16;                                 // widest window tabulated
+constexpr int kStageBytes = 24576;                            // the staged source rows of a pass
 static_assert(kTileThreads % kTileX == 0 && kTileY % kTileGroups == 0, "a warp's pixels share a row");
 static_assert(kTileRows % kTileGroups == 0 && kRowsPerThread % kRowsAtOnce == 0, "rows shared out evenly");
 static_assert(kTileX + kTileY <= kTileThreads, "one thread per tap table");
@@ -189,11 +190,14 @@ struct TileTaps {
   float weight[kTileTaps];
 };
 
+// Shared memory of a block: the tap tables and the horizontal pass's output; the staged source
+// rows (kStageBytes, of the images' dtype) follow it in the same allocation.
 struct TileShared {
   TileTaps cols[kTileX];
   TileTaps rows[kTileY];
   float tmp[kTileChannels][kTileRows][kTileX];
 };
+constexpr int kTileSharedBytes = static_cast<int>(sizeof(TileShared)) + kStageBytes;
 
 // A thread's accumulators: its kTilePixels pixels times kTileChannels channels.
 struct TileAcc {
@@ -201,24 +205,27 @@ struct TileAcc {
 };
 
 // The steps of one block of the tiled program: block `block` of a grid of N * tiles_y * tiles_x.
+// The steps that touch channels take their count NC (1 to kTileChannels) as a template argument.
 template <typename in_t, typename out_t>
 struct CropTile {
   const CropArgs<in_t, out_t>& a;
   TileShared& sh;
-  int64_t n, y0, x0;
+  in_t* stage;  // [NC][rows][ncols] source pixels of one pass
+  int64_t n;
+  int32_t y0, x0;
   CropSource s;
   const in_t* image;  // the crop's image; offsets from here are int32
   int32_t W, plane;
 
-  FASTSSL_HD CropTile(const CropArgs<in_t, out_t>& args, TileShared& shared, int64_t block, int64_t tiles_x,
-                      int64_t tiles_y)
-      : a(args), sh(shared) {
-    const int64_t per_crop = tiles_x * tiles_y;
+  FASTSSL_HD CropTile(const CropArgs<in_t, out_t>& args, TileShared& shared, unsigned char* stage_bytes,
+                      int64_t block, int32_t tiles_x, int32_t tiles_y)
+      : a(args), sh(shared), stage(reinterpret_cast<in_t*>(stage_bytes)) {
+    const int32_t per_crop = tiles_x * tiles_y;
     const int64_t q = block / per_crop;
+    const int32_t t = static_cast<int32_t>(block - q * per_crop);
     // Image by image when the boxes are crop-major (K > 0), else in the order given.
     const int64_t K = a.crops_per_image;
     n = K > 0 ? (q % K) * (a.N / K) + q / K : q;
-    const int64_t t = block - q * per_crop;
     y0 = (t / tiles_x) * kTileY;
     x0 = (t % tiles_x) * kTileX;
     s = crop_source(a, n);
@@ -228,7 +235,8 @@ struct CropTile {
   }
 
   // Step 1: thread j < kTileX tabulates column x0 + j, the next kTileY threads row y0 + j. Returns
-  // whether its window is too wide for the table (the block then runs the pixel program).
+  // whether its window is too wide for the table (the block then runs the pixel program). The
+  // weights are tap()'s, each filter value computed once.
   FASTSSL_HD bool tables(int tid) const {
     TileTaps* t;
     int64_t i;
@@ -259,12 +267,24 @@ struct CropTile {
     return false;
   }
 
-  // The source rows the tile's vertical taps reach, [row_lo, row_hi): a row's taps are clamp(first + k),
-  // increasing in k and in the output row, so the first row's first tap and the last row's last bound them.
-  FASTSSL_HD int64_t row_lo() const { return sh.rows[0].index[0]; }
-  FASTSSL_HD int64_t row_hi() const {
-    const TileTaps& last = sh.rows[(a.S - y0 < kTileY ? a.S - y0 : kTileY) - 1];
-    return static_cast<int64_t>(last.index[last.count - 1]) + 1;
+  // What the tables say, read by every thread after step 1. Taps are clamp(first + k): increasing in
+  // k and in the output index (decreasing along a flipped crop's columns), so the first and last
+  // valid row or column bound them.
+  FASTSSL_HD int32_t last_row() const { return (a.S - y0 < kTileY ? static_cast<int32_t>(a.S) - y0 : kTileY) - 1; }
+  FASTSSL_HD int32_t last_col() const { return (a.S - x0 < kTileX ? static_cast<int32_t>(a.S) - x0 : kTileX) - 1; }
+  FASTSSL_HD int32_t row_lo() const { return sh.rows[0].index[0]; }
+  FASTSSL_HD int32_t row_hi() const {
+    const TileTaps& r = sh.rows[last_row()];
+    return r.index[r.count - 1] + 1;
+  }
+  FASTSSL_HD int32_t col_lo() const {
+    const int32_t a0 = sh.cols[0].index[0], b0 = sh.cols[last_col()].index[0];
+    return a0 < b0 ? a0 : b0;
+  }
+  FASTSSL_HD int32_t col_hi() const {
+    const TileTaps &f = sh.cols[0], &l = sh.cols[last_col()];
+    const int32_t a1 = f.index[f.count - 1], b1 = l.index[l.count - 1];
+    return (a1 > b1 ? a1 : b1) + 1;
   }
 
   // A `wide` block: the pixel program for this thread's pixels.
@@ -275,30 +295,61 @@ struct CropTile {
     }
   }
 
-  // Step 2a: channels [c0, c0 + nc), source rows [r0, r0 + nr) resampled along x into tmp. The
-  // thread's rows go kRowsAtOnce at a time (each tap's weight and index read once per batch of rows):
-  // more at once costs registers (and so resident blocks) for fewer shared-memory reads.
-  FASTSSL_HD void horizontal(int tid, int64_t c0, int nc, int64_t r0, int nr) const {
+  // Step 2a: channels [c0, c0 + NC) of source rows [r0, r0 + nr), columns [cx0, cx0 + ncols) into
+  // stage, a warp per row and a lane per column: coalesced reads, each source pixel read once.
+  template <int NC>
+  FASTSSL_HD void load_stage(int tid, int32_t c0, int32_t r0, int nr, int32_t cx0, int ncols) const {
+    const int lane = tid % kTileX, warp = tid / kTileX;
+    for (int c = 0; c < NC; ++c) {
+      for (int r = warp; r < nr; r += kTileGroups) {
+        const int32_t from = (c0 + c) * plane + (r0 + r) * W + cx0;
+        in_t* to = stage + (c * nr + r) * ncols;
+        for (int col = lane; col < ncols; col += kTileX) to[col] = source_pixel(c0 + c, r0 + r, cx0 + col, from + col);
+      }
+    }
+  }
+
+  // Pixel (c, row, col) of the crop's image, at `offset`; the CPU emulation checks that it is one.
+  FASTSSL_HD in_t source_pixel(int32_t c, int32_t row, int32_t col, int32_t offset) const {
+#if defined(FASTSSL_CHECK_READS) && !defined(__CUDA_ARCH__)
+    TORCH_CHECK(c >= 0 && c < a.C && row >= 0 && row < s.H && col >= 0 && col < s.W &&
+                    offset == c * plane + row * W + col,
+                "resized_crops program: read of pixel (", c, ", ", row, ", ", col, ") of an image of ", a.C, "x",
+                s.H, "x", s.W);
+#endif
+    (void)c, (void)row, (void)col;
+    return image[offset];
+  }
+
+  // Step 2b: the staged rows resampled along x into tmp. A thread owns one column and the rows
+  // g, g + kTileGroups, ...; a tap's weight and index are read once per kRowsAtOnce rows.
+  template <int NC>
+  FASTSSL_HD void horizontal(int tid, int nr, int32_t cx0, int ncols) const {
     const int x = tid % kTileX, g = tid / kTileX;
     const TileTaps& t = sh.cols[x];
-    const int32_t size = static_cast<int32_t>(a.C) * plane;
+    const int32_t channel = nr * ncols;
     for (int j0 = 0; j0 < kRowsPerThread && g + j0 * kTileGroups < nr; j0 += kRowsAtOnce) {
-      float acc[kRowsAtOnce][kTileChannels] = {};
-      const int32_t line = static_cast<int32_t>(c0) * plane + static_cast<int32_t>(r0 + g + j0 * kTileGroups) * W;
+      // Rows past nr read staged rows that exist (clamped); their sums are not stored.
+      float acc[kRowsAtOnce][NC] = {};
+      int32_t line[kRowsAtOnce];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kRowsAtOnce; ++j) {
+        const int r = g + (j0 + j) * kTileGroups;
+        line[j] = (r < nr ? r : nr - 1) * ncols - cx0;
+      }
       for (int k = 0; k < t.count; ++k) {
         const float w = t.weight[k];
-        const int32_t o = line + t.index[k];
+        const int32_t ix = t.index[k];
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
         for (int j = 0; j < kRowsAtOnce; ++j) {
-          if (g + (j0 + j) * kTileGroups >= nr) break;  // the same for a whole warp
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-          for (int c = 0; c < kTileChannels; ++c) {
-            if (c < nc) acc[j][c] += w * read_source(image, o + j * kTileGroups * W + c * plane, size);
-          }
+          for (int c = 0; c < NC; ++c) acc[j][c] += w * static_cast<float>(stage[c * channel + line[j] + ix]);
         }
       }
 #if defined(__CUDACC__)
@@ -306,15 +357,17 @@ struct CropTile {
 #endif
       for (int j = 0; j < kRowsAtOnce; ++j) {
         const int r = g + (j0 + j) * kTileGroups;
-        if (r >= nr) break;
-        for (int c = 0; c < kTileChannels; ++c) sh.tmp[c][r][x] = acc[j][c];
+        if (r < nr) {
+          for (int c = 0; c < NC; ++c) sh.tmp[c][r][x] = acc[j][c];
+        }
       }
     }
   }
 
-  // Step 2b: the vertical taps of this thread's pixels that land in rows [r0, r0 + nr) (all of them
-  // when the tile's rows fit one pass: `one_pass`).
-  FASTSSL_HD void vertical(int tid, int nc, int64_t r0, int nr, bool one_pass, TileAcc& acc) const {
+  // Step 2c: the vertical taps of this thread's pixels that land in rows [r0, r0 + nr); with
+  // ONE_PASS (the tile's rows fit one pass) all of them, unchecked.
+  template <int NC, bool ONE_PASS>
+  FASTSSL_HD void vertical(int tid, int32_t r0, int nr, TileAcc& acc) const {
     const int x = tid % kTileX;
 #if defined(__CUDACC__)
 #pragma unroll
@@ -322,46 +375,71 @@ struct CropTile {
     for (int p = 0; p < kTilePixels; ++p) {
       const TileTaps& t = sh.rows[tid / kTileX + p * kTileGroups];
       for (int k = 0; k < t.count; ++k) {
-        const int r = static_cast<int>(t.index[k] - r0);
-        if (!one_pass && (r < 0 || r >= nr)) continue;
+        const int r = t.index[k] - r0;
+        if (!ONE_PASS && (r < 0 || r >= nr)) continue;
         const float w = t.weight[k];
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-        for (int c = 0; c < kTileChannels; ++c) {
-          if (c < nc) acc.v[p][c] += w * sh.tmp[c][r][x];
-        }
+        for (int c = 0; c < NC; ++c) acc.v[p][c] += w * sh.tmp[c][r][x];
       }
     }
   }
 
-  // Step 3: normalise and store channels [c0, c0 + nc) of this thread's pixels.
-  FASTSSL_HD void store(int tid, int64_t c0, int nc, const TileAcc& acc) const {
-    float mult[kTileChannels], shift[kTileChannels];
+  // Step 3: normalise and store channels [c0, c0 + NC) of this thread's pixels.
+  template <int NC>
+  FASTSSL_HD void store(int tid, int32_t c0, const TileAcc& acc) const {
+    float mult[NC], shift[NC];
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-    for (int c = 0; c < kTileChannels; ++c) {
-      const float inv = a.stdev != nullptr && c < nc ? 1.f / a.stdev[c0 + c] : 1.f;
+    for (int c = 0; c < NC; ++c) {
+      float inv = 1.f;
+      if (a.stdev != nullptr) {
+#if defined(__CUDA_ARCH__)
+        inv = __frcp_rn(a.stdev[c0 + c]);  // correctly rounded, as 1.f / x, without its slow path
+#else
+        inv = 1.f / a.stdev[c0 + c];
+#endif
+      }
       mult[c] = a.input_scale * inv;
-      shift[c] = a.mean != nullptr && c < nc ? -a.mean[c0 + c] * inv : 0.f;
+      shift[c] = a.mean != nullptr ? -a.mean[c0 + c] * inv : 0.f;
     }
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
     for (int p = 0; p < kTilePixels; ++p) {
-      const int64_t y = y0 + tid / kTileX + p * kTileGroups, x = x0 + tid % kTileX;
+      const int32_t y = y0 + tid / kTileX + p * kTileGroups, x = x0 + tid % kTileX;
       if (y >= a.S || x >= a.S) continue;
-      out_t* o = a.dst + n * a.sn + y * a.sy + x * a.sx;
+      out_t* o = a.dst + n * a.sn + y * a.sy + x * a.sx + c0 * a.sc;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-      for (int c = 0; c < kTileChannels; ++c) {
-        if (c < nc) o[(c0 + c) * a.sc] = store_value<out_t>(acc.v[p][c] * mult[c] + shift[c]);
-      }
+      for (int c = 0; c < NC; ++c, o += a.sc) *o = store_value<out_t>(acc.v[p][c] * mult[c] + shift[c]);
     }
   }
 };
+
+// One channel pass (NC channels from c0) of the tiled program.
+template <int NC, typename in_t, typename out_t, typename Block>
+FASTSSL_HD void run_channels(const CropTile<in_t, out_t>& tile, Block& block, int32_t c0, int32_t lo, int32_t hi,
+                             int32_t cx0, int ncols) {
+  // As many rows a pass as the stage holds (64 at most: tmp's rows).
+  const int fit = kStageBytes / (NC * ncols * static_cast<int>(sizeof(in_t)));
+  const int rows = fit < kTileRows ? fit : kTileRows;
+  block.own([&](int tid) { block.acc(tid) = TileAcc{}; });
+  for (int32_t r0 = lo; r0 < hi; r0 += rows) {
+    const int nr = hi - r0 < rows ? hi - r0 : rows;
+    block.each([&](int tid) { tile.template load_stage<NC>(tid, c0, r0, nr, cx0, ncols); });
+    block.each([&](int tid) { tile.template horizontal<NC>(tid, nr, cx0, ncols); });
+    if (hi - lo <= rows) {
+      block.each([&](int tid) { tile.template vertical<NC, true>(tid, r0, nr, block.acc(tid)); });
+    } else {
+      block.each([&](int tid) { tile.template vertical<NC, false>(tid, r0, nr, block.acc(tid)); });
+    }
+  }
+  block.own([&](int tid) { tile.template store<NC>(tid, c0, block.acc(tid)); });
+}
 
 // The tiled program's step sequence, for a `Block` that runs a step on every thread and then waits
 // for all of them (`each`; `each_or` also ORs what the step returned on each thread), runs a step
@@ -372,17 +450,21 @@ FASTSSL_HD void run_tile(const CropTile<in_t, out_t>& tile, Block& block) {
     block.own([&](int tid) { tile.pixels(tid); });
     return;
   }
-  const int64_t lo = tile.row_lo(), hi = tile.row_hi(), C = tile.a.C;
-  const bool one_pass = hi - lo <= kTileRows;
-  for (int64_t c0 = 0; c0 < C; c0 += kTileChannels) {
-    const int nc = static_cast<int>(C - c0 < kTileChannels ? C - c0 : kTileChannels);
-    block.own([&](int tid) { block.acc(tid) = TileAcc{}; });
-    for (int64_t r0 = lo; r0 < hi; r0 += kTileRows) {
-      const int nr = static_cast<int>(hi - r0 < kTileRows ? hi - r0 : kTileRows);
-      block.each([&](int tid) { tile.horizontal(tid, c0, nc, r0, nr); });
-      block.each([&](int tid) { tile.vertical(tid, nc, r0, nr, one_pass, block.acc(tid)); });
+  const int32_t lo = tile.row_lo(), hi = tile.row_hi(), cx0 = tile.col_lo(), ncols = tile.col_hi() - cx0;
+  if (kStageBytes / (kTileChannels * ncols * static_cast<int>(sizeof(in_t))) < 1) {
+    block.own([&](int tid) { tile.pixels(tid); });  // a tile wider than the stage: not with <= 16 taps
+    return;
+  }
+  const int32_t C = static_cast<int32_t>(tile.a.C);
+  for (int32_t c0 = 0; c0 < C; c0 += kTileChannels) {
+    const int32_t nc = C - c0;
+    if (nc >= 3) {
+      run_channels<3>(tile, block, c0, lo, hi, cx0, ncols);
+    } else if (nc == 2) {
+      run_channels<2>(tile, block, c0, lo, hi, cx0, ncols);
+    } else {
+      run_channels<1>(tile, block, c0, lo, hi, cx0, ncols);
     }
-    block.own([&](int tid) { tile.store(tid, c0, nc, block.acc(tid)); });
   }
 }
 

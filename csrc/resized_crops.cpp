@@ -18,8 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 // The CPU runs the GPU programs only to test them: every source read checked (crop_programs.h).
@@ -327,14 +327,18 @@ void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
     return;
   }
   const int64_t tiles_x = tiles_along(a.S, kTileX), tiles_y = tiles_along(a.S, kTileY);
+  static_assert(sizeof(TileShared) % 16 == 0, "the stage follows TileShared, 16-byte aligned");
   at::parallel_for(0, a.N * tiles_x * tiles_y, 1, [&](int64_t begin, int64_t end) {
-    auto shared = std::make_unique<TileShared>();
+    std::vector<std::max_align_t> memory(kTileSharedBytes / sizeof(std::max_align_t) + 1);
+    unsigned char* smem = reinterpret_cast<unsigned char*>(memory.data());
     EmulatedBlock block;
     for (int64_t b = begin; b < end; ++b) {
       // Poisoned, as a GPU's shared memory holds whatever the last block left there.
       block.reverse = b % 2 == 1;
-      std::memset(static_cast<void*>(shared.get()), block.reverse ? 0x7f : 0xff, sizeof(TileShared));
-      run_tile(CropTile<in_t, out_t>(a, *shared, b, tiles_x, tiles_y), block);
+      std::memset(smem, block.reverse ? 0x7f : 0xff, kTileSharedBytes);
+      run_tile(CropTile<in_t, out_t>(a, *reinterpret_cast<TileShared*>(smem), smem + sizeof(TileShared), b,
+                                     static_cast<int32_t>(tiles_x), static_cast<int32_t>(tiles_y)),
+               block);
     }
   });
 }
