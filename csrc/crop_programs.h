@@ -173,13 +173,11 @@ constexpr int kTileThreads = 256;
 constexpr int kTileGroups = kTileThreads / kTileX;            // thread tid: column tid % 32, group tid / 32
 constexpr int kTilePixels = kTileY * kTileX / kTileThreads;  // output pixels per thread
 constexpr int kTileRows = 64;                                 // source rows per pass, at most
-constexpr int kRowsPerThread = kTileRows / kTileGroups;       // of them, per thread
-constexpr int kRowsAtOnce = 4;                                // of those, summed together
+constexpr int kRowsAtOnce = 4;                                // of them, summed together by a thread
 constexpr int kTileChannels = 3;                              // channels per pass: RGB in one
 constexpr int kTileTaps = 16;                                 // widest window tabulated
 constexpr int kStageBytes = 24576;                            // the staged source rows of a pass
 static_assert(kTileThreads % kTileX == 0 && kTileY % kTileGroups == 0, "a warp's pixels share a row");
-static_assert(kTileRows % kTileGroups == 0 && kRowsPerThread % kRowsAtOnce == 0, "rows shared out evenly");
 static_assert(kTileX + kTileY <= kTileThreads, "one thread per tap table");
 
 // One output column's (or row's) taps: 2 * kTileTaps + 1 words, an odd stride, so that 32 threads
@@ -217,17 +215,18 @@ struct CropTile {
   const in_t* image;  // the crop's image; offsets from here are int32
   int32_t W, plane;
 
+  // 32-bit block arithmetic: a launch has fewer than 2^31 blocks and crops (checked before it).
   FASTSSL_HD CropTile(const CropArgs<in_t, out_t>& args, TileShared& shared, unsigned char* stage_bytes,
-                      int64_t block, int32_t tiles_x, int32_t tiles_y)
+                      uint32_t block, uint32_t tiles_x, uint32_t tiles_y)
       : a(args), sh(shared), stage(reinterpret_cast<in_t*>(stage_bytes)) {
-    const int32_t per_crop = tiles_x * tiles_y;
-    const int64_t q = block / per_crop;
-    const int32_t t = static_cast<int32_t>(block - q * per_crop);
+    const uint32_t per_crop = tiles_x * tiles_y;
+    const uint32_t q = block / per_crop;
+    const uint32_t t = block - q * per_crop;
     // Image by image when the boxes are crop-major (K > 0), else in the order given.
-    const int64_t K = a.crops_per_image;
-    n = K > 0 ? (q % K) * (a.N / K) + q / K : q;
-    y0 = (t / tiles_x) * kTileY;
-    x0 = (t % tiles_x) * kTileX;
+    const uint32_t K = static_cast<uint32_t>(a.crops_per_image);
+    n = K > 0 ? (q % K) * (static_cast<uint32_t>(a.N) / K) + q / K : q;
+    y0 = static_cast<int32_t>(t / tiles_x) * kTileY;
+    x0 = static_cast<int32_t>(t % tiles_x) * kTileX;
     s = crop_source(a, n);
     image = a.src + s.offset;
     W = static_cast<int32_t>(s.W);
@@ -321,14 +320,15 @@ struct CropTile {
     return image[offset];
   }
 
-  // Step 2b: the staged rows resampled along x into tmp. A thread owns one column and the rows
-  // g, g + kTileGroups, ...; a tap's weight and index are read once per kRowsAtOnce rows.
+  // Step 2b: the staged rows resampled along x into tmp. A thread owns one column; the pass's rows
+  // go in groups of kRowsAtOnce consecutive ones, group m to warp m % kTileGroups (so that 39 rows
+  // take 10 group-steps, not 8 warps x 2); a tap's weight and index are read once per group.
   template <int NC>
   FASTSSL_HD void horizontal(int tid, int nr, int32_t cx0, int ncols) const {
     const int x = tid % kTileX, g = tid / kTileX;
     const TileTaps& t = sh.cols[x];
     const int32_t channel = nr * ncols;
-    for (int j0 = 0; j0 < kRowsPerThread && g + j0 * kTileGroups < nr; j0 += kRowsAtOnce) {
+    for (int first = g * kRowsAtOnce; first < nr; first += kTileGroups * kRowsAtOnce) {
       // Rows past nr read staged rows that exist (clamped); their sums are not stored.
       float acc[kRowsAtOnce][NC] = {};
       int32_t line[kRowsAtOnce];
@@ -336,7 +336,7 @@ struct CropTile {
 #pragma unroll
 #endif
       for (int j = 0; j < kRowsAtOnce; ++j) {
-        const int r = g + (j0 + j) * kTileGroups;
+        const int r = first + j;
         line[j] = (r < nr ? r : nr - 1) * ncols - cx0;
       }
       for (int k = 0; k < t.count; ++k) {
@@ -356,7 +356,7 @@ struct CropTile {
 #pragma unroll
 #endif
       for (int j = 0; j < kRowsAtOnce; ++j) {
-        const int r = g + (j0 + j) * kTileGroups;
+        const int r = first + j;
         if (r < nr) {
           for (int c = 0; c < NC; ++c) sh.tmp[c][r][x] = acc[j][c];
         }
@@ -397,7 +397,7 @@ struct CropTile {
       float inv = 1.f;
       if (a.stdev != nullptr) {
 #if defined(__CUDA_ARCH__)
-        inv = __frcp_rn(a.stdev[c0 + c]);  // correctly rounded, as 1.f / x, without its slow path
+        inv = __frcp_rn(a.stdev[c0 + c]);  // correctly rounded, as 1.f / x
 #else
         inv = 1.f / a.stdev[c0 + c];
 #endif

@@ -328,6 +328,7 @@ void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
   }
   const int64_t tiles_x = tiles_along(a.S, kTileX), tiles_y = tiles_along(a.S, kTileY);
   static_assert(sizeof(TileShared) % 16 == 0, "the stage follows TileShared, 16-byte aligned");
+  TORCH_CHECK(a.N * tiles_x * tiles_y < (int64_t{1} << 31), "resized_crops: too many crops for one launch");
   at::parallel_for(0, a.N * tiles_x * tiles_y, 1, [&](int64_t begin, int64_t end) {
     std::vector<std::max_align_t> memory(kTileSharedBytes / sizeof(std::max_align_t) + 1);
     unsigned char* smem = reinterpret_cast<unsigned char*>(memory.data());
@@ -336,8 +337,9 @@ void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
       // Poisoned, as a GPU's shared memory holds whatever the last block left there.
       block.reverse = b % 2 == 1;
       std::memset(smem, block.reverse ? 0x7f : 0xff, kTileSharedBytes);
-      run_tile(CropTile<in_t, out_t>(a, *reinterpret_cast<TileShared*>(smem), smem + sizeof(TileShared), b,
-                                     static_cast<int32_t>(tiles_x), static_cast<int32_t>(tiles_y)),
+      run_tile(CropTile<in_t, out_t>(a, *reinterpret_cast<TileShared*>(smem), smem + sizeof(TileShared),
+                                     static_cast<uint32_t>(b), static_cast<uint32_t>(tiles_x),
+                                     static_cast<uint32_t>(tiles_y)),
                block);
     }
   });

@@ -46,7 +46,7 @@ constexpr int kTileMinBlocks = 2;
 // __grid_constant__: the programs take the arguments by reference without a per-thread copy.
 template <typename in_t, typename out_t>
 __global__ void __launch_bounds__(kTileThreads, kTileMinBlocks)
-    tiled_kernel(const __grid_constant__ CropArgs<in_t, out_t> a, int32_t tiles_x, int32_t tiles_y) {
+    tiled_kernel(const __grid_constant__ CropArgs<in_t, out_t> a, uint32_t tiles_x, uint32_t tiles_y) {
   extern __shared__ __align__(16) unsigned char smem[];  // TileShared, then the stage
   const CropTile<in_t, out_t> tile(a, *reinterpret_cast<TileShared*>(smem), smem + sizeof(TileShared), blockIdx.x,
                                    tiles_x, tiles_y);
@@ -68,13 +68,13 @@ void launch(const CropArgs<in_t, out_t>& a, CropProgram program, cudaStream_t st
   if (program == CropProgram::kTiled) {
     const int64_t tiles_x = tiles_along(a.S, kTileX), tiles_y = tiles_along(a.S, kTileY);
     const int64_t blocks = a.N * tiles_x * tiles_y;
-    TORCH_CHECK(blocks < (int64_t{1} << 31), "resized_crops: ", a.N, " crops of ", a.S, "x", a.S,
-                " need more blocks than one launch holds; split the boxes");
+    TORCH_CHECK(blocks < (int64_t{1} << 31) && a.N < (int64_t{1} << 31), "resized_crops: ", a.N, " crops of ",
+                a.S, "x", a.S, " need more blocks than one launch holds; split the boxes");
     // More than the 48 KB of shared memory a block gets without asking.
     C10_CUDA_CHECK(cudaFuncSetAttribute(tiled_kernel<in_t, out_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         kTileSharedBytes));
     tiled_kernel<in_t, out_t><<<static_cast<unsigned int>(blocks), kTileThreads, kTileSharedBytes, stream>>>(
-        a, static_cast<int32_t>(tiles_x), static_cast<int32_t>(tiles_y));
+        a, static_cast<uint32_t>(tiles_x), static_cast<uint32_t>(tiles_y));
   } else {
     const int64_t blocks = (a.N * a.S * a.S + kPixelThreads - 1) / kPixelThreads;
     const unsigned int grid = static_cast<unsigned int>(blocks < (int64_t{1} << 30) ? blocks : (int64_t{1} << 30));
