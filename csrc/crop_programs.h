@@ -63,19 +63,6 @@ FASTSSL_HD uint8_t store_value<uint8_t>(float v) {
   return static_cast<uint8_t>(fminf(fmaxf(v, 0.f), 255.f));
 }
 
-// A source pixel: element `offset` of an image of `size` elements. The CPU emulation of the programs
-// (FASTSSL_CHECK_READS, resized_crops.cpp) checks every read against its crop's image, which a GPU
-// would not report; the kernels read unchecked.
-template <typename in_t>
-FASTSSL_HD float read_source(const in_t* image, int64_t offset, int64_t size) {
-#if defined(FASTSSL_CHECK_READS) && !defined(__CUDA_ARCH__)
-  TORCH_CHECK(offset >= 0 && offset < size, "resized_crops program: read of element ", offset,
-              " of an image of ", size);
-#endif
-  (void)size;
-  return static_cast<float>(image[offset]);
-}
-
 // Everything a program reads: the packed images, the boxes and the output's layout.
 template <typename in_t, typename out_t>
 struct CropArgs {
@@ -111,6 +98,21 @@ FASTSSL_HD CropSource crop_source(const CropArgs<in_t, out_t>& a, int64_t n) {
   s.W = a.info[img * kInfoCols + 2];
   s.flip = a.flips != nullptr && a.flips[n];
   return s;
+}
+
+// Pixel (c, row, col) of a crop's image of C channels, `offset` elements from its start. The CPU
+// emulation of the programs (FASTSSL_CHECK_READS, resized_crops.cpp) checks that it is that pixel
+// and inside the image, which a GPU would not report; the kernels read unchecked.
+template <typename in_t, typename I>
+FASTSSL_HD in_t source_pixel(const in_t* image, const CropSource& s, int64_t C, I c, I row, I col, I offset) {
+#if defined(FASTSSL_CHECK_READS) && !defined(__CUDA_ARCH__)
+  TORCH_CHECK(c >= 0 && c < C && row >= 0 && row < s.H && col >= 0 && col < s.W &&
+                  static_cast<int64_t>(offset) == (static_cast<int64_t>(c) * s.H + row) * s.W + col,
+              "resized_crops program: read of pixel (", c, ", ", row, ", ", col, ") at ", offset, " of an image of ",
+              C, "x", s.H, "x", s.W);
+#endif
+  (void)s, (void)C, (void)c, (void)row, (void)col;
+  return image[offset];
 }
 
 // out = (resampled * input_scale - mean) / std = resampled * mult + shift, then the cast.
@@ -150,7 +152,7 @@ FASTSSL_HD void crop_pixel(const CropArgs<in_t, out_t>& a, int64_t n, int64_t y,
 #pragma unroll
 #endif
         for (int c = 0; c < kChannelChunk; ++c) {
-          if (c < nc) row[c] += wx * read_source(image, o + c * plane, a.C * plane);
+          if (c < nc) row[c] += wx * static_cast<float>(source_pixel(image, s, a.C, c0 + c, iy, ix, o + c * plane));
         }
       }
       for (int c = 0; c < kChannelChunk; ++c) acc[c] += wy * row[c];
@@ -303,21 +305,11 @@ struct CropTile {
       for (int r = warp; r < nr; r += kTileGroups) {
         const int32_t from = (c0 + c) * plane + (r0 + r) * W + cx0;
         in_t* to = stage + (c * nr + r) * ncols;
-        for (int col = lane; col < ncols; col += kTileX) to[col] = source_pixel(c0 + c, r0 + r, cx0 + col, from + col);
+        for (int col = lane; col < ncols; col += kTileX) {
+          to[col] = source_pixel(image, s, a.C, c0 + c, r0 + r, cx0 + col, from + col);
+        }
       }
     }
-  }
-
-  // Pixel (c, row, col) of the crop's image, at `offset`; the CPU emulation checks that it is one.
-  FASTSSL_HD in_t source_pixel(int32_t c, int32_t row, int32_t col, int32_t offset) const {
-#if defined(FASTSSL_CHECK_READS) && !defined(__CUDA_ARCH__)
-    TORCH_CHECK(c >= 0 && c < a.C && row >= 0 && row < s.H && col >= 0 && col < s.W &&
-                    offset == c * plane + row * W + col,
-                "resized_crops program: read of pixel (", c, ", ", row, ", ", col, ") of an image of ", a.C, "x",
-                s.H, "x", s.W);
-#endif
-    (void)c, (void)row, (void)col;
-    return image[offset];
   }
 
   // Step 2b: the staged rows resampled along x into tmp. A thread owns one column; the pass's rows

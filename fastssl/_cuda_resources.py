@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in kernels:
                 spilled = k["spill_stores"] + k["spill_loads"]
                 spills += spilled > 0
-                print(f"sm_{arch}  {k['registers']:>3} regs  {k['smem']:>6} B smem  {k['stack']:>3} B stack  "
+                print(f"sm_{arch}  {k['registers']:>3} regs  {k['smem']:>6} B static smem  {k['stack']:>3} B stack  "
                       f"{'SPILLS ' + str(spilled) + ' B' if spilled else 'no spill':<14} {k['name']}")
     print(f"fastssl._cuda_resources: {spills} kernel(s) spill")
     return 1 if spills else 0

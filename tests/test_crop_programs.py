@@ -25,14 +25,15 @@ MODES = ["bilinear", "bicubic"]
 TILE_TAPS, TILE_ROWS, TILE_Y = 16, 64, 16
 
 
-def run(program, images, boxes, size, **kw):
+def run(program, images, boxes, size, device=DEVICE, **kw):
+    """The op run by `program`: the CUDA kernel on a GPU, its emulation on the CPU."""
     args = dict(flips=None, interpolation="bilinear", antialias=True, mean=None, std=None, out_dtype=torch.float32,
                 channels_last=False)
     args.update(kw)
     if args["flips"] is not None:
-        args["flips"] = args["flips"].to(DEVICE)
-    return _resized_crops(_pack([im.to(DEVICE) for im in images]), boxes, size, check_on_host=True, program=program,
-                          **args)
+        args["flips"] = args["flips"].to(device)
+    return _resized_crops(_pack([im.to(device) for im in images]), boxes.to(device), size, check_on_host=True,
+                          program=program, **args)
 
 
 def window(length: float, size: int, mode: str) -> int:
@@ -176,7 +177,7 @@ def test_cuda_program_equals_its_cpu_emulation(program, mode, antialias):
                 kw = dict(flips=flips, interpolation=mode, antialias=antialias, out_dtype=out_dtype,
                           mean=[0.5] * C if norm else None, std=[0.25] * C if norm else None)
                 gpu = run(program, images, boxes, size, channels_last=C == 4, **kw).cpu().float()
-                cpu = run_on_cpu(program, images, boxes, size, **kw).float()
+                cpu = run(program, images, boxes, size, device=torch.device("cpu"), channels_last=C == 4, **kw).float()
                 what = f"C={C} {in_dtype}->{out_dtype} norm={norm} size={size}"
                 if out_dtype == torch.uint8:
                     assert (gpu - cpu).abs().max() <= 1, what
@@ -186,11 +187,3 @@ def test_cuda_program_equals_its_cpu_emulation(program, mode, antialias):
                     torch.testing.assert_close(gpu, cpu, atol=tol, rtol=1e-4 if out_dtype == torch.float32 else 1e-2,
                                                msg=lambda m, w=what: f"{w}: {m}")
 
-
-def run_on_cpu(program, images, boxes, size, **kw):
-    """The program emulated on the CPU, on the same inputs."""
-    args = dict(flips=None, interpolation="bilinear", antialias=True, mean=None, std=None, out_dtype=torch.float32,
-                channels_last=False)
-    args.update(kw)
-    return _resized_crops(_pack([im.cpu() for im in images]), boxes.cpu(), size, check_on_host=True, program=program,
-                          **args)
