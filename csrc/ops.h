@@ -85,32 +85,37 @@ inline void check_crops_per_image(int64_t crops_per_image, int64_t n_boxes) {
               crops_per_image);
 }
 
-template <typename in_t, typename out_t>
-CropArgs<in_t, out_t> make_crop_args(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
-                                     const std::optional<at::Tensor>& flips, const std::optional<at::Tensor>& mean,
-                                     const std::optional<at::Tensor>& stdev, int64_t channels, int64_t size,
-                                     bool cubic, bool antialias, double input_scale, at::Tensor& out) {
-  CropArgs<in_t, out_t> a;
-  a.src = data.const_data_ptr<in_t>();
-  a.info = image_info.const_data_ptr<int64_t>();
-  a.boxes = boxes.const_data_ptr<float>();
-  a.crops_per_image = 0;
-  a.flips = flips.has_value() ? flips->const_data_ptr<bool>() : nullptr;
-  a.mean = mean.has_value() ? mean->const_data_ptr<float>() : nullptr;
-  a.stdev = stdev.has_value() ? stdev->const_data_ptr<float>() : nullptr;
-  a.B = image_info.size(0);
-  a.N = boxes.size(0);
-  a.C = channels;
-  a.S = size;
-  a.cubic = cubic;
-  a.antialias = antialias;
-  a.input_scale = static_cast<float>(input_scale);
-  a.dst = out.mutable_data_ptr<out_t>();
-  a.sn = out.stride(0);
-  a.sc = out.stride(1);
-  a.sy = out.stride(2);
-  a.sx = out.stride(3);
-  return a;
+// Calls f(args) with the CropArgs<in_t, out_t> of a call, for the images' and the output's dtypes.
+template <typename F>
+void with_crop_args(const at::Tensor& data, const at::Tensor& image_info, const at::Tensor& boxes,
+                    const std::optional<at::Tensor>& flips, const std::optional<at::Tensor>& mean,
+                    const std::optional<at::Tensor>& stdev, int64_t channels, int64_t size, bool cubic, bool antialias,
+                    double input_scale, int64_t crops_per_image, at::Tensor& out, F&& f) {
+  dispatch_crop_dtypes(data.scalar_type(), out.scalar_type(), [&](auto in_tag, auto out_tag) {
+    using in_t = typename decltype(in_tag)::type;
+    using out_t = typename decltype(out_tag)::type;
+    CropArgs<in_t, out_t> a;
+    a.src = data.const_data_ptr<in_t>();
+    a.info = image_info.const_data_ptr<int64_t>();
+    a.boxes = boxes.const_data_ptr<float>();
+    a.flips = flips.has_value() ? flips->const_data_ptr<bool>() : nullptr;
+    a.mean = mean.has_value() ? mean->const_data_ptr<float>() : nullptr;
+    a.stdev = stdev.has_value() ? stdev->const_data_ptr<float>() : nullptr;
+    a.crops_per_image = crops_per_image;
+    a.B = image_info.size(0);
+    a.N = boxes.size(0);
+    a.C = channels;
+    a.S = size;
+    a.cubic = cubic;
+    a.antialias = antialias;
+    a.input_scale = static_cast<float>(input_scale);
+    a.dst = out.mutable_data_ptr<out_t>();
+    a.sn = out.stride(0);
+    a.sc = out.stride(1);
+    a.sy = out.stride(2);
+    a.sx = out.stride(3);
+    f(a);
+  });
 }
 
 

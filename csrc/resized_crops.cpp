@@ -358,14 +358,8 @@ at::Tensor resized_crops_program_cpu(const at::Tensor& data, const at::Tensor& i
   check_box_values(image_info, boxes);
   at::Tensor out = empty_crops(data, boxes.size(0), channels, size, out_dtype, channels_last);
   if (boxes.size(0) == 0) return out;
-  dispatch_crop_dtypes(data.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
-    using in_t = typename decltype(in_tag)::type;
-    using out_t = typename decltype(out_tag)::type;
-    auto args = make_crop_args<in_t, out_t>(data, image_info, boxes, flips, mean, stdev, channels, size,
-                                            interp == kBicubic, antialias, input_scale, out);
-    args.crops_per_image = crops_per_image;
-    emulate_program(args, which);
-  });
+  with_crop_args(data, image_info, boxes, flips, mean, stdev, channels, size, interp == kBicubic, antialias,
+                 input_scale, crops_per_image, out, [&](const auto& args) { emulate_program(args, which); });
   return out;
 }
 

@@ -90,19 +90,13 @@ at::Tensor crops_cuda(const at::Tensor& data, const at::Tensor& image_info, cons
                       bool channels_last, int64_t crops_per_image, CropProgram program) {
   const int interp = check_resized_crops_args(data, image_info, boxes, flips, channels, size, interpolation, mean,
                                               stdev, out_dtype);
+  check_crops_per_image(crops_per_image, boxes.size(0));
   c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = empty_crops(data, boxes.size(0), channels, size, out_dtype, channels_last);
   if (boxes.size(0) == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(data.device().index()).stream();
-  check_crops_per_image(crops_per_image, boxes.size(0));
-  dispatch_crop_dtypes(data.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
-    using in_t = typename decltype(in_tag)::type;
-    using out_t = typename decltype(out_tag)::type;
-    auto args = make_crop_args<in_t, out_t>(data, image_info, boxes, flips, mean, stdev, channels, size,
-                                            interp == kBicubic, antialias, input_scale, out);
-    args.crops_per_image = crops_per_image;
-    launch(args, program, stream);
-  });
+  with_crop_args(data, image_info, boxes, flips, mean, stdev, channels, size, interp == kBicubic, antialias,
+                 input_scale, crops_per_image, out, [&](const auto& args) { launch(args, program, stream); });
   return out;
 }
 
