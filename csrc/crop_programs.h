@@ -16,12 +16,15 @@
 // "tiled": one block of kTileThreads threads per output tile of kTileY x kTileX pixels of a crop.
 //   1. The tile's horizontal and vertical taps (index, weight), once, into shared memory; the
 //      barrier after it also tells every thread whether a window is too wide for the tables.
-//   2. The source rows its vertical taps reach, [row_lo, row_hi), kTileRows at a time:
-//      a. horizontal pass: tmp[c][r][x] = sum_k wx[x][k] * image[c][r0 + r][ix[x][k]]. A thread owns
-//         one column x (its taps read from shared memory once per tap, not once per row) and
-//         kTileRows / kTileGroups rows, and all channels: 3 loads and 3 multiply-adds per tap and row.
-//      b. vertical pass: each thread adds sum_k wy[y][k] * tmp[c][iy[y][k] - r0][x] over the taps
-//         of its pixels that fall in this chunk to its accumulators. Taps are in increasing row
+//   2. The source rows its vertical taps reach, [row_lo, row_hi), as many a pass as the stage holds
+//      (at most kTileRows), for a pass of up to 3 channels:
+//      a. stage: the pass's rows and the columns the tile's taps reach, copied to shared memory by
+//         a warp per row and a lane per column (coalesced; each source pixel read once);
+//      b. horizontal pass: tmp[c][r][x] = sum_k wx[x][k] * stage[c][r][ix[x][k]]. A thread owns one
+//         column x and groups of kRowsAtOnce rows: per tap, one weight and index for 4 rows x 3
+//         channels of multiply-adds;
+//      c. vertical pass: each thread adds sum_k wy[y][k] * tmp[c][iy[y][k] - r0][x] over the taps
+//         of its pixels that fall in this pass to its accumulators. Taps are in increasing row
 //         order, so each sum is added in the order of the pixel program.
 //   3. Normalise and store (a warp writes 32 consecutive columns: coalesced).
 //   Per output value this is about (taps_x * scale_y + taps_y) multiply-adds instead of
