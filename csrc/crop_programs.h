@@ -207,13 +207,22 @@ struct TileAcc {
   float v[kTilePixels][kTileChannels];
 };
 
+// The stage's columns: source columns [origin, origin + pitch) of each staged row, copied 4 bytes
+// at a time (`words`) for uint8 images whose rows start 4-byte aligned (then origin and pitch are
+// multiples of 4 and the words stay inside the row), else one element at a time.
+struct StageSpan {
+  int32_t origin;
+  int32_t pitch;
+  bool words;
+};
+
 // The steps of one block of the tiled program: block `block` of a grid of N * tiles_y * tiles_x.
 // The steps that touch channels take their count NC (1 to kTileChannels) as a template argument.
 template <typename in_t, typename out_t>
 struct CropTile {
   const CropArgs<in_t, out_t>& a;
   TileShared& sh;
-  in_t* stage;  // [NC][rows][ncols] source pixels of one pass
+  in_t* stage;  // [NC][rows][pitch] source pixels of one pass
   int64_t n;
   int32_t y0, x0;
   CropSource s;
@@ -299,30 +308,94 @@ struct CropTile {
     }
   }
 
-  // Step 2a: channels [c0, c0 + NC) of source rows [r0, r0 + nr), columns [cx0, cx0 + ncols) into
-  // stage, a warp per row and a lane per column: coalesced reads, each source pixel read once.
+  // The stage's columns for source columns [cx0, cx0 + ncols).
+  FASTSSL_HD StageSpan stage_span(int32_t cx0, int32_t ncols) const {
+    StageSpan span{cx0, ncols, false};
+    if (sizeof(in_t) == 1 && W % 4 == 0 && reinterpret_cast<uintptr_t>(image) % 4 == 0) {
+      span.origin = cx0 & ~3;
+      span.pitch = (cx0 + ncols - span.origin + 3) & ~3;  // <= W - origin, W a multiple of 4
+      span.words = true;
+    }
+    return span;
+  }
+
+  // Step 2a: channels [c0, c0 + NC) of source rows [r0, r0 + nr), the span's columns, into the stage:
+  // a warp per row, a lane per column (or per 4 columns): coalesced reads, each source pixel read once.
   template <int NC>
-  FASTSSL_HD void load_stage(int tid, int32_t c0, int32_t r0, int nr, int32_t cx0, int ncols) const {
+  FASTSSL_HD void load_stage(int tid, int32_t c0, int32_t r0, int nr, StageSpan span) const {
     const int lane = tid % kTileX, warp = tid / kTileX;
+    if (span.words) {
+      load_stage_words<NC>(lane, warp, c0, r0, nr, span);
+      return;
+    }
     for (int c = 0; c < NC; ++c) {
       for (int r = warp; r < nr; r += kTileGroups) {
-        const int32_t from = (c0 + c) * plane + (r0 + r) * W + cx0;
-        in_t* to = stage + (c * nr + r) * ncols;
-        for (int col = lane; col < ncols; col += kTileX) {
-          to[col] = source_pixel(image, s, a.C, c0 + c, r0 + r, cx0 + col, from + col);
+        const int32_t from = (c0 + c) * plane + (r0 + r) * W + span.origin;
+        in_t* to = stage + (c * nr + r) * span.pitch;
+        for (int col = lane; col < span.pitch; col += kTileX) {
+          to[col] = source_pixel(image, s, a.C, c0 + c, r0 + r, span.origin + col, from + col);
         }
       }
     }
+  }
+
+  // uint8 rows, 4 bytes a lane: the loads of kRowsAtOnce rows issued before their stores.
+  template <int NC>
+  FASTSSL_HD void load_stage_words(int lane, int warp, int32_t c0, int32_t r0, int nr, StageSpan span) const {
+    const int words = span.pitch / 4;
+    for (int c = 0; c < NC; ++c) {
+      for (int first = warp; first < nr; first += kTileGroups * kRowsAtOnce) {
+        for (int w = lane; w < words; w += kTileX) {
+          uint32_t v[kRowsAtOnce];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int j = 0; j < kRowsAtOnce; ++j) {
+            const int r = first + j * kTileGroups;
+            if (r < nr) v[j] = source_word(c0 + c, r0 + r, span.origin + 4 * w);
+          }
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int j = 0; j < kRowsAtOnce; ++j) {
+            const int r = first + j * kTileGroups;
+            if (r < nr) store_word(stage + (c * nr + r) * span.pitch + 4 * w, v[j]);
+          }
+        }
+      }
+    }
+  }
+
+  // Bytes col .. col + 3 of row `row` of channel c, little-endian (as a GPU loads them).
+  FASTSSL_HD uint32_t source_word(int32_t c, int32_t row, int32_t col) const {
+    const int32_t offset = c * plane + row * W + col;
+#if defined(__CUDA_ARCH__)
+    return *reinterpret_cast<const uint32_t*>(image + offset);
+#else
+    uint32_t v = 0;
+    for (int b = 0; b < 4; ++b) {
+      v |= static_cast<uint32_t>(source_pixel(image, s, a.C, c, row, col + b, offset + b)) << (8 * b);
+    }
+    return v;
+#endif
+  }
+
+  FASTSSL_HD static void store_word(in_t* to, uint32_t v) {
+#if defined(__CUDA_ARCH__)
+    *reinterpret_cast<uint32_t*>(to) = v;
+#else
+    for (int b = 0; b < 4; ++b) reinterpret_cast<unsigned char*>(to)[b] = static_cast<unsigned char>(v >> (8 * b));
+#endif
   }
 
   // Step 2b: the staged rows resampled along x into tmp. A thread owns one column; the pass's rows
   // go in groups of kRowsAtOnce consecutive ones, group m to warp m % kTileGroups (so that 39 rows
   // take 10 group-steps, not 8 warps x 2); a tap's weight and index are read once per group.
   template <int NC>
-  FASTSSL_HD void horizontal(int tid, int nr, int32_t cx0, int ncols) const {
+  FASTSSL_HD void horizontal(int tid, int nr, StageSpan span) const {
     const int x = tid % kTileX, g = tid / kTileX;
     const TileTaps& t = sh.cols[x];
-    const int32_t channel = nr * ncols;
+    const int32_t channel = nr * span.pitch;
     for (int first = g * kRowsAtOnce; first < nr; first += kTileGroups * kRowsAtOnce) {
       // Rows past nr read staged rows that exist (clamped); their sums are not stored.
       float acc[kRowsAtOnce][NC] = {};
@@ -332,7 +405,7 @@ struct CropTile {
 #endif
       for (int j = 0; j < kRowsAtOnce; ++j) {
         const int r = first + j;
-        line[j] = (r < nr ? r : nr - 1) * ncols - cx0;
+        line[j] = (r < nr ? r : nr - 1) * span.pitch - span.origin;
       }
       for (int k = 0; k < t.count; ++k) {
         const float w = t.weight[k];
@@ -418,15 +491,15 @@ struct CropTile {
 // One channel pass (NC channels from c0) of the tiled program.
 template <int NC, typename in_t, typename out_t, typename Block>
 FASTSSL_HD void run_channels(const CropTile<in_t, out_t>& tile, Block& block, int32_t c0, int32_t lo, int32_t hi,
-                             int32_t cx0, int ncols) {
+                             StageSpan span) {
   // As many rows a pass as the stage holds (64 at most: tmp's rows).
-  const int fit = kStageBytes / (NC * ncols * static_cast<int>(sizeof(in_t)));
+  const int fit = kStageBytes / (NC * span.pitch * static_cast<int>(sizeof(in_t)));
   const int rows = fit < kTileRows ? fit : kTileRows;
   block.own([&](int tid) { block.acc(tid) = TileAcc{}; });
   for (int32_t r0 = lo; r0 < hi; r0 += rows) {
     const int nr = hi - r0 < rows ? hi - r0 : rows;
-    block.each([&](int tid) { tile.template load_stage<NC>(tid, c0, r0, nr, cx0, ncols); });
-    block.each([&](int tid) { tile.template horizontal<NC>(tid, nr, cx0, ncols); });
+    block.each([&](int tid) { tile.template load_stage<NC>(tid, c0, r0, nr, span); });
+    block.each([&](int tid) { tile.template horizontal<NC>(tid, nr, span); });
     if (hi - lo <= rows) {
       block.each([&](int tid) { tile.template vertical<NC, true>(tid, r0, nr, block.acc(tid)); });
     } else {
@@ -445,8 +518,9 @@ FASTSSL_HD void run_tile(const CropTile<in_t, out_t>& tile, Block& block) {
     block.own([&](int tid) { tile.pixels(tid); });
     return;
   }
-  const int32_t lo = tile.row_lo(), hi = tile.row_hi(), cx0 = tile.col_lo(), ncols = tile.col_hi() - cx0;
-  if (kStageBytes / (kTileChannels * ncols * static_cast<int>(sizeof(in_t))) < 1) {
+  const int32_t lo = tile.row_lo(), hi = tile.row_hi();
+  const StageSpan span = tile.stage_span(tile.col_lo(), tile.col_hi() - tile.col_lo());
+  if (kStageBytes / (kTileChannels * span.pitch * static_cast<int>(sizeof(in_t))) < 1) {
     block.own([&](int tid) { tile.pixels(tid); });  // a tile wider than the stage: not with <= 16 taps
     return;
   }
@@ -454,11 +528,11 @@ FASTSSL_HD void run_tile(const CropTile<in_t, out_t>& tile, Block& block) {
   for (int32_t c0 = 0; c0 < C; c0 += kTileChannels) {
     const int32_t nc = C - c0;
     if (nc >= 3) {
-      run_channels<3>(tile, block, c0, lo, hi, cx0, ncols);
+      run_channels<3>(tile, block, c0, lo, hi, span);
     } else if (nc == 2) {
-      run_channels<2>(tile, block, c0, lo, hi, cx0, ncols);
+      run_channels<2>(tile, block, c0, lo, hi, span);
     } else {
-      run_channels<1>(tile, block, c0, lo, hi, cx0, ncols);
+      run_channels<1>(tile, block, c0, lo, hi, span);
     }
   }
 }

@@ -93,6 +93,24 @@ def test_tiled_program_falls_back_on_wide_windows(mode):
         check_crops(out, images, boxes, size, mode, True, flips=flips, what=f"{program} wide window")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_tiled_program_stages_words_and_bytes(mode):
+    """uint8 rows that start 4-byte aligned are staged 4 bytes at a time, others byte by byte: the
+    same crops either way. The byte path: a batch one byte into its buffer."""
+    H, W = 90, 96  # a width that is a multiple of 4
+    batch = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8)
+    boxes = torch.cat([random_boxes([(H, W)] * 2, 8), torch.tensor([[0, 3, 1, 80, 93], [1, 0, 7, 61, 89]])])
+    flips = torch.rand(boxes.shape[0]) < 0.5
+    kw = dict(flips=flips.to(DEVICE), interpolation=mode, antialias=True, mean=None, std=None,
+              out_dtype=torch.float32, channels_last=False, check_on_host=True, program="tiled")
+    aligned = batch.to(DEVICE)
+    shifted = torch.empty(batch.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:].view(batch.shape).copy_(batch)
+    assert aligned.data_ptr() % 4 == 0 and shifted.data_ptr() % 4 == 1
+    words = _resized_crops(_pack(aligned), boxes, 37, **kw)
+    check_crops(words, list(batch), boxes, 37, mode, True, flips=flips, what="staged by words")
+    torch.testing.assert_close(_resized_crops(_pack(shifted), boxes, 37, **kw), words, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_program_channels_dtypes_layouts(program):
     """1 and 6 channels (two channel passes of 4), fp16/bf16 images, normalisation, every out dtype,
