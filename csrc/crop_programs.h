@@ -201,6 +201,7 @@ struct TileShared {
   float tmp[kTileChannels][kTileRows][kTileX];
 };
 constexpr int kTileSharedBytes = static_cast<int>(sizeof(TileShared)) + kStageBytes;
+static_assert(sizeof(TileShared) % 16 == 0, "the stage follows TileShared, aligned for word copies");
 
 // A thread's accumulators: its kTilePixels pixels times kTileChannels channels.
 struct TileAcc {
@@ -346,7 +347,7 @@ struct CropTile {
     for (int c = 0; c < NC; ++c) {
       for (int first = warp; first < nr; first += kTileGroups * kRowsAtOnce) {
         for (int w = lane; w < words; w += kTileX) {
-          uint32_t v[kRowsAtOnce];
+          uint32_t v[kRowsAtOnce] = {};
 #if defined(__CUDACC__)
 #pragma unroll
 #endif

@@ -327,7 +327,6 @@ void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
     return;
   }
   const int64_t tiles_x = tiles_along(a.S, kTileX), tiles_y = tiles_along(a.S, kTileY);
-  static_assert(sizeof(TileShared) % 16 == 0, "the stage follows TileShared, 16-byte aligned");
   TORCH_CHECK(a.N * tiles_x * tiles_y < (int64_t{1} << 31), "resized_crops: too many crops for one launch");
   at::parallel_for(0, a.N * tiles_x * tiles_y, 1, [&](int64_t begin, int64_t end) {
     std::vector<std::max_align_t> memory(kTileSharedBytes / sizeof(std::max_align_t) + 1);
