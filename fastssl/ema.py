@@ -329,10 +329,11 @@ def ema_update_(teacher: nn.Module | Sequence[torch.Tensor], student: nn.Module 
 
     Math is fp32 (fp64 if a tensor is fp64, PyTorch path only), rounded once to
     the teacher's dtype; teacher and student dtypes may differ. The PyTorch path
-    gives the authors' loop bit for bit in fp32; the kernel may fuse the
-    multiply-add (an ulp at most). The kernel walks each tensor as one block of
-    memory: non-dense tensors, or a teacher and student with different strides,
-    are refused (``backend="torch"`` takes them).
+    gives the authors' loop bit for bit in fp32, and so does the kernel on a GPU
+    (compiled with no fused multiply-add, as the loop rounds both products). The
+    kernel walks each tensor as one block of memory: non-dense tensors, or a
+    teacher and student with different strides, are refused (``backend="torch"``
+    takes them).
 
     A tensor set is validated once: its plan (and device tables) is cached, keyed
     by the addresses, dtypes, shapes and strides of its tensors. Run one update

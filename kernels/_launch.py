@@ -9,7 +9,7 @@ import functools
 import torch
 import triton
 
-__all__ = ["InterpreterUnsupported", "interpreter_problem", "launch_device", "rows_contiguous"]
+__all__ = ["InterpreterUnsupported", "interpreter_problem", "launch_device", "launch_options", "rows_contiguous"]
 
 
 class InterpreterUnsupported(RuntimeError):
@@ -46,6 +46,15 @@ def launch_device(t: torch.Tensor, op: str):
     if problem:
         raise InterpreterUnsupported(f"{op}: {problem}")
     return contextlib.nullcontext()
+
+
+def launch_options(cfg: dict) -> dict:
+    """The compile options in a launcher's config, for a launch and for the AOT build alike:
+    warps, stages and, where set, ``enable_fp_fusion``. Triton fuses a multiply and an add into
+    one FMA on GPUs unless told not to; its interpreter never does. Kernels whose statistics and
+    recomputed values must round alike (a row's max, then exp2 of each value less it), or that
+    must round as PyTorch does, set it False."""
+    return {k: cfg[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in cfg}
 
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:

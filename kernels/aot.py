@@ -3,7 +3,9 @@
 ``python -m fastssl.kernels.aot --arch 80 90`` builds each kernel with the block
 sizes, warps and stages that its launcher picks for the problems listed in the
 module's ``AOT_PROBLEMS``, down to a cubin, prints registers, spills (local memory)
-and shared memory per kernel, and exits non-zero on any compile error.
+and shared memory per kernel, and exits non-zero on any compile error, or on a fused
+multiply-add in a kernel whose launcher turns fusion off (``enable_fp_fusion=False``:
+its numbers depend on it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import traceback
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from ._launch import launch_options
 
 # Every kernel module of the package; each exposes aot_specs(**problem) and AOT_PROBLEMS.
 MODULES = ["dino", "ema", "snn"]
@@ -59,8 +63,13 @@ def compile_spec(fn, signature, constexprs, options, arch):
     for name in consts:
         sig[name] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    opts = dict(num_warps=options["num_warps"], num_stages=options["num_stages"])
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch_options(options))
+
+
+def fused_multiply_adds(kernel) -> int:
+    """The multiply-adds the compiler fused in a kernel's PTX (``fma.rn.f32``); libdevice's own
+    (``fma.rn.ftz.f32``, in log2 for one) are written as FMAs and stay."""
+    return len(re.findall(r"\bfma\.rn\.f32\b", kernel.asm["ptx"]))
 
 
 def main(argv=None) -> int:
@@ -99,6 +108,10 @@ def main(argv=None) -> int:
                         print(f"{fn.__name__:<22} {arch:>3} FAILED to compile ({const})")
                         traceback.print_exc()
                         continue
+                    if options.get("enable_fp_fusion") is False and fused_multiply_adds(kernel):
+                        failures += 1
+                        print(f"{fn.__name__:<22} {arch:>3} has {fused_multiply_adds(kernel)} fused multiply-adds "
+                              f"though its launcher turns fusion off ({const})")
                     use = _resource_usage(kernel.asm["cubin"])
                     spill = use.get("LOCAL", 0) + use.get("STACK", 0)
                     print(f"{fn.__name__:<22} {arch:>3} {ptr_dtype:<10} {const:<44} {options['num_warps']:>5} "

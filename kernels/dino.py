@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_device, rows_contiguous
+from ._launch import launch_device, launch_options, rows_contiguous
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -201,14 +201,17 @@ _TILE = 4096
 _STUDENT_TILE = 2048
 _STREAM_WARPS = 8
 _NUM_STAGES = 1
+# No FMA: a row's max M and sum L are taken over rounded logits x * scale, so each value's
+# exp2(x * scale - M) must round x * scale too, or the largest probability is off by up to
+# half an ulp of |x * scale| in the exponent (1e-2 relative for fp16 logits of 6e4).
+_OPTIONS = dict(num_warps=_STREAM_WARPS, num_stages=_NUM_STAGES, enable_fp_fusion=False)
 
 
 def teacher_config(n_rows: int, K: int) -> dict:
     """Block sizes of the teacher pass: ~2 column blocks per SM of an H100."""
     block_k = min(512, max(64, triton.next_power_of_2(triton.cdiv(K, 264))))
     block_r = min(max(1, _TILE // block_k), triton.next_power_of_2(n_rows))
-    return dict(BLOCK_R=block_r, BLOCK_K=block_k, nsplit=triton.cdiv(K, block_k),
-                num_warps=_STREAM_WARPS, num_stages=_NUM_STAGES)
+    return dict(BLOCK_R=block_r, BLOCK_K=block_k, nsplit=triton.cdiv(K, block_k), **_OPTIONS)
 
 
 def student_config(ncrops: int, B: int, K: int) -> dict:
@@ -217,15 +220,15 @@ def student_config(ncrops: int, B: int, K: int) -> dict:
     block_k = min(max(16, _STUDENT_TILE // v_pad), max(16, triton.next_power_of_2(K)))
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B), triton.cdiv(K, block_k)))
     chunk = triton.cdiv(triton.cdiv(K, nsplit), block_k) * block_k
-    return dict(V_PAD=v_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk,
-                num_warps=_STREAM_WARPS, num_stages=_NUM_STAGES)
+    return dict(V_PAD=v_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk, **_OPTIONS)
 
 
 def combine_config(n_rows: int, nsplit: int) -> dict:
     """Rows per program of the combine: [BLOCK_R, BLOCK_S] tiles of ~1k partials, many programs."""
     block_s = triton.next_power_of_2(nsplit)
     block_r = min(max(1, 1024 // block_s), triton.next_power_of_2(n_rows))
-    return dict(BLOCK_R=block_r, BLOCK_S=block_s, grid=triton.cdiv(n_rows, block_r), num_warps=4, num_stages=1)
+    return dict(BLOCK_R=block_r, BLOCK_S=block_s, grid=triton.cdiv(n_rows, block_r),
+                **{**_OPTIONS, "num_warps": 4})
 
 
 def _combine(part_m, part_l, part_d, part_q, n_rows, nsplit, B, loss_scale, device):
@@ -238,7 +241,7 @@ def _combine(part_m, part_l, part_d, part_q, n_rows, nsplit, B, loss_scale, devi
         part_d = part_q = part_m  # unused
     _combine_kernel[(cfg["grid"],)](part_m, part_l, part_d, part_q, stats, loss_part, n_rows, nsplit, max(B, 1),
                                     loss_scale, HAS_DOT=has_dot, BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
-                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                    **launch_options(cfg))
     return stats, (loss_part.sum() if has_dot else None)
 
 
@@ -265,8 +268,7 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
         batch_center = torch.empty(1, K, device=dev, dtype=torch.float32)
         _teacher_kernel[(tc["nsplit"],)](
             teacher, center, part_m, part_l, batch_center, n_t, K, teacher.stride(0), 1.0 / n_t, t_scale2,
-            BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"], num_warps=tc["num_warps"],
-            num_stages=tc["num_stages"])
+            BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"], **launch_options(tc))
         stats_t, _ = _combine(part_m, part_l, None, None, n_t, tc["nsplit"], B, 1.0, dev)
 
         sc = student_config(ncrops, B, K)
@@ -274,8 +276,7 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
         _student_fwd_kernel[(B, sc["nsplit"])](
             student, teacher, center, stats_t, part_m, part_l, part_d, part_q, ncrops, B, K,
             student.stride(0), teacher.stride(0), sc["chunk"], s_scale2, t_scale2,
-            V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], num_warps=sc["num_warps"],
-            num_stages=sc["num_stages"])
+            V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], **launch_options(sc))
         n_pairs = 2 * ncrops - 2
         stats_s, loss = _combine(part_m, part_l, part_d, part_q, n_s, sc["nsplit"], B, LN2 / (n_pairs * B), dev)
     return loss, batch_center, stats_s, stats_t
@@ -296,8 +297,7 @@ def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: 
             grad_loss.reshape(()), student, teacher, center, stats_s, stats_t, grad, ncrops, B, K,
             student.stride(0), teacher.stride(0), grad.stride(0), sc["chunk"], LOG2E / student_temp,
             LOG2E / teacher_temp, 1.0 / (student_temp * n_pairs * B),
-            V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], num_warps=sc["num_warps"],
-            num_stages=sc["num_stages"])
+            V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], **launch_options(sc))
     return grad
 
 

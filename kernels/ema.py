@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch_options
+
 
 @triton.jit
 def _ema_kernel(T_REF, S_REF, TABLE, BLOCK_TENSOR, M_PTR, m, w,
@@ -89,8 +91,10 @@ def ema_config(teacher_dtype: torch.dtype, student_dtype: torch.dtype) -> dict:
     where 16 bytes on each side make the compiler shuffle the student through shared memory.
     """
     vec = 16 // max(teacher_dtype.itemsize, student_dtype.itemsize)
+    # No FMA: m * t and (1 - m) * s rounded apart, as the authors' mul_ then add_, or an fp32
+    # teacher is off by many ulps where the two terms nearly cancel.
     return dict(BLOCK=_BLOCK, T_ALIGN=vec * teacher_dtype.itemsize, S_ALIGN=vec * student_dtype.itemsize,
-                num_warps=_NUM_WARPS, num_stages=1)
+                num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False)
 
 
 class MultiTensorEma:
@@ -138,8 +142,7 @@ class MultiTensorEma:
         with ctx:
             _ema_kernel[(self.n_blocks,)](
                 self.t_ref, self.s_ref, self.table, self.block_tensor, m_ptr, m, w,
-                LOAD_M=load_m, T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                LOAD_M=load_m, T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"], **launch_options(cfg))
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs

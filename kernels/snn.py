@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_device, rows_contiguous
+from ._launch import launch_device, launch_options, rows_contiguous
 
 LOG2E = 1.4426950408889634
 NORM_EPS = 1e-12  # F.normalize's default eps
@@ -523,8 +523,10 @@ def bwd_config(N: int, M: int, d: int, C: int, dtype) -> dict:
     """
     fp32 = dtype in (torch.float32, "fp32")
     chunk = _support_chunk(M, M * d, N)
+    # No FMA in dc: A = exp2(z - lse) must round z = dots * scale as the forward did (its
+    # tl.where keeps that product apart), so that A is the forward's softmax.
     dc = dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16 if fp32 else 32, BLOCK_C=16 if fp32 else 32, num_warps=8,
-              num_stages=1)
+              num_stages=1, enable_fp_fusion=False)
     mm_q = _mm_config(fp32, N, d, chunk, max_splits=max(1, min(8, M // max(N, 1))))
     mm_s = _mm_config(fp32, chunk, d, N, a_transposed=True)
     return dict(chunk=chunk, dc=dc, mm_q=mm_q, mm_s=mm_s)
@@ -541,16 +543,12 @@ def _interpreted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _launch_opts(cfg: dict) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
 def _inv_norms(x: torch.Tensor) -> torch.Tensor:
     n, d = x.shape
     inv = torch.empty(n, device=x.device, dtype=torch.float32)
     rc = row_config(n, d)
     _inv_norm_kernel[rc["grid"]](x, inv, n, d, x.stride(0), NORM_EPS, BLOCK_R=rc["BLOCK_R"],
-                                 BLOCK_D=rc["BLOCK_D"], **_launch_opts(rc))
+                                 BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
     return inv
 
 
@@ -570,7 +568,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, mm: dict, prec:
     _matmul_kernel[grid](a, b, scale if scale is not None else b, parts, R, K, Cn, k_split, a.stride(0), a.stride(1),
                          b.stride(0), b.stride(1), parts.stride(1), parts.stride(0), HAS_SCALE=scale is not None,
                          ACCUMULATE=accumulate, BLOCK_R=mm["BLOCK_R"], BLOCK_K=mm["BLOCK_K"], BLOCK_C=mm["BLOCK_C"],
-                         GROUP_R=mm["GROUP_R"], PREC=prec, UPCAST=upcast, **_launch_opts(mm))
+                         GROUP_R=mm["GROUP_R"], PREC=prec, UPCAST=upcast, **launch_options(mm))
 
 
 def _class_order(ids: torch.Tensor, C: int):
@@ -619,7 +617,7 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
                     query, supports, labels, inv_q, inv_s, dots, part_m, part_l, part_acc, N, d, C, query.stride(0),
                     supports.stride(0), labels.stride(0), j_lo, j_lo + mc, chunk, part_base, scale2, PRE=fc["pre"],
                     BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
-                    PREC=prec, UPCAST=upcast, **_launch_opts(fc))
+                    PREC=prec, UPCAST=upcast, **launch_options(fc))
             keep, spread, tile_c = 1.0, 0.0, 1
         else:
             perm, sorted_ids, start = _class_order(labels, C)
@@ -630,12 +628,12 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
             _fwd_ids_kernel[fc["grid"]](
                 query, supports, perm, sorted_ids, start, inv_q, inv_s, part_m, part_l, part_acc, N, d, C,
                 query.stride(0), supports.stride(0), scale2, BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"],
-                BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast, **_launch_opts(fc))
+                BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast, **launch_options(fc))
             keep, spread, tile_c = 1.0 - smoothing, smoothing / C, fc["BLOCK_C"]
         cc = combine_config(N, C, nparts)
         _combine_kernel[cc["grid"]](part_m, part_l, part_acc, probs, lse, N, C, nparts, keep, spread, DENSE=dense,
                                     TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"],
-                                    BLOCK_S=cc["BLOCK_S"], **_launch_opts(cc))
+                                    BLOCK_S=cc["BLOCK_S"], **launch_options(cc))
     return probs, lse, inv_q, inv_s
 
 
@@ -646,7 +644,7 @@ def _normalize_backward(x: torch.Tensor, ghat: torch.Tensor) -> torch.Tensor:
     dx = ghat[0] if x.dtype == torch.float32 else torch.empty(n, d, device=x.device, dtype=x.dtype)
     rc = row_config(n, d)
     _norm_bwd_kernel[rc["grid"]](x, ghat, dx, n, d, nparts, x.stride(0), dx.stride(0), NORM_EPS,
-                                 BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **_launch_opts(rc))
+                                 BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
     return dx
 
 
@@ -698,7 +696,7 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
                                  query.stride(0), supports.stride(0), stride_y, g.stride(0), f_mc.stride(0),
                                  LOG2E / tau, 1.0 / tau, gscale, DENSE=dense, BLOCK_N=dc["BLOCK_N"],
                                  BLOCK_M=dc["BLOCK_M"], BLOCK_D=dc["BLOCK_D"], BLOCK_C=dc["BLOCK_C"], PREC=prec,
-                                 UPCAST=upcast, **_launch_opts(dc))
+                                 UPCAST=upcast, **launch_options(dc))
             if need_query:
                 _matmul(f_mc, supports[j_lo:j_lo + mc], gq, bc["mm_q"], prec, upcast, scale=inv_s[j_lo:j_lo + mc],
                         accumulate=j_lo > 0)
