@@ -13,23 +13,28 @@
 // channel, normalises and stores. Simple, but every pixel recomputes its weights and every channel
 // value costs (taps_y * taps_x) loads: about 6-12% of the copy bandwidth on an H100 by estimate.
 //
-// "tiled": one block of kTileThreads threads per output tile of kTileY x kTileX pixels of a crop.
-//   1. The tile's horizontal and vertical taps (index, weight), once, into shared memory; the
-//      barrier after it also tells every thread whether a window is too wide for the tables.
-//   2. The source rows its vertical taps reach, [row_lo, row_hi), as many a pass as the stage holds
-//      (at most kTileRows), for a pass of up to 3 channels:
-//      a. stage: the pass's rows and the columns the tile's taps reach, copied to shared memory by
-//         a warp per row and a lane per column (coalesced; each source pixel read once);
+// "tiled": one block of kTileThreads threads per strip of a crop: kTileX output columns by up to
+// kStripRows rows, made as tiles of kTileY x kTileX pixels one after another.
+//   1. The strip's horizontal and vertical taps (index, weight), once, into shared memory, a table
+//      a thread; the barrier after it also tells every thread whether a window is too wide for the
+//      tables. A strip rather than a tile a block: the tables, the block's setup and the stage's
+//      columns are paid once for up to kStripTiles tiles.
+//   2. For each tile, the source rows its vertical taps reach, [row_lo, row_hi), as many a pass as
+//      the stage holds (at most kTileRows), for a pass of up to 3 channels:
+//      a. stage: the pass's rows and the columns the strip's taps reach, copied to shared memory,
+//         a row to as many lanes as its width needs (coalesced; each source pixel read once);
 //      b. horizontal pass: tmp[c][r][x] = sum_k wx[x][k] * stage[c][r][ix[x][k]]. A thread owns one
 //         column x and groups of kRowsAtOnce rows: per tap, one weight and index for 4 rows x 3
 //         channels of multiply-adds;
 //      c. vertical pass: each thread adds sum_k wy[y][k] * tmp[c][iy[y][k] - r0][x] over the taps
 //         of its pixels that fall in this pass to its accumulators. Taps are in increasing row
 //         order, so each sum is added in the order of the pixel program.
-//   3. Normalise and store (a warp writes 32 consecutive columns: coalesced).
+//   3. Normalise and store the tile (a warp writes 32 consecutive columns: coalesced).
 //   Per output value this is about (taps_x * scale_y + taps_y) multiply-adds instead of
-//   taps_x * taps_y. A tile whose window is wider than kTileTaps (a down-scale by more than ~7x
-//   bilinear, ~3.5x bicubic) runs the pixel program instead, so every size works.
+//   taps_x * taps_y. A strip whose window is wider than kTileTaps (a down-scale by more than ~7x
+//   bilinear, ~3.5x bicubic), or whose columns reach wider than the stage's widest row pitch
+//   (kMaxPitch: a down-scale by more than ~7.5x, which only plain bilinear or bicubic allow), runs
+//   the pixel program instead, so every size works.
 //   Blocks take crop-major boxes (MultiCrop's: crop k of every image, then crop k + 1) image by
 //   image, so that the crops of one image run together and find it in L2 rather than read it again.
 //
@@ -182,8 +187,10 @@ constexpr int kRowsAtOnce = 4;                                // of them, summed
 constexpr int kTileChannels = 3;                              // channels per pass: RGB in one
 constexpr int kTileTaps = 16;                                 // widest window tabulated
 constexpr int kStageBytes = 24576;                            // the staged source rows of a pass
+constexpr int kStripTiles = 8;                                // tiles of a block, down a strip
+constexpr int kStripRows = kStripTiles * kTileY;
 static_assert(kTileThreads % kTileX == 0 && kTileY % kTileGroups == 0, "a warp's pixels share a row");
-static_assert(kTileX + kTileY <= kTileThreads, "one thread per tap table");
+static_assert(kTileX + kStripRows <= kTileThreads, "one thread per tap table");
 
 // One output column's (or row's) taps: 2 * kTileTaps + 1 words, an odd stride, so that 32 threads
 // reading 32 columns' tables hit 32 different shared-memory banks.
@@ -193,11 +200,11 @@ struct TileTaps {
   float weight[kTileTaps];
 };
 
-// Shared memory of a block: the tap tables and the horizontal pass's output; the staged source
-// rows (kStageBytes, of the images' dtype) follow it in the same allocation.
+// Shared memory of a block: the strip's tap tables and the horizontal pass's output; the staged
+// source rows (kStageBytes, of the images' dtype) follow it in the same allocation.
 struct TileShared {
   TileTaps cols[kTileX];
-  TileTaps rows[kTileY];
+  TileTaps rows[kStripRows];
   float tmp[kTileChannels][kTileRows][kTileX];
 };
 constexpr int kTileSharedBytes = static_cast<int>(sizeof(TileShared)) + kStageBytes;
@@ -208,22 +215,30 @@ struct TileAcc {
   float v[kTilePixels][kTileChannels];
 };
 
-// The stage's columns: source columns [origin, origin + pitch) of each staged row, copied 4 bytes
-// at a time (`words`) for uint8 images whose rows start 4-byte aligned (then origin and pitch are
+// The stage's columns: source columns [origin, origin + width) of each staged row, copied 4 bytes
+// at a time (`words`) for uint8 images whose rows start 4-byte aligned (then origin and width are
 // multiples of 4 and the words stay inside the row), else one element at a time.
 struct StageSpan {
   int32_t origin;
-  int32_t pitch;
+  int32_t width;
   bool words;
 };
 
-// The steps of one block of the tiled program: block `block` of a grid of N * tiles_y * tiles_x.
-// The steps that touch channels take their count NC (1 to kTileChannels) as a template argument.
+// The stage's row pitch P (elements) is a compile-time constant, the least of these that holds a
+// span: the horizontal pass then reaches its 4 rows x 3 channels of a tap at constant offsets from
+// one address (a single add a tap, not twelve). Wider spans (a down-scale by more than ~7.5x) run
+// the pixel program.
+constexpr int kPitch1 = 64, kPitch2 = 128, kMaxPitch = 256;
+
+// The steps of one block of the tiled program: block `block` of a grid of N * strips_y * tiles_x,
+// the strip of columns [x0, x0 + kTileX) and rows [y0, y0 + kStripRows) of crop n; its tile t is
+// rows y0 + t * kTileY on. The steps that touch channels take their count NC (1 to kTileChannels)
+// as a template argument.
 template <typename in_t, typename out_t>
 struct CropTile {
   const CropArgs<in_t, out_t>& a;
   TileShared& sh;
-  in_t* stage;  // [NC][rows][pitch] source pixels of one pass
+  in_t* stage;  // [rows][NC][P] source pixels of one pass
   int64_t n;
   int32_t y0, x0;
   CropSource s;
@@ -232,15 +247,15 @@ struct CropTile {
 
   // 32-bit block arithmetic: a launch has fewer than 2^31 blocks and crops (checked before it).
   FASTSSL_HD CropTile(const CropArgs<in_t, out_t>& args, TileShared& shared, unsigned char* stage_bytes,
-                      uint32_t block, uint32_t tiles_x, uint32_t tiles_y)
+                      uint32_t block, uint32_t tiles_x, uint32_t strips_y)
       : a(args), sh(shared), stage(reinterpret_cast<in_t*>(stage_bytes)) {
-    const uint32_t per_crop = tiles_x * tiles_y;
+    const uint32_t per_crop = tiles_x * strips_y;
     const uint32_t q = block / per_crop;
     const uint32_t t = block - q * per_crop;
     // Image by image when the boxes are crop-major (K > 0), else in the order given.
     const uint32_t K = static_cast<uint32_t>(a.crops_per_image);
     n = K > 0 ? (q % K) * (static_cast<uint32_t>(a.N) / K) + q / K : q;
-    y0 = static_cast<int32_t>(t / tiles_x) * kTileY;
+    y0 = static_cast<int32_t>(t / tiles_x) * kStripRows;
     x0 = static_cast<int32_t>(t % tiles_x) * kTileX;
     s = crop_source(a, n);
     image = a.src + s.offset;
@@ -248,7 +263,7 @@ struct CropTile {
     plane = static_cast<int32_t>(s.H * s.W);
   }
 
-  // Step 1: thread j < kTileX tabulates column x0 + j, the next kTileY threads row y0 + j. Returns
+  // Step 1: thread j < kTileX tabulates column x0 + j, the next kStripRows threads row y0 + j. Returns
   // whether its window is too wide for the table (the block then runs the pixel program). The
   // weights are tap()'s, each filter value computed once.
   FASTSSL_HD bool tables(int tid) const {
@@ -259,7 +274,7 @@ struct CropTile {
       t = &sh.cols[tid];
       i = x0 + tid;
       if (i < a.S) taps = axis_taps(s.box[2], s.box[4], s.W, a.S, s.flip ? a.S - 1 - i : i, a.cubic, a.antialias);
-    } else if (tid < kTileX + kTileY) {
+    } else if (tid < kTileX + kStripRows) {
       t = &sh.rows[tid - kTileX];
       i = y0 + tid - kTileX;
       if (i < a.S) taps = axis_taps(s.box[1], s.box[3], s.H, a.S, i, a.cubic, a.antialias);
@@ -283,12 +298,17 @@ struct CropTile {
 
   // What the tables say, read by every thread after step 1. Taps are clamp(first + k): increasing in
   // k and in the output index (decreasing along a flipped crop's columns), so the first and last
-  // valid row or column bound them.
-  FASTSSL_HD int32_t last_row() const { return (a.S - y0 < kTileY ? static_cast<int32_t>(a.S) - y0 : kTileY) - 1; }
+  // valid row (of tile t) or column bound them.
+  FASTSSL_HD int32_t first_row(int t) const { return y0 + t * kTileY; }  // of the crop
+  FASTSSL_HD int tiles() const {
+    const int32_t rows = a.S - y0 < kStripRows ? static_cast<int32_t>(a.S) - y0 : kStripRows;
+    return (rows + kTileY - 1) / kTileY;
+  }
   FASTSSL_HD int32_t last_col() const { return (a.S - x0 < kTileX ? static_cast<int32_t>(a.S) - x0 : kTileX) - 1; }
-  FASTSSL_HD int32_t row_lo() const { return sh.rows[0].index[0]; }
-  FASTSSL_HD int32_t row_hi() const {
-    const TileTaps& r = sh.rows[last_row()];
+  FASTSSL_HD int32_t row_lo(int t) const { return sh.rows[t * kTileY].index[0]; }
+  FASTSSL_HD int32_t row_hi(int t) const {
+    const int32_t rows = a.S - first_row(t) < kTileY ? static_cast<int32_t>(a.S) - first_row(t) : kTileY;
+    const TileTaps& r = sh.rows[t * kTileY + rows - 1];
     return r.index[r.count - 1] + 1;
   }
   FASTSSL_HD int32_t col_lo() const {
@@ -301,9 +321,9 @@ struct CropTile {
     return (a1 > b1 ? a1 : b1) + 1;
   }
 
-  // A `wide` block: the pixel program for this thread's pixels.
+  // A `wide` block: the pixel program for this thread's pixels of the strip.
   FASTSSL_HD void pixels(int tid) const {
-    for (int p = 0; p < kTilePixels; ++p) {
+    for (int p = 0; p < kTilePixels * kStripTiles; ++p) {
       const int64_t y = y0 + tid / kTileX + p * kTileGroups, x = x0 + tid % kTileX;
       if (y < a.S && x < a.S) crop_pixel(a, n, y, x);
     }
@@ -314,54 +334,58 @@ struct CropTile {
     StageSpan span{cx0, ncols, false};
     if (sizeof(in_t) == 1 && W % 4 == 0 && reinterpret_cast<uintptr_t>(image) % 4 == 0) {
       span.origin = cx0 & ~3;
-      span.pitch = (cx0 + ncols - span.origin + 3) & ~3;  // <= W - origin, W a multiple of 4
+      span.width = (cx0 + ncols - span.origin + 3) & ~3;  // <= W - origin, W a multiple of 4
       span.words = true;
     }
     return span;
   }
 
   // Step 2a: channels [c0, c0 + NC) of source rows [r0, r0 + nr), the span's columns, into the stage:
-  // a warp per row, a lane per column (or per 4 columns): coalesced reads, each source pixel read once.
-  template <int NC>
+  // row r of channel c at (r * NC + c) * P. A row goes to 2^shift lanes, the fewest its width needs
+  // up to a warp, so that narrow rows keep every lane busy; reads are coalesced, each source pixel
+  // read once.
+  template <int NC, int P>
   FASTSSL_HD void load_stage(int tid, int32_t c0, int32_t r0, int nr, StageSpan span) const {
-    const int lane = tid % kTileX, warp = tid / kTileX;
+    const int units = span.words ? span.width / 4 : span.width;  // what a lane copies at once
+    int shift = 0;
+    while (shift < 5 && (1 << shift) < units) ++shift;
+    const int lane = tid & ((1 << shift) - 1), lanes = 1 << shift;
+    const int slot = tid >> shift, slots = kTileThreads >> shift;
     if (span.words) {
-      load_stage_words<NC>(lane, warp, c0, r0, nr, span);
+      load_stage_words<NC, P>(lane, lanes, slot, slots, c0, r0, nr, span);
       return;
     }
-    for (int c = 0; c < NC; ++c) {
-      for (int r = warp; r < nr; r += kTileGroups) {
-        const int32_t from = (c0 + c) * plane + (r0 + r) * W + span.origin;
-        in_t* to = stage + (c * nr + r) * span.pitch;
-        for (int col = lane; col < span.pitch; col += kTileX) {
-          to[col] = source_pixel(image, s, a.C, c0 + c, r0 + r, span.origin + col, from + col);
-        }
+    for (int row = slot; row < NC * nr; row += slots) {
+      const int32_t c = row % NC, r = row / NC;
+      const int32_t from = (c0 + c) * plane + (r0 + r) * W + span.origin;
+      in_t* to = stage + row * P;
+      for (int col = lane; col < span.width; col += lanes) {
+        to[col] = source_pixel(image, s, a.C, c0 + c, r0 + r, span.origin + col, from + col);
       }
     }
   }
 
   // uint8 rows, 4 bytes a lane: the loads of kRowsAtOnce rows issued before their stores.
-  template <int NC>
-  FASTSSL_HD void load_stage_words(int lane, int warp, int32_t c0, int32_t r0, int nr, StageSpan span) const {
-    const int words = span.pitch / 4;
-    for (int c = 0; c < NC; ++c) {
-      for (int first = warp; first < nr; first += kTileGroups * kRowsAtOnce) {
-        for (int w = lane; w < words; w += kTileX) {
-          uint32_t v[kRowsAtOnce] = {};
+  template <int NC, int P>
+  FASTSSL_HD void load_stage_words(int lane, int lanes, int slot, int slots, int32_t c0, int32_t r0, int nr,
+                                   StageSpan span) const {
+    const int words = span.width / 4;
+    for (int first = slot; first < NC * nr; first += slots * kRowsAtOnce) {
+      for (int w = lane; w < words; w += lanes) {
+        uint32_t v[kRowsAtOnce] = {};
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-          for (int j = 0; j < kRowsAtOnce; ++j) {
-            const int r = first + j * kTileGroups;
-            if (r < nr) v[j] = source_word(c0 + c, r0 + r, span.origin + 4 * w);
-          }
+        for (int j = 0; j < kRowsAtOnce; ++j) {
+          const int row = first + j * slots;
+          if (row < NC * nr) v[j] = source_word(c0 + row % NC, r0 + row / NC, span.origin + 4 * w);
+        }
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-          for (int j = 0; j < kRowsAtOnce; ++j) {
-            const int r = first + j * kTileGroups;
-            if (r < nr) store_word(stage + (c * nr + r) * span.pitch + 4 * w, v[j]);
-          }
+        for (int j = 0; j < kRowsAtOnce; ++j) {
+          const int row = first + j * slots;
+          if (row < NC * nr) store_word(stage + row * P + 4 * w, v[j]);
         }
       }
     }
@@ -391,26 +415,20 @@ struct CropTile {
 
   // Step 2b: the staged rows resampled along x into tmp. A thread owns one column; the pass's rows
   // go in groups of kRowsAtOnce consecutive ones, group m to warp m % kTileGroups (so that 39 rows
-  // take 10 group-steps, not 8 warps x 2); a tap's weight and index are read once per group.
-  template <int NC>
+  // take 10 group-steps, not 8 warps x 2); a tap's weight and index are read once per group, and
+  // its 4 rows x NC channels lie at constant offsets (j * NC + c) * P from one address. The rows of
+  // the last group past nr read stage rows left from before (a pass's rows are a multiple of 4);
+  // their sums are not stored.
+  template <int NC, int P>
   FASTSSL_HD void horizontal(int tid, int nr, StageSpan span) const {
     const int x = tid % kTileX, g = tid / kTileX;
     const TileTaps& t = sh.cols[x];
-    const int32_t channel = nr * span.pitch;
     for (int first = g * kRowsAtOnce; first < nr; first += kTileGroups * kRowsAtOnce) {
-      // Rows past nr read staged rows that exist (clamped); their sums are not stored.
       float acc[kRowsAtOnce][NC] = {};
-      int32_t line[kRowsAtOnce];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-      for (int j = 0; j < kRowsAtOnce; ++j) {
-        const int r = first + j;
-        line[j] = (r < nr ? r : nr - 1) * span.pitch - span.origin;
-      }
+      const int32_t base = first * NC * P - span.origin;
       for (int k = 0; k < t.count; ++k) {
         const float w = t.weight[k];
-        const int32_t ix = t.index[k];
+        const in_t* at = stage + (base + t.index[k]);
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -418,7 +436,7 @@ struct CropTile {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-          for (int c = 0; c < NC; ++c) acc[j][c] += w * static_cast<float>(stage[c * channel + line[j] + ix]);
+          for (int c = 0; c < NC; ++c) acc[j][c] += w * static_cast<float>(at[(j * NC + c) * P]);
         }
       }
 #if defined(__CUDACC__)
@@ -433,16 +451,16 @@ struct CropTile {
     }
   }
 
-  // Step 2c: the vertical taps of this thread's pixels that land in rows [r0, r0 + nr); with
-  // ONE_PASS (the tile's rows fit one pass) all of them, unchecked.
+  // Step 2c: the vertical taps of this thread's pixels of tile `tile` that land in rows
+  // [r0, r0 + nr); with ONE_PASS (the tile's rows fit one pass) all of them, unchecked.
   template <int NC, bool ONE_PASS>
-  FASTSSL_HD void vertical(int tid, int32_t r0, int nr, TileAcc& acc) const {
+  FASTSSL_HD void vertical(int tid, int tile, int32_t r0, int nr, TileAcc& acc) const {
     const int x = tid % kTileX;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
     for (int p = 0; p < kTilePixels; ++p) {
-      const TileTaps& t = sh.rows[tid / kTileX + p * kTileGroups];
+      const TileTaps& t = sh.rows[tile * kTileY + tid / kTileX + p * kTileGroups];
       for (int k = 0; k < t.count; ++k) {
         const int r = t.index[k] - r0;
         if (!ONE_PASS && (r < 0 || r >= nr)) continue;
@@ -455,9 +473,9 @@ struct CropTile {
     }
   }
 
-  // Step 3: normalise and store channels [c0, c0 + NC) of this thread's pixels.
+  // Step 3: normalise and store channels [c0, c0 + NC) of this thread's pixels of tile `tile`.
   template <int NC>
-  FASTSSL_HD void store(int tid, int32_t c0, const TileAcc& acc) const {
+  FASTSSL_HD void store(int tid, int tile, int32_t c0, const TileAcc& acc) const {
     float mult[NC], shift[NC];
 #if defined(__CUDACC__)
 #pragma unroll
@@ -478,7 +496,7 @@ struct CropTile {
 #pragma unroll
 #endif
     for (int p = 0; p < kTilePixels; ++p) {
-      const int32_t y = y0 + tid / kTileX + p * kTileGroups, x = x0 + tid % kTileX;
+      const int32_t y = first_row(tile) + tid / kTileX + p * kTileGroups, x = x0 + tid % kTileX;
       if (y >= a.S || x >= a.S) continue;
       out_t* o = a.dst + n * a.sn + y * a.sy + x * a.sx + c0 * a.sc;
 #if defined(__CUDACC__)
@@ -489,25 +507,42 @@ struct CropTile {
   }
 };
 
-// One channel pass (NC channels from c0) of the tiled program.
-template <int NC, typename in_t, typename out_t, typename Block>
-FASTSSL_HD void run_channels(const CropTile<in_t, out_t>& tile, Block& block, int32_t c0, int32_t lo, int32_t hi,
-                             StageSpan span) {
-  // As many rows a pass as the stage holds (64 at most: tmp's rows).
-  const int fit = kStageBytes / (NC * span.pitch * static_cast<int>(sizeof(in_t)));
-  const int rows = fit < kTileRows ? fit : kTileRows;
-  block.own([&](int tid) { block.acc(tid) = TileAcc{}; });
-  for (int32_t r0 = lo; r0 < hi; r0 += rows) {
-    const int nr = hi - r0 < rows ? hi - r0 : rows;
-    block.each([&](int tid) { tile.template load_stage<NC>(tid, c0, r0, nr, span); });
-    block.each([&](int tid) { tile.template horizontal<NC>(tid, nr, span); });
-    if (hi - lo <= rows) {
-      block.each([&](int tid) { tile.template vertical<NC, true>(tid, r0, nr, block.acc(tid)); });
-    } else {
-      block.each([&](int tid) { tile.template vertical<NC, false>(tid, r0, nr, block.acc(tid)); });
+// One channel pass (NC channels from c0) of the tiled program: the strip's tiles one after another,
+// with the stage's row pitch P.
+template <int NC, int P, typename in_t, typename out_t, typename Block>
+FASTSSL_HD void run_channels(const CropTile<in_t, out_t>& tile, Block& block, int32_t c0, StageSpan span) {
+  // As many rows a pass as the stage holds, a multiple of kRowsAtOnce (the horizontal pass reads
+  // whole groups), 64 at most (tmp's rows).
+  constexpr int kFit = (kStageBytes / (NC * P * static_cast<int>(sizeof(in_t)))) / kRowsAtOnce * kRowsAtOnce;
+  constexpr int kRows = kFit < kTileRows ? kFit : kTileRows;
+  static_assert(kRows >= kRowsAtOnce, "the stage holds a group of rows at the widest pitch");
+  for (int t = 0; t < tile.tiles(); ++t) {
+    const int32_t lo = tile.row_lo(t), hi = tile.row_hi(t);
+    block.own([&](int tid) { block.acc(tid) = TileAcc{}; });
+    for (int32_t r0 = lo; r0 < hi; r0 += kRows) {
+      const int nr = hi - r0 < kRows ? hi - r0 : kRows;
+      block.each([&](int tid) { tile.template load_stage<NC, P>(tid, c0, r0, nr, span); });
+      block.each([&](int tid) { tile.template horizontal<NC, P>(tid, nr, span); });
+      if (hi - lo <= kRows) {
+        block.each([&](int tid) { tile.template vertical<NC, true>(tid, t, r0, nr, block.acc(tid)); });
+      } else {
+        block.each([&](int tid) { tile.template vertical<NC, false>(tid, t, r0, nr, block.acc(tid)); });
+      }
     }
+    block.own([&](int tid) { tile.template store<NC>(tid, t, c0, block.acc(tid)); });
   }
-  block.own([&](int tid) { tile.template store<NC>(tid, c0, block.acc(tid)); });
+}
+
+// A channel pass at the least pitch that holds the span.
+template <int NC, typename in_t, typename out_t, typename Block>
+FASTSSL_HD void run_channels(const CropTile<in_t, out_t>& tile, Block& block, int32_t c0, StageSpan span) {
+  if (span.width <= kPitch1) {
+    run_channels<NC, kPitch1>(tile, block, c0, span);
+  } else if (span.width <= kPitch2) {
+    run_channels<NC, kPitch2>(tile, block, c0, span);
+  } else {
+    run_channels<NC, kMaxPitch>(tile, block, c0, span);
+  }
 }
 
 // The tiled program's step sequence, for a `Block` that runs a step on every thread and then waits
@@ -519,21 +554,20 @@ FASTSSL_HD void run_tile(const CropTile<in_t, out_t>& tile, Block& block) {
     block.own([&](int tid) { tile.pixels(tid); });
     return;
   }
-  const int32_t lo = tile.row_lo(), hi = tile.row_hi();
   const StageSpan span = tile.stage_span(tile.col_lo(), tile.col_hi() - tile.col_lo());
-  if (kStageBytes / (kTileChannels * span.pitch * static_cast<int>(sizeof(in_t))) < 1) {
-    block.own([&](int tid) { tile.pixels(tid); });  // a tile wider than the stage: not with <= 16 taps
+  if (span.width > kMaxPitch) {
+    block.own([&](int tid) { tile.pixels(tid); });  // wider than the widest pitch: rare, see kMaxPitch
     return;
   }
   const int32_t C = static_cast<int32_t>(tile.a.C);
   for (int32_t c0 = 0; c0 < C; c0 += kTileChannels) {
     const int32_t nc = C - c0;
     if (nc >= 3) {
-      run_channels<3>(tile, block, c0, lo, hi, span);
+      run_channels<3>(tile, block, c0, span);
     } else if (nc == 2) {
-      run_channels<2>(tile, block, c0, lo, hi, span);
+      run_channels<2>(tile, block, c0, span);
     } else {
-      run_channels<1>(tile, block, c0, lo, hi, span);
+      run_channels<1>(tile, block, c0, span);
     }
   }
 }

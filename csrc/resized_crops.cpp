@@ -326,9 +326,9 @@ void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
     });
     return;
   }
-  const int64_t tiles_x = tiles_along(a.S, kTileX), tiles_y = tiles_along(a.S, kTileY);
-  TORCH_CHECK(a.N * tiles_x * tiles_y < (int64_t{1} << 31), "resized_crops: too many crops for one launch");
-  at::parallel_for(0, a.N * tiles_x * tiles_y, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tiles_x = tiles_along(a.S, kTileX), strips_y = tiles_along(a.S, kStripRows);
+  TORCH_CHECK(a.N * tiles_x * strips_y < (int64_t{1} << 31), "resized_crops: too many crops for one launch");
+  at::parallel_for(0, a.N * tiles_x * strips_y, 1, [&](int64_t begin, int64_t end) {
     std::vector<std::max_align_t> memory(kTileSharedBytes / sizeof(std::max_align_t) + 1);
     unsigned char* smem = reinterpret_cast<unsigned char*>(memory.data());
     EmulatedBlock block;
@@ -338,7 +338,7 @@ void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
       std::memset(smem, block.reverse ? 0x7f : 0xff, kTileSharedBytes);
       run_tile(CropTile<in_t, out_t>(a, *reinterpret_cast<TileShared*>(smem), smem + sizeof(TileShared),
                                      static_cast<uint32_t>(b), static_cast<uint32_t>(tiles_x),
-                                     static_cast<uint32_t>(tiles_y)),
+                                     static_cast<uint32_t>(strips_y)),
                block);
     }
   });

@@ -21,8 +21,9 @@ from fastssl.ops._crops import _pack, _resized_crops
 
 PROGRAMS = ["pixel", "tiled"]
 MODES = ["bilinear", "bicubic"]
-# Mirrors crop_programs.h: a tile's widest tabulated window and the source rows of one pass.
-TILE_TAPS, TILE_ROWS, TILE_Y = 16, 64, 16
+# Mirrors crop_programs.h: a tile's widest tabulated window, the source rows of one pass, a tile's
+# and a strip's rows.
+TILE_TAPS, TILE_ROWS, TILE_Y, STRIP_ROWS = 16, 64, 16, 128
 
 
 def run(program, images, boxes, size, device=DEVICE, **kw):
@@ -77,6 +78,22 @@ def test_tiled_program_chunks_the_rows(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_tiled_program_strips(mode):
+    """Crops taller than one strip of tiles: a second strip whose last tile has one row, with row
+    chunks in both strips (a 4x vertical down-scale), and random boxes up- and down-scaled."""
+    size = STRIP_ROWS + TILE_Y + 1
+    H, W = 560, 60
+    assert (TILE_Y - 1) * H / size + window(H, size, "bilinear") > TILE_ROWS
+    shapes = [(H, W), (int(torch.randint(100, 300, ())), int(torch.randint(100, 300, ())))]
+    for dtype in (torch.uint8, torch.float32):
+        images = random_images(dtype, shapes)
+        boxes = torch.cat([torch.tensor([[0, 0, 0, H, W]], dtype=torch.float32), random_boxes(shapes, 3)[:6]])
+        flips = torch.rand(boxes.shape[0]) < 0.5
+        out = run("tiled", images, boxes, size, flips=flips, interpolation=mode)
+        check_crops(out, images, boxes, size, mode, True, flips=flips, what=f"{dtype} strips")
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_tiled_program_falls_back_on_wide_windows(mode):
     """Windows wider than the tap tables: every axis, the vertical one only, the horizontal one only."""
     images = random_images(torch.float32, [(300, 260)])
@@ -91,6 +108,24 @@ def test_tiled_program_falls_back_on_wide_windows(mode):
     for program in PROGRAMS:
         out = run(program, images, boxes, size, flips=flips, interpolation=mode)
         check_crops(out, images, boxes, size, mode, True, flips=flips, what=f"{program} wide window")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_tiled_program_stage_pitches(dtype):
+    """A tile's source columns staged at each row pitch (64, 128, 256): tiles down-scaled 1x, 3x
+    and 6x across; and, with no antialias (2 taps at any scale), 12x: wider than the widest pitch,
+    so the pixel program runs it."""
+    images = random_images(dtype, [(50, 500)])
+    size = 40
+    boxes = torch.tensor([[0, 0, 0, 50, 40], [0, 0, 7, 50, 120], [0, 0, 3, 50, 240], [0, 1, 11, 49, 480]],
+                         dtype=torch.float32)
+    flips = torch.tensor([False, True, False, True])
+    widths = [(size - 1) * w / size + window(w, size, "bilinear") for w in boxes[:, 4].tolist()]
+    assert widths[0] <= 64 < widths[1] <= 128 < widths[2] <= 256 and window(240, size, "bilinear") <= TILE_TAPS
+    for antialias, rows in ((True, slice(0, 3)), (False, slice(0, 4))):
+        out = run("tiled", images, boxes[rows], size, flips=flips[rows], antialias=antialias)
+        check_crops(out, images, boxes[rows], size, "bilinear", antialias, flips=flips[rows],
+                    what=f"{dtype} pitches, antialias={antialias}")
 
 
 @pytest.mark.parametrize("mode", MODES)
