@@ -215,6 +215,12 @@ struct TileAcc {
   float v[kTilePixels][kTileChannels];
 };
 
+// out = acc * mult + shift per channel: (resampled * input_scale - mean) / std.
+template <int NC>
+struct TileNorm {
+  float mult[NC], shift[NC];
+};
+
 // The stage's columns: source columns [origin, origin + width) of each staged row, copied 4 bytes
 // at a time (`words`) for uint8 images whose rows start 4-byte aligned (then origin and width are
 // multiples of 4 and the words stay inside the row), else one element at a time.
@@ -341,51 +347,74 @@ struct CropTile {
   }
 
   // Step 2a: channels [c0, c0 + NC) of source rows [r0, r0 + nr), the span's columns, into the stage:
-  // row r of channel c at (r * NC + c) * P. A row goes to 2^shift lanes, the fewest its width needs
-  // up to a warp, so that narrow rows keep every lane busy; reads are coalesced, each source pixel
-  // read once.
+  // row r of channel c at (r * NC + c) * P. A source row (all NC channels) goes to 2^shift lanes, the
+  // fewest its width needs up to a warp, so that narrow rows keep every lane busy; reads are
+  // coalesced, each source pixel read once.
   template <int NC, int P>
   FASTSSL_HD void load_stage(int tid, int32_t c0, int32_t r0, int nr, StageSpan span) const {
-    const int units = span.words ? span.width / 4 : span.width;  // what a lane copies at once
-    int shift = 0;
-    while (shift < 5 && (1 << shift) < units) ++shift;
+    const int shift = lanes_shift(span.words ? span.width / 4 : span.width);  // a lane copies a word or an element
     const int lane = tid & ((1 << shift) - 1), lanes = 1 << shift;
     const int slot = tid >> shift, slots = kTileThreads >> shift;
     if (span.words) {
       load_stage_words<NC, P>(lane, lanes, slot, slots, c0, r0, nr, span);
       return;
     }
-    for (int row = slot; row < NC * nr; row += slots) {
-      const int32_t c = row % NC, r = row / NC;
-      const int32_t from = (c0 + c) * plane + (r0 + r) * W + span.origin;
-      in_t* to = stage + row * P;
+    for (int r = slot; r < nr; r += slots) {
+      const int32_t from = c0 * plane + (r0 + r) * W + span.origin;
+      in_t* to = stage + r * NC * P;
       for (int col = lane; col < span.width; col += lanes) {
-        to[col] = source_pixel(image, s, a.C, c0 + c, r0 + r, span.origin + col, from + col);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int c = 0; c < NC; ++c) {
+          to[c * P + col] = source_pixel(image, s, a.C, c0 + c, r0 + r, span.origin + col, from + c * plane + col);
+        }
       }
     }
   }
 
-  // uint8 rows, 4 bytes a lane: the loads of kRowsAtOnce rows issued before their stores.
+  // log2 of the lanes a row of `units` takes: the least power of two >= units, at most a warp.
+  FASTSSL_HD static int lanes_shift(int units) {
+#if defined(__CUDA_ARCH__)
+    const int shift = units > 1 ? 32 - __clz(units - 1) : 0;
+#else
+    int shift = 0;
+    while ((1 << shift) < units) ++shift;
+#endif
+    return shift < 5 ? shift : 5;
+  }
+
+  // uint8 rows, 4 bytes a lane: the loads of kRowsAtOnce rows x NC channels issued before their stores.
   template <int NC, int P>
   FASTSSL_HD void load_stage_words(int lane, int lanes, int slot, int slots, int32_t c0, int32_t r0, int nr,
                                    StageSpan span) const {
     const int words = span.width / 4;
-    for (int first = slot; first < NC * nr; first += slots * kRowsAtOnce) {
+    for (int first = slot; first < nr; first += slots * kRowsAtOnce) {
       for (int w = lane; w < words; w += lanes) {
-        uint32_t v[kRowsAtOnce] = {};
+        uint32_t v[kRowsAtOnce][NC] = {};
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
         for (int j = 0; j < kRowsAtOnce; ++j) {
-          const int row = first + j * slots;
-          if (row < NC * nr) v[j] = source_word(c0 + row % NC, r0 + row / NC, span.origin + 4 * w);
+          const int r = first + j * slots;
+          if (r < nr) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int c = 0; c < NC; ++c) v[j][c] = source_word(c0 + c, r0 + r, span.origin + 4 * w);
+          }
         }
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
         for (int j = 0; j < kRowsAtOnce; ++j) {
-          const int row = first + j * slots;
-          if (row < NC * nr) store_word(stage + row * P + 4 * w, v[j]);
+          const int r = first + j * slots;
+          if (r < nr) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int c = 0; c < NC; ++c) store_word(stage + (r * NC + c) * P + 4 * w, v[j][c]);
+          }
         }
       }
     }
@@ -473,10 +502,10 @@ struct CropTile {
     }
   }
 
-  // Step 3: normalise and store channels [c0, c0 + NC) of this thread's pixels of tile `tile`.
+  // The normalisation of channels [c0, c0 + NC), once per channel pass of a strip.
   template <int NC>
-  FASTSSL_HD void store(int tid, int tile, int32_t c0, const TileAcc& acc) const {
-    float mult[NC], shift[NC];
+  FASTSSL_HD TileNorm<NC> norm(int32_t c0) const {
+    TileNorm<NC> nm;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -489,9 +518,15 @@ struct CropTile {
         inv = 1.f / a.stdev[c0 + c];
 #endif
       }
-      mult[c] = a.input_scale * inv;
-      shift[c] = a.mean != nullptr ? -a.mean[c0 + c] * inv : 0.f;
+      nm.mult[c] = a.input_scale * inv;
+      nm.shift[c] = a.mean != nullptr ? -a.mean[c0 + c] * inv : 0.f;
     }
+    return nm;
+  }
+
+  // Step 3: normalise and store channels [c0, c0 + NC) of this thread's pixels of tile `tile`.
+  template <int NC>
+  FASTSSL_HD void store(int tid, int tile, int32_t c0, const TileNorm<NC>& nm, const TileAcc& acc) const {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -502,7 +537,7 @@ struct CropTile {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-      for (int c = 0; c < NC; ++c, o += a.sc) *o = store_value<out_t>(acc.v[p][c] * mult[c] + shift[c]);
+      for (int c = 0; c < NC; ++c, o += a.sc) *o = store_value<out_t>(acc.v[p][c] * nm.mult[c] + nm.shift[c]);
     }
   }
 };
@@ -516,6 +551,7 @@ FASTSSL_HD void run_channels(const CropTile<in_t, out_t>& tile, Block& block, in
   constexpr int kFit = (kStageBytes / (NC * P * static_cast<int>(sizeof(in_t)))) / kRowsAtOnce * kRowsAtOnce;
   constexpr int kRows = kFit < kTileRows ? kFit : kTileRows;
   static_assert(kRows >= kRowsAtOnce, "the stage holds a group of rows at the widest pitch");
+  const TileNorm<NC> nm = tile.template norm<NC>(c0);
   for (int t = 0; t < tile.tiles(); ++t) {
     const int32_t lo = tile.row_lo(t), hi = tile.row_hi(t);
     block.own([&](int tid) { block.acc(tid) = TileAcc{}; });
@@ -529,7 +565,7 @@ FASTSSL_HD void run_channels(const CropTile<in_t, out_t>& tile, Block& block, in
         block.each([&](int tid) { tile.template vertical<NC, false>(tid, t, r0, nr, block.acc(tid)); });
       }
     }
-    block.own([&](int tid) { tile.template store<NC>(tid, t, c0, block.acc(tid)); });
+    block.own([&](int tid) { tile.template store<NC>(tid, t, c0, nm, block.acc(tid)); });
   }
 }
 

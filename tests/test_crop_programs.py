@@ -108,6 +108,12 @@ def test_tiled_program_falls_back_on_wide_windows(mode):
     for program in PROGRAMS:
         out = run(program, images, boxes, size, flips=flips, interpolation=mode)
         check_crops(out, images, boxes, size, mode, True, flips=flips, what=f"{program} wide window")
+    # A crop taller than a strip, its rows wide: every row of a strip made by the pixel program.
+    tall = random_images(torch.float32, [(1100, 40)])
+    box = torch.tensor([[0, 0, 0, 1100, 40]], dtype=torch.float32)
+    size = STRIP_ROWS + 1
+    assert window(1100, size, mode) > TILE_TAPS
+    check_crops(run("tiled", tall, box, size, interpolation=mode), tall, box, size, mode, True, what="tall wide")
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
