@@ -16,13 +16,16 @@ keep each row's running max and sum of the online softmax and the unnormalised c
 accumulator, then merge the ranges (``_combine_kernel``), saving each row's base-2
 log-sum-exp for the backward.
 
-* dense labels (``_fwd_dense_kernel``): the accumulator is [BLOCK_N, C] (C tiled over
-  the grid when it is wider than ``_MAX_BLOCK_C``), updated by p @ Y_block; the support
-  ranges are splits of M, merged by a weighted sum of the partial accumulators. So
-  wide an accumulator leaves room for only 16 query rows, too narrow a tile for the
-  dots when d is wide: from d = 512 on, ``_matmul_kernel`` first writes the raw dots
-  of a chunk of supports (an [N, chunk] fp32 scratch, at most M * d elements) and the
-  kernel reads them instead.
+* dense labels (``_fwd_dense_kernel``): the accumulator is [BLOCK_N, BLOCK_C], C tiled
+  over the grid in tiles of up to ``_MAX_BLOCK_C`` = 256 classes, updated by p @ Y_block;
+  the support ranges are splits of M, merged by a weighted sum of the partial
+  accumulators. A 256-class tile leaves room for 64 query rows: the products run on
+  64-row tensor-core tiles and Y is read N / 64 times. The dots are then recomputed
+  once per class tile, so ``_matmul_kernel`` first writes the raw dots of a chunk of
+  supports (an [N, chunk] fp32 scratch, at most 8 N C elements) and the kernel reads
+  them instead: from d = 512 on for 16-bit embeddings, at every d for fp32 (whose
+  in-kernel tf32x3 dots do not fit beside a 64-row tile). Where the scratch would
+  exceed its budget, fp32 falls back to 16-row tiles of up to 1024 classes.
 * class ids (``_fwd_ids_kernel``): the supports are visited in class order (a
   permutation, computed by the launcher), so that a program owning a tile of
   BLOCK_C classes only streams the supports of those classes and its accumulator
@@ -399,12 +402,14 @@ def _norm_bwd_kernel(X, GHAT, DX, n_rows, d, nparts, stride_x, stride_dx, eps, B
 # Enough programs to fill any current GPU several times over; a constant rather than the SM
 # count, so that the split sums (and so the results) do not depend on the device.
 _TARGET_PROGRAMS = 1024
-_MAX_BLOCK_C = 1024   # widest class accumulator a dense-label program holds
+_MAX_BLOCK_C = 256    # widest class tile of a dense-label program: 64 query rows beside it
+_MAX_BLOCK_C_FUSED_FP32 = 1024  # fp32, dots computed in the kernel: 16 query rows (spill-free)
 _ACC_ELEMS = 16384    # fp32 accumulator elements a program holds: 64 registers a thread at 8 warps
 _MIN_BLOCKS_PER_SPLIT = 4
 _MIN_MM_PROGRAMS = 256  # a matmul's programs: about two per SM of an H100 (132) or A100 (108)
 _MAX_DENSE_SPLITS = 8
-# From this embedding width on, the dense forward takes its dots from a matmul (fwd_dense_config).
+# From this embedding width on, the 16-bit dense forward takes its dots from a matmul (fp32: always,
+# see fwd_dense_config).
 _PRE_MIN_D = 512
 _TORCH_TO_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -459,23 +464,28 @@ def _mm_config(fp32: bool, R: int, n_cols: int, K: int, max_splits: int = 1, a_t
 def fwd_dense_config(N: int, M: int, d: int, C: int, dtype) -> dict:
     """Block sizes of the dense-label forward: the [BLOCK_N, BLOCK_C] accumulator fits _ACC_ELEMS.
 
-    Its narrow query blocks make the fused dots slow when d is wide, so from d = _PRE_MIN_D
-    on the dots are one _matmul_kernel product per support chunk (``pre``), which the kernel
-    then reads: ``segments`` lists (first support, supports, splits, split length, first part).
-    The dots chunk stays within the partials' own budget (8 x N x C), and ``pre`` needs at
-    most 8 chunks: the forward's memory is O(N x C) either way.
+    With ``pre`` the dots are one _matmul_kernel product per support chunk, which the
+    kernel then reads (once per class tile) instead of computing them: from d =
+    _PRE_MIN_D on for 16-bit embeddings, at any d for fp32, whose tf32x3 dots spill
+    beside a 64 x 256 accumulator (sm_80 / sm_90 AOT builds). ``segments`` lists (first
+    support, supports, splits, split length, first part). The dots chunk stays within
+    the partials' own budget (8 x N x C), and ``pre`` needs at most 8 chunks: the
+    forward's memory is O(N x C) either way. fp32 without ``pre`` (the budget would be
+    exceeded: M > ~64 C) holds an accumulator of half the size, 16 query rows beside up to 1024
+    classes.
     """
     fp32 = dtype in (torch.float32, "fp32")
-    block_c = _pow2(C, 16, _MAX_BLOCK_C)
-    block_n = _pow2(_ACC_ELEMS // block_c, 16, 64)
+    mchunk = _support_chunk(M, _MAX_DENSE_SPLITS * N * C, N)
+    n_chunks = triton.cdiv(M, mchunk)
+    pre = (fp32 or d >= _PRE_MIN_D) and n_chunks <= _MAX_DENSE_SPLITS
+    if not pre:
+        mchunk, n_chunks = M, 1
+    fused_fp32 = fp32 and not pre  # tf32x3 dots beside the accumulator: half as many elements, spill-free
+    block_c = _pow2(C, 16, _MAX_BLOCK_C_FUSED_FP32 if fused_fp32 else _MAX_BLOCK_C)
+    block_n = _pow2((_ACC_ELEMS // 2 if fused_fp32 else _ACC_ELEMS) // block_c, 16, 64)
     # The label tile [BLOCK_M, BLOCK_C] goes through shared memory: keep it under 64 KiB.
     block_m = 16 if block_c * (4 if fp32 else 2) > 2048 else 32
     n_q, n_c = triton.cdiv(N, block_n), triton.cdiv(C, block_c)
-    mchunk = _support_chunk(M, _MAX_DENSE_SPLITS * N * C, N)
-    n_chunks = triton.cdiv(M, mchunk)
-    pre = d >= _PRE_MIN_D and n_chunks <= _MAX_DENSE_SPLITS
-    if not pre:
-        mchunk, n_chunks = M, 1
     # At most 8 parts in all: their partials (parts x N x C fp32) stay O(N x C).
     segments, nparts = [], 0
     for j_lo in range(0, M, mchunk):
@@ -803,5 +813,7 @@ AOT_PROBLEMS = [
     dict(N=512, M=6720, d=2048, C=960, dtype="bf16", dense=False),
     dict(N=4096, M=128116, d=384, C=1000, dtype="bf16", dense=False),
     dict(N=4096, M=128116, d=384, C=1000, dtype="fp32", dense=False),
+    dict(N=4096, M=128116, d=384, C=1000, dtype="fp32", dense=True),  # fp32 without pre: 16 x 1024 tiles
+    dict(N=512, M=20000, d=128, C=200, dtype="fp32", dense=True),  # fp32 without pre: 32 x 256 tiles
     dict(N=24, M=77, d=19, C=10, dtype="fp16", dense=True),
 ]

@@ -113,6 +113,21 @@ def test_dense_forward_with_dots_from_a_matmul(backend, monkeypatch, N, M, d, ch
     _assert_snn_close(got, want, FP32_TOL if dtype == torch.float32 else TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_forward_past_the_dots_budget(backend, dtype):
+    # More supports than 8 chunks of the dots scratch hold (M > ~64 C): the dots are computed in
+    # the kernel, fp32 (tf32x3) beside an accumulator of half the size.
+    from fastssl.kernels.snn import _ACC_ELEMS, fwd_dense_config
+
+    N, M, d, C = 7, 600, 8, 3
+    cfg = fwd_dense_config(N, M, d, C, dtype)
+    assert not cfg["pre"] and len(cfg["segments"]) == 1
+    assert cfg["BLOCK_N"] * cfg["BLOCK_C"] <= (_ACC_ELEMS // 2 if dtype == torch.float32 else _ACC_ELEMS)
+    query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
+    got, want = _snn_vs_reference(query, supports, _soft_labels(M, C), 0.1, backend)
+    _assert_snn_close(got, want, FP32_TOL if dtype == torch.float32 else TOL[dtype])
+
+
 def test_scratch_is_bounded_by_n_c_and_m_d():
     # The issue's memory bound O(N * C + M * d) at any N x M: the backward's dc chunk never holds
     # more than the supports' gradient, the forward's dots chunk more than its 8 [N, C] partials.
