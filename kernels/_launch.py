@@ -9,7 +9,8 @@ import functools
 import torch
 import triton
 
-__all__ = ["InterpreterUnsupported", "interpreter_problem", "launch_device", "launch_options", "rows_contiguous"]
+__all__ = ["InterpreterUnsupported", "aot_int", "interpreter_problem", "launch_device", "launch_options",
+           "rows_contiguous"]
 
 
 class InterpreterUnsupported(RuntimeError):
@@ -60,3 +61,9 @@ def launch_options(cfg: dict) -> dict:
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by a stride and columns contiguously."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def aot_int(value: int) -> str:
+    """An i32 kernel argument for the AOT build, with the hint the JIT gives ``value``: equal to 1,
+    or divisible by 16 (the JIT specialises on both; loads vectorise by the second)."""
+    return "i32:1" if value == 1 else "i32:16" if value % 16 == 0 else "i32"

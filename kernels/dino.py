@@ -26,7 +26,8 @@ the low bits once |x| is large (fp16 logits of 6e4 over tau_s = 0.1):
    q from the teacher logits and (M, L), and keeps per student row an online (max,
    sum), the dot <Q, z - max> and sum(Q) (so the loss is n * log2(L) - <Q, z - M>,
    without cancellation). ``_combine_kernel`` merges the splits and the loss shares.
-4. ``_student_bwd_kernel``: the same grid, writing the gradient directly.
+4. ``_student_bwd_kernel``: a (b, K-split) grid too, its tiles wider (it keeps no
+   statistics), writing the gradient directly.
 
 Memory beyond inputs and gradient: the split partials, O(rows * splits), and the
 [2, rows] statistics the backward recomputes from.
@@ -38,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_device, launch_options, rows_contiguous
+from ._launch import aot_int, launch_device, launch_options, rows_contiguous
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -194,11 +195,14 @@ def _student_bwd_kernel(GRAD_LOSS, S, T, C, STATS_S, STATS_T, DS, ncrops, B, K, 
 # Enough programs to fill any current GPU several times over; a constant rather than the
 # SM count so that results (the order of the split-K sums) do not depend on the device.
 _TARGET_PROGRAMS = 1024
-# Elements per [rows, BLOCK_K] tile of the streaming kernels, over 8 warps. The student
-# passes keep several tiles live (logits, Q, exponentials), hence half the teacher's tile:
-# both then stay at ~100 registers a thread or less with no spills (sm_80/sm_90 AOT builds).
+# Elements per [rows, BLOCK_K] tile of the streaming kernels, over 8 warps. The student forward
+# keeps several tiles live (logits, Q, exponentials): 8 KiB of logits a tile (2048 fp32, 4096
+# 16-bit). The backward, elementwise, streams 4096 elements a tile, so that every load of an
+# iteration is issued before the first result is needed (one DRAM round trip an iteration).
+# All stay spill-free at <= 80 registers (sm_80/sm_90 AOT builds, Triton 3.6 and 3.8).
 _TILE = 4096
-_STUDENT_TILE = 2048
+_STUDENT_FWD_TILE_BYTES = 8192
+_STUDENT_BWD_TILE = 4096
 _STREAM_WARPS = 8
 _NUM_STAGES = 1
 # No FMA: a row's max M and sum L are taken over rounded logits x * scale, so each value's
@@ -208,16 +212,18 @@ _OPTIONS = dict(num_warps=_STREAM_WARPS, num_stages=_NUM_STAGES, enable_fp_fusio
 
 
 def teacher_config(n_rows: int, K: int) -> dict:
-    """Block sizes of the teacher pass: ~2 column blocks per SM of an H100."""
-    block_k = min(512, max(64, triton.next_power_of_2(triton.cdiv(K, 264))))
+    """Block sizes of the teacher pass: ~4 column blocks per SM of an H100."""
+    block_k = min(512, max(64, triton.next_power_of_2(triton.cdiv(K, 528))))
     block_r = min(max(1, _TILE // block_k), triton.next_power_of_2(n_rows))
     return dict(BLOCK_R=block_r, BLOCK_K=block_k, nsplit=triton.cdiv(K, block_k), **_OPTIONS)
 
 
-def student_config(ncrops: int, B: int, K: int) -> dict:
-    """Block sizes and the K-split of the student passes (shared by forward and backward)."""
+def student_config(ncrops: int, B: int, K: int, itemsize: int = 4, backward: bool = False) -> dict:
+    """Block sizes and the K-split of a student pass (``itemsize``: bytes per logit). The
+    backward needs no split partials, so its split is its own."""
     v_pad = triton.next_power_of_2(ncrops)
-    block_k = min(max(16, _STUDENT_TILE // v_pad), max(16, triton.next_power_of_2(K)))
+    tile = _STUDENT_BWD_TILE if backward else _STUDENT_FWD_TILE_BYTES // itemsize
+    block_k = min(max(16, tile // v_pad), max(16, triton.next_power_of_2(K)))
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B), triton.cdiv(K, block_k)))
     chunk = triton.cdiv(triton.cdiv(K, nsplit), block_k) * block_k
     return dict(V_PAD=v_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk, **_OPTIONS)
@@ -271,7 +277,7 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
             BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"], **launch_options(tc))
         stats_t, _ = _combine(part_m, part_l, None, None, n_t, tc["nsplit"], B, 1.0, dev)
 
-        sc = student_config(ncrops, B, K)
+        sc = student_config(ncrops, B, K, student.element_size())
         part_m, part_l, part_d, part_q = torch.empty(4, n_s, sc["nsplit"], device=dev, dtype=torch.float32)
         _student_fwd_kernel[(B, sc["nsplit"])](
             student, teacher, center, stats_t, part_m, part_l, part_d, part_q, ncrops, B, K,
@@ -290,7 +296,7 @@ def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: 
     n_s, K = student.shape
     B = teacher.shape[0] // 2
     grad = torch.empty(n_s, K, device=student.device, dtype=student.dtype)
-    sc = student_config(ncrops, B, K)
+    sc = student_config(ncrops, B, K, student.element_size(), backward=True)
     n_pairs = 2 * ncrops - 2
     with launch_device(student, "dino_loss"):
         _student_bwd_kernel[(B, sc["nsplit"])](
@@ -309,28 +315,31 @@ def aot_specs(ncrops: int, B: int, K: int, dtype: str = "fp32"):
     Used by ``fastssl.kernels.aot`` to build every kernel for real GPUs without one.
     """
     n_t, n_s = 2 * B, ncrops * B
-    tc, sc = teacher_config(n_t, K), student_config(ncrops, B, K)
-    f32, i32 = "*fp32", "i32"
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    tc = teacher_config(n_t, K)
+    fc, bc = student_config(ncrops, B, K, itemsize), student_config(ncrops, B, K, itemsize, backward=True)
+    f32 = "*fp32"
+    # Integers as the JIT specialises them (divisible by 16, or 1): its loads vectorise by them.
     yield (_teacher_kernel,
-           dict(T=f"*{dtype}", C=f32, PART_M=f32, PART_L=f32, BATCH_CENTER=f32, n_rows=i32, K=i32,
-                stride_t=i32, inv_rows="fp32", t_scale2="fp32"),
+           dict(T=f"*{dtype}", C=f32, PART_M=f32, PART_L=f32, BATCH_CENTER=f32, n_rows=aot_int(n_t), K=aot_int(K),
+                stride_t=aot_int(K), inv_rows="fp32", t_scale2="fp32"),
            dict(BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"]), tc)
-    for rows, nsplit, has_dot in ((n_t, tc["nsplit"], False), (n_s, sc["nsplit"], True)):
+    for rows, nsplit, has_dot in ((n_t, tc["nsplit"], False), (n_s, fc["nsplit"], True)):
         cc = combine_config(rows, nsplit)
         yield (_combine_kernel,
-               dict(PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32, STATS=f32, LOSS_PART=f32, n_rows=i32,
-                    nsplit=i32, B=i32, loss_scale="fp32"),
+               dict(PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32, STATS=f32, LOSS_PART=f32, n_rows=aot_int(rows),
+                    nsplit=aot_int(nsplit), B=aot_int(B), loss_scale="fp32"),
                dict(HAS_DOT=has_dot, BLOCK_R=cc["BLOCK_R"], BLOCK_S=cc["BLOCK_S"]), cc)
-    scalars = dict(ncrops=i32, B=i32, K=i32, stride_s=i32, stride_t=i32)
+    scalars = dict(ncrops=aot_int(ncrops), B=aot_int(B), K=aot_int(K), stride_s=aot_int(K), stride_t=aot_int(K))
     yield (_student_fwd_kernel,
            dict(S=f"*{dtype}", T=f"*{dtype}", C=f32, STATS_T=f32, PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32,
-                **scalars,
-                chunk=i32, s_scale2="fp32", t_scale2="fp32"),
-           dict(V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"]), sc)
+                **scalars, chunk=aot_int(fc["chunk"]), s_scale2="fp32", t_scale2="fp32"),
+           dict(V_PAD=fc["V_PAD"], BLOCK_K=fc["BLOCK_K"]), fc)
     yield (_student_bwd_kernel,
            dict(GRAD_LOSS=f32, S=f"*{dtype}", T=f"*{dtype}", C=f32, STATS_S=f32, STATS_T=f32, DS=f"*{dtype}",
-                **scalars, stride_ds=i32, chunk=i32, s_scale2="fp32", t_scale2="fp32", grad_scale="fp32"),
-           dict(V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"]), sc)
+                **scalars, stride_ds=aot_int(K), chunk=aot_int(bc["chunk"]), s_scale2="fp32", t_scale2="fp32",
+                grad_scale="fp32"),
+           dict(V_PAD=bc["V_PAD"], BLOCK_K=bc["BLOCK_K"]), bc)
 
 
 # The shapes the AOT check builds for: the benchmark's target problem (2+8 and 2+10

@@ -68,7 +68,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_device, launch_options, rows_contiguous
+from ._launch import aot_int, launch_device, launch_options, rows_contiguous
+
+_int = aot_int  # short, for the specs at the end
 
 LOG2E = 1.4426950408889634
 NORM_EPS = 1e-12  # F.normalize's default eps
@@ -720,11 +722,6 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs
-
-def _int(value: int) -> str:
-    """An i32 argument with the hint the JIT would give it: equal to 1, or divisible by 16."""
-    return "i32:1" if value == 1 else "i32:16" if value % 16 == 0 else "i32"
-
 
 def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool = True):
     """What the launchers above compile for this problem: ``(kernel, signature, constexprs, options)``.
