@@ -23,9 +23,12 @@ the low bits once |x| is large (fp16 logits of 6e4 over tau_s = 0.1):
 2. ``_combine_kernel``: merges the partials into each row's (M, L).
 3. ``_student_fwd_kernel``: a (b, K-split) grid; a program holds the two teacher rows
    of sample b and all V student rows of it as one [V_PAD, BLOCK_K] tile, recomputes
-   q from the teacher logits and (M, L), and keeps per student row an online (max,
-   sum), the dot <Q, z - max> and sum(Q) (so the loss is n * log2(L) - <Q, z - M>,
-   without cancellation). ``_combine_kernel`` merges the splits and the loss shares.
+   q from the teacher logits and (M, L), and keeps for every element of the tile (a
+   student row's column lane) an online max m, sum of 2^(z - m) and dot <Q, z - m>, and
+   per lane the sums of q0 and q1: no reduction across lanes until the split's end, where
+   they merge into the row's (max, sum, <Q, z - max>, sum(Q)) (so the loss is
+   n * log2(L) - <Q, z - M>, without cancellation). ``_combine_kernel`` merges the
+   splits and the loss shares.
 4. ``_student_bwd_kernel``: a (b, K-split) grid too, its tiles wider (it keeps no
    statistics), writing the gradient directly.
 
@@ -42,6 +45,7 @@ import triton.language as tl
 from ._launch import aot_int, launch_device, launch_options, rows_contiguous
 
 LOG2E = 1.4426950408889634
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # float32 max: a constexpr, so kernels may read it
 LN2 = 0.6931471805599453
 
 
@@ -133,33 +137,46 @@ def _student_fwd_kernel(S, T, C, STATS_T, PART_M, PART_L, PART_D, PART_Q, ncrops
     v, vmask, w0, w1, t0_off, t1_off, m_t0, inv_l_t0, m_t1, inv_l_t1 = _pair_setup(
         STATS_T, b, B, ncrops, stride_t, V_PAD)
     s_rows = (v * B + b).to(tl.int64) * stride_s
-    # Per student row: running max m, sum 2^(z - m), <Q, z - m> and sum(Q).
-    m = tl.full([V_PAD], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([V_PAD], dtype=tl.float32)
-    d = tl.zeros([V_PAD], dtype=tl.float32)
-    qs = tl.zeros([V_PAD], dtype=tl.float32)
+    # Per element of the [V_PAD, BLOCK_K] tile (a column lane of a student row): running max m,
+    # sum of 2^(z - m) and <Q, z - m>; per lane a0, a1, the sums of q0, q1 so far. Merged across
+    # lanes once, after the loop: the loop has no reductions. m starts at -FLT_MAX, not -inf, so
+    # that every shift below is finite (a lane of -inf logits keeps m = -FLT_MAX and l = 0).
+    m = tl.full([V_PAD, BLOCK_K], -FLT_MAX, dtype=tl.float32)
+    l = tl.zeros([V_PAD, BLOCK_K], dtype=tl.float32)
+    d = tl.zeros([V_PAD, BLOCK_K], dtype=tl.float32)
+    a0 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_K], dtype=tl.float32)
     k_start = split * chunk
     k_end = tl.minimum(k_start + chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < k_end
-        q0 = _teacher_probs(T, C, t0_off, m_t0, inv_l_t0, cols, cmask, t_scale2)
-        q1 = _teacher_probs(T, C, t1_off, m_t1, inv_l_t1, cols, cmask, t_scale2)
-        Q = w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]
         mask = vmask[:, None] & cmask[None, :]
         z = tl.load(S + s_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * s_scale2
         z = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows all -inf so far: sums stay 0
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
-        d += tl.where(qs > 0, (m - m_new) * qs, 0.0)
-        d += tl.sum(tl.where(mask, Q * (z - m_new[:, None]), 0.0), axis=1)
-        qs += tl.sum(Q, axis=1)
+        q0 = _teacher_probs(T, C, t0_off, m_t0, inv_l_t0, cols, cmask, t_scale2)
+        q1 = _teacher_probs(T, C, t1_off, m_t1, inv_l_t1, cols, cmask, t_scale2)
+        m_new = tl.maximum(m, z)
+        shift = m - m_new
+        l = l * tl.exp2(shift) + tl.exp2(z - m_new)
+        # <Q, z - m> so far moved to the new max, plus this column's term; the lane's sum of Q so
+        # far is w0 * a0 + w1 * a1.
+        A = w0[:, None] * a0[None, :] + w1[:, None] * a1[None, :]
+        Q = w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]
+        d += shift * A + tl.where(mask, Q * (z - m_new), 0.0)
         m = m_new
+        a0 += q0
+        a1 += q1
+    # The lanes merged: M the row max, L = sum l * 2^(m - M), <Q, z - M> = sum d + (m - M) * A.
+    m_row = tl.max(m, axis=1)
+    l_row = tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1)
+    A = w0[:, None] * a0[None, :] + w1[:, None] * a1[None, :]
+    d_row = tl.sum(d + (m - m_row[:, None]) * A, axis=1)
+    qs = w0 * tl.sum(a0, axis=0) + w1 * tl.sum(a1, axis=0)
     offs = (v * B + b) * nsplit + split
-    tl.store(PART_M + offs, m, mask=vmask)
-    tl.store(PART_L + offs, l, mask=vmask)
-    tl.store(PART_D + offs, d, mask=vmask)
+    tl.store(PART_M + offs, m_row, mask=vmask)
+    tl.store(PART_L + offs, l_row, mask=vmask)
+    tl.store(PART_D + offs, d_row, mask=vmask)
     tl.store(PART_Q + offs, qs, mask=vmask)
 
 
