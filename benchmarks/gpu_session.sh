@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_session.sh bench dino      # one benchmark's target preset (dino, ema, multicrop, paws,
 #                                                  # train_step)
 #   bash benchmarks/gpu_session.sh bench dino full K=65536   # another preset, cases filtered by label tokens
+#   bash benchmarks/gpu_session.sh tune dino       # the launch-configuration sweep of a kernel family (dino,
+#                                                  # paws, ema): commit a winner after its AOT build is spill-free
 #
 # Logs and results are copied under $OUT when it is set (the device tool brings them back);
 # commit benchmarks/results/<gpu>/ afterwards, as the README says.
@@ -80,8 +82,16 @@ case "$stage" in
     for f in benchmarks/results/*/"$name-$preset".*; do [ -e "$f" ] && cp "$f" "$out/"; done
     exit "$rc"
     ;;
+  tune)
+    name="${2:?which kernels: dino, paws or ema}"
+    python3 -m benchmarks.tune "$name" 2>"$out/tune-$name.err" | tee "$out/tune-$name.md"
+    rc=${PIPESTATUS[0]}
+    tail -5 "$out/tune-$name.err"
+    for f in benchmarks/results/*/"tune-$name".*; do [ -e "$f" ] && cp "$f" "$out/"; done
+    exit "$rc"
+    ;;
   *)
-    echo "unknown stage $stage (test, test-rest or bench)" >&2
+    echo "unknown stage $stage (test, test-rest, bench or tune)" >&2
     exit 2
     ;;
 esac

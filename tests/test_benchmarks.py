@@ -189,3 +189,42 @@ def test_goal_line_judges_on_cuda_only():
     assert goal_line("lean", 0.9, "x", 0.8, True, higher=False).endswith("FAIL")
     assert "not judged" in goal_line("fast", 99.0, "x", 10, False)
     assert goal_line("fast", None, "x", 10, True) == "- fast: not measured on this device"
+
+
+@pytest.mark.parametrize("name", ["dino", "paws", "ema"])
+def test_tune_candidates_set_real_constants(name):
+    # A candidate that named a constant its module no longer has would silently time shipped again.
+    from benchmarks import tune
+
+    module = importlib.import_module(f"fastssl.kernels.{tune.MODULES[name]}")
+    for label, values in tune.CANDIDATES[name]:
+        for const, value in values.items():
+            assert hasattr(module, const), (label, const)
+            if isinstance(value, dict):
+                assert set(value) <= set(getattr(module, const)), (label, const)
+
+
+def test_tune_patched_restores_the_constants():
+    from benchmarks import tune
+    from fastssl.kernels import dino as kernels
+
+    before = (kernels._STUDENT_BWD_TILE, dict(kernels._OPTIONS))
+    with pytest.raises(RuntimeError), tune.patched(kernels, {"_STUDENT_BWD_TILE": 8, "_OPTIONS": {"num_warps": 2}}):
+        assert kernels.student_config(10, 4, 4096, backward=True)["BLOCK_K"] == 16
+        assert kernels._OPTIONS["num_warps"] == 2 and kernels._OPTIONS["enable_fp_fusion"] is False
+        raise RuntimeError("a candidate failed")
+    assert (kernels._STUDENT_BWD_TILE, kernels._OPTIONS) == before
+    with pytest.raises(AttributeError):
+        with tune.patched(kernels, {"_NO_SUCH_CONSTANT": 1}):
+            pass
+
+
+def test_tune_smoke(tmp_path):
+    # The GPU sweep on tiny problems, the kernels under the interpreter: every candidate runs and
+    # matches the shipped constants' outputs.
+    from benchmarks import tune
+
+    paths = tune.main(["ema", "--smoke", "--out", str(tmp_path)])
+    records = json.loads(paths["json"].read_text())["records"]
+    assert [r["candidate"] for r in records] == [c for c, _ in tune.CANDIDATES["ema"]] * 2
+    assert all(r["ok"] and r["median_ms"] > 0 for r in records)
