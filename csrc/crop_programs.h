@@ -200,11 +200,21 @@ struct TileTaps {
   float weight[kTileTaps];
 };
 
+// One output row's taps. A warp's 32 threads read the same row's table (broadcast), so no odd
+// stride is needed; `contiguous` says that tap k is index[0] + k (always with antialias: windows
+// are cut to the box, not clamped), which lets the vertical pass walk tmp's rows without indices.
+struct RowTaps {
+  int32_t count;
+  int32_t contiguous;
+  int32_t index[kTileTaps];
+  float weight[kTileTaps];
+};
+
 // Shared memory of a block: the strip's tap tables and the horizontal pass's output; the staged
 // source rows (kStageBytes, of the images' dtype) follow it in the same allocation.
 struct TileShared {
   TileTaps cols[kTileX];
-  TileTaps rows[kStripRows];
+  RowTaps rows[kStripRows];
   float tmp[kTileChannels][kTileRows][kTileX];
 };
 constexpr int kTileSharedBytes = static_cast<int>(sizeof(TileShared)) + kStageBytes;
@@ -270,34 +280,41 @@ struct CropTile {
   }
 
   // Step 1: thread j < kTileX tabulates column x0 + j, the next kStripRows threads row y0 + j. Returns
-  // whether its window is too wide for the table (the block then runs the pixel program). The
-  // weights are tap()'s, each filter value computed once.
+  // whether its window is too wide for the table (the block then runs the pixel program).
   FASTSSL_HD bool tables(int tid) const {
-    TileTaps* t;
-    int64_t i;
-    AxisTaps taps;
+    AxisTaps taps{};
     if (tid < kTileX) {
-      t = &sh.cols[tid];
-      i = x0 + tid;
+      const int64_t i = x0 + tid;
       if (i < a.S) taps = axis_taps(s.box[2], s.box[4], s.W, a.S, s.flip ? a.S - 1 - i : i, a.cubic, a.antialias);
-    } else if (tid < kTileX + kStripRows) {
-      t = &sh.rows[tid - kTileX];
-      i = y0 + tid - kTileX;
+      return fill(sh.cols[tid], i, taps);
+    }
+    if (tid < kTileX + kStripRows) {
+      RowTaps& t = sh.rows[tid - kTileX];
+      const int64_t i = y0 + tid - kTileX;
       if (i < a.S) taps = axis_taps(s.box[1], s.box[3], s.H, a.S, i, a.cubic, a.antialias);
-    } else {
+      const bool wide = fill(t, i, taps);
+      // Taps are clamp(first + k), never decreasing by steps of 0 or 1: contiguous iff they span count.
+      t.contiguous = t.count > 0 && !wide && t.index[t.count - 1] - t.index[0] == t.count - 1;
+      return wide;
+    }
+    return false;
+  }
+
+  // A table of output index i (no taps past the crop's edge: nothing is stored there); whether its
+  // window is too wide for it. The weights are tap()'s, each filter value computed once.
+  template <typename Taps>
+  FASTSSL_HD bool fill(Taps& t, int64_t i, const AxisTaps& taps) const {
+    if (i >= a.S) {
+      t.count = 0;
       return false;
     }
-    if (i >= a.S) {  // past the crop's edge: no taps, nothing stored
-      t->count = 0;
-      return false;
-    }
-    t->count = taps.count;
+    t.count = taps.count;
     // No taps at all cannot happen for a box inside its image; the pixel program copes if it does.
     if (taps.count > kTileTaps || taps.count == 0) return true;
     for (int k = 0; k < taps.count; ++k) {
       int64_t index;
-      t->weight[k] = tap(taps, k, index);
-      t->index[k] = static_cast<int32_t>(index);
+      t.weight[k] = tap(taps, k, index);
+      t.index[k] = static_cast<int32_t>(index);
     }
     return false;
   }
@@ -314,7 +331,7 @@ struct CropTile {
   FASTSSL_HD int32_t row_lo(int t) const { return sh.rows[t * kTileY].index[0]; }
   FASTSSL_HD int32_t row_hi(int t) const {
     const int32_t rows = a.S - first_row(t) < kTileY ? static_cast<int32_t>(a.S) - first_row(t) : kTileY;
-    const TileTaps& r = sh.rows[t * kTileY + rows - 1];
+    const RowTaps& r = sh.rows[t * kTileY + rows - 1];
     return r.index[r.count - 1] + 1;
   }
   FASTSSL_HD int32_t col_lo() const {
@@ -481,7 +498,8 @@ struct CropTile {
   }
 
   // Step 2c: the vertical taps of this thread's pixels of tile `tile` that land in rows
-  // [r0, r0 + nr); with ONE_PASS (the tile's rows fit one pass) all of them, unchecked.
+  // [r0, r0 + nr); with ONE_PASS (the tile's rows fit one pass) all of them, unchecked. Contiguous
+  // taps are the rows k0 <= k < k1 of one column of tmp: no index and no check a tap.
   template <int NC, bool ONE_PASS>
   FASTSSL_HD void vertical(int tid, int tile, int32_t r0, int nr, TileAcc& acc) const {
     const int x = tid % kTileX;
@@ -489,7 +507,25 @@ struct CropTile {
 #pragma unroll
 #endif
     for (int p = 0; p < kTilePixels; ++p) {
-      const TileTaps& t = sh.rows[tile * kTileY + tid / kTileX + p * kTileGroups];
+      const RowTaps& t = sh.rows[tile * kTileY + tid / kTileX + p * kTileGroups];
+      if (t.contiguous) {
+        const int first = t.index[0] - r0;
+        int k0 = 0, k1 = t.count;
+        if (!ONE_PASS) {
+          k0 = first < 0 ? -first : 0;
+          k1 = nr - first < k1 ? nr - first : k1;
+        }
+        if (k0 >= k1) continue;
+        const float* col = &sh.tmp[0][first + k0][x];
+        const float* w = t.weight + k0;
+        for (int k = 0; k < k1 - k0; ++k) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int c = 0; c < NC; ++c) acc.v[p][c] += w[k] * col[(c * kTileRows + k) * kTileX];
+        }
+        continue;
+      }
       for (int k = 0; k < t.count; ++k) {
         const int r = t.index[k] - r0;
         if (!ONE_PASS && (r < 0 || r >= nr)) continue;
