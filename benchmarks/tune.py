@@ -33,8 +33,8 @@ from benchmarks import harness
 CANDIDATES: dict[str, list[tuple[str, dict]]] = {
     "dino": [
         ("shipped", {}),
-        ("fwd tile 4 KiB", {"_STUDENT_FWD_TILE_BYTES": 4096}),
-        ("fwd tile 16 KiB", {"_STUDENT_FWD_TILE_BYTES": 16384}),
+        ("fwd tile 2048", {"_STUDENT_FWD_TILE": 2048}),
+        ("fwd tile 8192", {"_STUDENT_FWD_TILE": 8192}),
         ("bwd tile 2048", {"_STUDENT_BWD_TILE": 2048}),
         ("bwd tile 8192", {"_STUDENT_BWD_TILE": 8192}),
         ("4 warps", {"_OPTIONS": {"num_warps": 4}}),

@@ -22,13 +22,16 @@ the low bits once |x| is large (fp16 logits of 6e4 over tau_s = 0.1):
    center).
 2. ``_combine_kernel``: merges the partials into each row's (M, L).
 3. ``_student_fwd_kernel``: a (b, K-split) grid; a program holds the two teacher rows
-   of sample b and all V student rows of it as one [V_PAD, BLOCK_K] tile, recomputes
-   q from the teacher logits and (M, L), and keeps for every element of the tile (a
-   student row's column lane) an online max m, sum of 2^(z - m) and dot <Q, z - m>, and
-   per lane the sums of q0 and q1: no reduction across lanes until the split's end, where
-   they merge into the row's (max, sum, <Q, z - max>, sum(Q)) (so the loss is
-   n * log2(L) - <Q, z - M>, without cancellation). ``_combine_kernel`` merges the
-   splits and the loss shares.
+   of sample b, its 2 global crops' student rows as a [2, BLOCK_K] tile and its local
+   crops' as a [VL_PAD, BLOCK_K] tile (every local crop is scored against both teacher
+   crops: Q = q0 + q1, no per-row selects, no padding at 2 + 8 crops), recomputes q from
+   the teacher logits and (M, L), and keeps for every element of the tiles (a student
+   row's column lane) an online max m, sum of 2^(z - m) and dot <Q, z - m>, and per lane
+   the sums of q0 and q1: no reduction across lanes until the split's end, where they
+   merge into the row's (max, sum, <Q, z - max>, sum(Q)) (so the loss is
+   n * log2(L) - <Q, z - M>, without cancellation). A block's loads are issued before
+   the previous block's math, and only the split's last block is masked.
+   ``_combine_kernel`` merges the splits and the loss shares.
 4. ``_student_bwd_kernel``: a (b, K-split) grid too, its tiles wider (it keeps no
    statistics), writing the gradient directly.
 
@@ -114,7 +117,7 @@ def _teacher_probs(T, C, row_off, m, inv_l, cols, cmask, t_scale2):
 
 @triton.jit
 def _pair_setup(STATS_T, b, B, ncrops, stride_t, V_PAD: tl.constexpr):
-    """What both student passes need for sample b: which teacher crops each student crop is
+    """What the student backward needs for sample b: which teacher crops each student crop is
     scored against, and the two teacher rows' offsets and softmax statistics."""
     v = tl.arange(0, V_PAD)
     # Student crop v is scored against teacher crop i for every i in {0, 1} other than v.
@@ -129,55 +132,119 @@ def _pair_setup(STATS_T, b, B, ncrops, stride_t, V_PAD: tl.constexpr):
 
 
 @triton.jit
+def _fwd_load(S, T, C, g_rows, l_rows, lmask, t0_off, t1_off, cols, k_end):
+    """One block's loads for the student forward: global and local student rows, the two
+    teacher rows and the center, masked to the split (nothing past k_end is read)."""
+    cmask = cols < k_end
+    sg = tl.load(S + g_rows[:, None] + cols[None, :], mask=cmask[None, :], other=0.0)
+    sl = tl.load(S + l_rows[:, None] + cols[None, :], mask=lmask[:, None] & cmask[None, :], other=0.0)
+    t0 = tl.load(T + t0_off + cols, mask=cmask, other=0.0)
+    t1 = tl.load(T + t1_off + cols, mask=cmask, other=0.0)
+    c = tl.load(C + cols, mask=cmask, other=0.0)
+    return sg, sl, t0, t1, c
+
+
+@triton.jit
+def _lane_update(z, Q, A, m, l, d, mask, MASKED: tl.constexpr):
+    """One column of each lane: the new max, the sum of 2^(z - m) and <Q, z - m> moved to it (A:
+    the lane's sum of Q so far), plus this column's terms. m starts at -FLT_MAX, so every shift
+    is finite; a lane of -inf logits keeps m = -FLT_MAX and l = 0."""
+    m_new = tl.maximum(m, z)
+    shift = m - m_new
+    l = l * tl.exp2(shift) + tl.exp2(z - m_new)
+    if MASKED:
+        d += shift * A + tl.where(mask, Q * (z - m_new), 0.0)
+    else:
+        d += shift * A + Q * (z - m_new)
+    return m_new, l, d
+
+
+@triton.jit
+def _fwd_step(sg, sl, t0, t1, c, cols, k_end, g0, lmask, m_t0, inv_l_t0, m_t1, inv_l_t1, s_scale2, t_scale2,
+              mg, lg, dg, ml, ll, dl, a0, a1, MASKED: tl.constexpr):
+    """One block of the student forward. Only a split's last block is MASKED: in the others
+    every column is real, and padded local rows (never stored) may hold any value."""
+    cmask = cols < k_end
+    q0 = tl.exp2((t0.to(tl.float32) - c) * t_scale2 - m_t0) * inv_l_t0
+    q1 = tl.exp2((t1.to(tl.float32) - c) * t_scale2 - m_t1) * inv_l_t1
+    zg = sg.to(tl.float32) * s_scale2
+    zl = sl.to(tl.float32) * s_scale2
+    lm = lmask[:, None] & cmask[None, :]
+    if MASKED:
+        q0 = tl.where(cmask, q0, 0.0)
+        q1 = tl.where(cmask, q1, 0.0)
+        zg = tl.where(cmask[None, :], zg, float("-inf"))
+        zl = tl.where(lm, zl, float("-inf"))
+    # Global crop g is scored against teacher crop 1 - g only, a local crop against both.
+    mg, lg, dg = _lane_update(zg, tl.where(g0[:, None], q1[None, :], q0[None, :]),
+                              tl.where(g0[:, None], a1[None, :], a0[None, :]), mg, lg, dg, cmask[None, :], MASKED)
+    ml, ll, dl = _lane_update(zl, (q0 + q1)[None, :], (a0 + a1)[None, :], ml, ll, dl, lm, MASKED)
+    return mg, lg, dg, ml, ll, dl, a0 + q0, a1 + q1
+
+
+@triton.jit
+def _lanes_merge_store(m, l, d, A, qs, crops, rmask, PART_M, PART_L, PART_D, PART_Q, B, b, nsplit, split):
+    """The lanes of each row merged: M the row max, L = sum l * 2^(m - M), <Q, z - M> =
+    sum d + (m - M) * A; stored with sum(Q) as the row's partials of this split."""
+    m_row = tl.max(m, axis=1)
+    l_row = tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1)
+    d_row = tl.sum(d + (m - m_row[:, None]) * A, axis=1)
+    offs = (crops * B + b) * nsplit + split
+    tl.store(PART_M + offs, m_row, mask=rmask)
+    tl.store(PART_L + offs, l_row, mask=rmask)
+    tl.store(PART_D + offs, d_row, mask=rmask)
+    tl.store(PART_Q + offs, qs, mask=rmask)
+
+
+@triton.jit
 def _student_fwd_kernel(S, T, C, STATS_T, PART_M, PART_L, PART_D, PART_Q, ncrops, B, K, stride_s, stride_t,
-                        chunk, s_scale2, t_scale2, V_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+                        chunk, s_scale2, t_scale2, VL_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    v, vmask, w0, w1, t0_off, t1_off, m_t0, inv_l_t0, m_t1, inv_l_t1 = _pair_setup(
-        STATS_T, b, B, ncrops, stride_t, V_PAD)
-    s_rows = (v * B + b).to(tl.int64) * stride_s
-    # Per element of the [V_PAD, BLOCK_K] tile (a column lane of a student row): running max m,
-    # sum of 2^(z - m) and <Q, z - m>; per lane a0, a1, the sums of q0, q1 so far. Merged across
-    # lanes once, after the loop: the loop has no reductions. m starts at -FLT_MAX, not -inf, so
-    # that every shift below is finite (a lane of -inf logits keeps m = -FLT_MAX and l = 0).
-    m = tl.full([V_PAD, BLOCK_K], -FLT_MAX, dtype=tl.float32)
-    l = tl.zeros([V_PAD, BLOCK_K], dtype=tl.float32)
-    d = tl.zeros([V_PAD, BLOCK_K], dtype=tl.float32)
-    a0 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    n_t = 2 * B
+    t0_off = b.to(tl.int64) * stride_t
+    t1_off = (b + B).to(tl.int64) * stride_t
+    m_t0, inv_l_t0 = tl.load(STATS_T + b), 1.0 / tl.load(STATS_T + n_t + b)
+    m_t1, inv_l_t1 = tl.load(STATS_T + b + B), 1.0 / tl.load(STATS_T + n_t + b + B)
+    vg = tl.arange(0, 2)  # the global crops
+    g0 = vg == 0
+    vl = 2 + tl.arange(0, VL_PAD)  # the local crops
+    lmask = vl < ncrops
+    g_rows = (vg * B + b).to(tl.int64) * stride_s
+    l_rows = (vl * B + b).to(tl.int64) * stride_s
+    mg = tl.full([2, BLOCK_K], -FLT_MAX, dtype=tl.float32)
+    lg = tl.zeros([2, BLOCK_K], dtype=tl.float32)
+    dg = tl.zeros([2, BLOCK_K], dtype=tl.float32)
+    ml = tl.full([VL_PAD, BLOCK_K], -FLT_MAX, dtype=tl.float32)
+    ll = tl.zeros([VL_PAD, BLOCK_K], dtype=tl.float32)
+    dl = tl.zeros([VL_PAD, BLOCK_K], dtype=tl.float32)
+    a0 = tl.zeros([BLOCK_K], dtype=tl.float32)  # per lane, the sums of q0 and q1 so far
     a1 = tl.zeros([BLOCK_K], dtype=tl.float32)
     k_start = split * chunk
     k_end = tl.minimum(k_start + chunk, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < k_end
-        mask = vmask[:, None] & cmask[None, :]
-        z = tl.load(S + s_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * s_scale2
-        z = tl.where(mask, z, float("-inf"))
-        q0 = _teacher_probs(T, C, t0_off, m_t0, inv_l_t0, cols, cmask, t_scale2)
-        q1 = _teacher_probs(T, C, t1_off, m_t1, inv_l_t1, cols, cmask, t_scale2)
-        m_new = tl.maximum(m, z)
-        shift = m - m_new
-        l = l * tl.exp2(shift) + tl.exp2(z - m_new)
-        # <Q, z - m> so far moved to the new max, plus this column's term; the lane's sum of Q so
-        # far is w0 * a0 + w1 * a1.
-        A = w0[:, None] * a0[None, :] + w1[:, None] * a1[None, :]
-        Q = w0[:, None] * q0[None, :] + w1[:, None] * q1[None, :]
-        d += shift * A + tl.where(mask, Q * (z - m_new), 0.0)
-        m = m_new
-        a0 += q0
-        a1 += q1
-    # The lanes merged: M the row max, L = sum l * 2^(m - M), <Q, z - M> = sum d + (m - M) * A.
-    m_row = tl.max(m, axis=1)
-    l_row = tl.sum(l * tl.exp2(m - m_row[:, None]), axis=1)
-    A = w0[:, None] * a0[None, :] + w1[:, None] * a1[None, :]
-    d_row = tl.sum(d + (m - m_row[:, None]) * A, axis=1)
-    qs = w0 * tl.sum(a0, axis=0) + w1 * tl.sum(a1, axis=0)
-    offs = (v * B + b) * nsplit + split
-    tl.store(PART_M + offs, m_row, mask=vmask)
-    tl.store(PART_L + offs, l_row, mask=vmask)
-    tl.store(PART_D + offs, d_row, mask=vmask)
-    tl.store(PART_Q + offs, qs, mask=vmask)
+    k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K
+    ar = tl.arange(0, BLOCK_K)
+    # Block i + 1's loads are issued before block i's math, so that they are in flight during it
+    # (the last iteration's read the tail block, or nothing).
+    sg, sl, t0, t1, c = _fwd_load(S, T, C, g_rows, l_rows, lmask, t0_off, t1_off, k_start + ar, k_end)
+    for k0 in range(k_start, k_full, BLOCK_K):
+        cols = k0 + ar
+        sg_c, sl_c, t0_c, t1_c, c_c = sg, sl, t0, t1, c
+        sg, sl, t0, t1, c = _fwd_load(S, T, C, g_rows, l_rows, lmask, t0_off, t1_off, cols + BLOCK_K, k_end)
+        mg, lg, dg, ml, ll, dl, a0, a1 = _fwd_step(
+            sg_c, sl_c, t0_c, t1_c, c_c, cols, k_end, g0, lmask, m_t0, inv_l_t0, m_t1, inv_l_t1, s_scale2,
+            t_scale2, mg, lg, dg, ml, ll, dl, a0, a1, False)
+    if k_full < k_end:
+        mg, lg, dg, ml, ll, dl, a0, a1 = _fwd_step(
+            sg, sl, t0, t1, c, k_full + ar, k_end, g0, lmask, m_t0, inv_l_t0, m_t1, inv_l_t1, s_scale2,
+            t_scale2, mg, lg, dg, ml, ll, dl, a0, a1, True)
+    s0 = tl.sum(a0, axis=0)
+    s1 = tl.sum(a1, axis=0)
+    _lanes_merge_store(mg, lg, dg, tl.where(g0[:, None], a1[None, :], a0[None, :]), tl.where(g0, s1, s0), vg,
+                       vg < 2, PART_M, PART_L, PART_D, PART_Q, B, b, nsplit, split)
+    _lanes_merge_store(ml, ll, dl, (a0 + a1)[None, :], tl.zeros([VL_PAD], dtype=tl.float32) + (s0 + s1), vl,
+                       lmask, PART_M, PART_L, PART_D, PART_Q, B, b, nsplit, split)
 
 
 @triton.jit
@@ -213,12 +280,12 @@ def _student_bwd_kernel(GRAD_LOSS, S, T, C, STATS_S, STATS_T, DS, ncrops, B, K, 
 # SM count so that results (the order of the split-K sums) do not depend on the device.
 _TARGET_PROGRAMS = 1024
 # Elements per [rows, BLOCK_K] tile of the streaming kernels, over 8 warps. The student forward
-# keeps several tiles live (logits, Q, exponentials): 8 KiB of logits a tile (2048 fp32, 4096
-# 16-bit). The backward, elementwise, streams 4096 elements a tile, so that every load of an
-# iteration is issued before the first result is needed (one DRAM round trip an iteration).
-# All stay spill-free at <= 80 registers (sm_80/sm_90 AOT builds, Triton 3.6 and 3.8).
+# keeps three state tiles (max, sum, dot) per element; the backward, elementwise, streams its
+# tile so that every load of an iteration is issued before the first result is needed. Both
+# take 4096 elements, whatever the dtype (16-bit logits gain nothing from wider tiles: the
+# state is fp32), spill-free at <= 128 registers (sm_80/sm_90 AOT builds, Triton 3.6 and 3.8).
 _TILE = 4096
-_STUDENT_FWD_TILE_BYTES = 8192
+_STUDENT_FWD_TILE = 4096
 _STUDENT_BWD_TILE = 4096
 _STREAM_WARPS = 8
 _NUM_STAGES = 1
@@ -235,15 +302,20 @@ def teacher_config(n_rows: int, K: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_K=block_k, nsplit=triton.cdiv(K, block_k), **_OPTIONS)
 
 
-def student_config(ncrops: int, B: int, K: int, itemsize: int = 4, backward: bool = False) -> dict:
-    """Block sizes and the K-split of a student pass (``itemsize``: bytes per logit). The
-    backward needs no split partials, so its split is its own."""
-    v_pad = triton.next_power_of_2(ncrops)
-    tile = _STUDENT_BWD_TILE if backward else _STUDENT_FWD_TILE_BYTES // itemsize
-    block_k = min(max(16, tile // v_pad), max(16, triton.next_power_of_2(K)))
+def student_config(ncrops: int, B: int, K: int, backward: bool = False) -> dict:
+    """Block sizes and the K-split of a student pass. The forward's rows are the 2 global crops
+    and VL_PAD padded local crops; the backward's V_PAD padded crops. The backward needs no
+    split partials, so its split is its own."""
+    if backward:
+        pads = dict(V_PAD=triton.next_power_of_2(ncrops))
+        rows, tile = pads["V_PAD"], _STUDENT_BWD_TILE
+    else:
+        pads = dict(VL_PAD=triton.next_power_of_2(max(ncrops - 2, 1)))
+        rows, tile = triton.next_power_of_2(2 + pads["VL_PAD"]), _STUDENT_FWD_TILE
+    block_k = min(max(16, tile // rows), max(16, triton.next_power_of_2(K)))
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B), triton.cdiv(K, block_k)))
     chunk = triton.cdiv(triton.cdiv(K, nsplit), block_k) * block_k
-    return dict(V_PAD=v_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk, **_OPTIONS)
+    return dict(**pads, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk), chunk=chunk, **_OPTIONS)
 
 
 def combine_config(n_rows: int, nsplit: int) -> dict:
@@ -294,12 +366,12 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
             BLOCK_R=tc["BLOCK_R"], BLOCK_K=tc["BLOCK_K"], **launch_options(tc))
         stats_t, _ = _combine(part_m, part_l, None, None, n_t, tc["nsplit"], B, 1.0, dev)
 
-        sc = student_config(ncrops, B, K, student.element_size())
+        sc = student_config(ncrops, B, K)
         part_m, part_l, part_d, part_q = torch.empty(4, n_s, sc["nsplit"], device=dev, dtype=torch.float32)
         _student_fwd_kernel[(B, sc["nsplit"])](
             student, teacher, center, stats_t, part_m, part_l, part_d, part_q, ncrops, B, K,
             student.stride(0), teacher.stride(0), sc["chunk"], s_scale2, t_scale2,
-            V_PAD=sc["V_PAD"], BLOCK_K=sc["BLOCK_K"], **launch_options(sc))
+            VL_PAD=sc["VL_PAD"], BLOCK_K=sc["BLOCK_K"], **launch_options(sc))
         n_pairs = 2 * ncrops - 2
         stats_s, loss = _combine(part_m, part_l, part_d, part_q, n_s, sc["nsplit"], B, LN2 / (n_pairs * B), dev)
     return loss, batch_center, stats_s, stats_t
@@ -313,7 +385,7 @@ def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: 
     n_s, K = student.shape
     B = teacher.shape[0] // 2
     grad = torch.empty(n_s, K, device=student.device, dtype=student.dtype)
-    sc = student_config(ncrops, B, K, student.element_size(), backward=True)
+    sc = student_config(ncrops, B, K, backward=True)
     n_pairs = 2 * ncrops - 2
     with launch_device(student, "dino_loss"):
         _student_bwd_kernel[(B, sc["nsplit"])](
@@ -332,9 +404,8 @@ def aot_specs(ncrops: int, B: int, K: int, dtype: str = "fp32"):
     Used by ``fastssl.kernels.aot`` to build every kernel for real GPUs without one.
     """
     n_t, n_s = 2 * B, ncrops * B
-    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     tc = teacher_config(n_t, K)
-    fc, bc = student_config(ncrops, B, K, itemsize), student_config(ncrops, B, K, itemsize, backward=True)
+    fc, bc = student_config(ncrops, B, K), student_config(ncrops, B, K, backward=True)
     f32 = "*fp32"
     # Integers as the JIT specialises them (divisible by 16, or 1): its loads vectorise by them.
     yield (_teacher_kernel,
@@ -351,7 +422,7 @@ def aot_specs(ncrops: int, B: int, K: int, dtype: str = "fp32"):
     yield (_student_fwd_kernel,
            dict(S=f"*{dtype}", T=f"*{dtype}", C=f32, STATS_T=f32, PART_M=f32, PART_L=f32, PART_D=f32, PART_Q=f32,
                 **scalars, chunk=aot_int(fc["chunk"]), s_scale2="fp32", t_scale2="fp32"),
-           dict(V_PAD=fc["V_PAD"], BLOCK_K=fc["BLOCK_K"]), fc)
+           dict(VL_PAD=fc["VL_PAD"], BLOCK_K=fc["BLOCK_K"]), fc)
     yield (_student_bwd_kernel,
            dict(GRAD_LOSS=f32, S=f"*{dtype}", T=f"*{dtype}", C=f32, STATS_S=f32, STATS_T=f32, DS=f"*{dtype}",
                 **scalars, stride_ds=aot_int(K), chunk=aot_int(bc["chunk"]), s_scale2="fp32", t_scale2="fp32",

@@ -48,6 +48,39 @@ def test_matches_authors_fp32(backend, ncrops, B, K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ncrops,K", [(10, 1000), (10, 1024), (5, 1300), (2, 2500)])
+def test_splits_of_several_blocks(backend, monkeypatch, dtype, ncrops, K):
+    # One split over all of K: the student forward streams several blocks, each one's loads issued
+    # before the previous one's math, unmasked but the last (none when K is a multiple of BLOCK_K).
+    from fastssl.kernels import dino as kernels
+
+    monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 1)
+    cfg = kernels.student_config(ncrops, 2, K)
+    assert cfg["nsplit"] == 1 and K // cfg["BLOCK_K"] >= 2
+    student, teacher, center = _logits(ncrops, 2, K, dtype)
+    student.requires_grad_()
+    loss, _ = dino_loss(student, teacher, center, ncrops, 0.04, 0.1, backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_loss, ref_grad, _ = _reference(student, teacher, center, ncrops, 0.04)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(grad, ref_grad, TOL[dtype], "gradient")
+
+
+@pytest.mark.parametrize("offset", [-20.0, 20.0])
+def test_logits_far_from_zero(backend, offset):
+    # Softmax is shift-invariant: student rows all far below (or above) zero (2^z underflows at
+    # z = s / 0.1 * log2(e) ~ -290) give the reference's loss and gradient: no running statistic
+    # may start from a fixed value like 0. (Much farther, fp32's rounding of z itself shows.)
+    student, teacher, center = _logits(10, 2, 700)
+    student = (student + offset).requires_grad_()
+    loss, _ = dino_loss(student, teacher, center, 10, 0.04, 0.1, backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_loss, ref_grad, _ = _reference(student, teacher, center, 10, 0.04)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(grad, ref_grad, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ncrops,B,K", [(10, 3, 1000), (2, 2, 77)])
 def test_matches_authors_per_dtype(backend, dtype, ncrops, B, K):
     # Low-precision logits, fp32 math inside: the loss matches the float64 reference of the
