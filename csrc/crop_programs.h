@@ -41,6 +41,7 @@
 // Both programs add the same products in the same order as the CPU kernel; a GPU compiler may fuse
 // a multiply and an add where the CPU compiler does not, so across devices values agree to rounding.
 // Offsets inside one image are int32: the Python wrapper refuses images of 2^31 or more elements.
+// So are the tiled program's offsets inside one crop's output (tiled_fits: bigger crops run `pixel`).
 //
 // Images of different sizes are one flat buffer with per-image offsets and shapes, so crops of any
 // image share a launch. Box values are checked before the launch (Python, on the host or on the
@@ -260,6 +261,8 @@ struct CropTile {
   CropSource s;
   const in_t* image;  // the crop's image; offsets from here are int32
   int32_t W, plane;
+  out_t* out;               // the crop's first output element; offsets from here are int32 too
+  int32_t osc, osy, osx;    // the output's channel, row and column strides (tiled_fits)
 
   // 32-bit block arithmetic: a launch has fewer than 2^31 blocks and crops (checked before it).
   FASTSSL_HD CropTile(const CropArgs<in_t, out_t>& args, TileShared& shared, unsigned char* stage_bytes,
@@ -277,6 +280,10 @@ struct CropTile {
     image = a.src + s.offset;
     W = static_cast<int32_t>(s.W);
     plane = static_cast<int32_t>(s.H * s.W);
+    out = a.dst + static_cast<int64_t>(n) * a.sn;
+    osc = static_cast<int32_t>(a.sc);
+    osy = static_cast<int32_t>(a.sy);
+    osx = static_cast<int32_t>(a.sx);
   }
 
   // Step 1: thread j < kTileX tabulates column x0 + j, the next kStripRows threads row y0 + j. Returns
@@ -566,14 +573,15 @@ struct CropTile {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
+    out_t* o = out + c0 * osc;
     for (int p = 0; p < kTilePixels; ++p) {
       const int32_t y = first_row(tile) + tid / kTileX + p * kTileGroups, x = x0 + tid % kTileX;
       if (y >= a.S || x >= a.S) continue;
-      out_t* o = a.dst + n * a.sn + y * a.sy + x * a.sx + c0 * a.sc;
+      const int32_t at = y * osy + x * osx;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-      for (int c = 0; c < NC; ++c, o += a.sc) *o = store_value<out_t>(acc.v[p][c] * nm.mult[c] + nm.shift[c]);
+      for (int c = 0; c < NC; ++c) o[at + c * osc] = store_value<out_t>(acc.v[p][c] * nm.mult[c] + nm.shift[c]);
     }
   }
 };
@@ -646,5 +654,13 @@ FASTSSL_HD void run_tile(const CropTile<in_t, out_t>& tile, Block& block) {
 
 // Grid sizes.
 inline int64_t tiles_along(int64_t S, int64_t tile) { return (S + tile - 1) / tile; }
+
+// The tiled program addresses a crop's output with int32 offsets: its last element must lie less
+// than 2^31 elements past its first (C * S * S for the layouts the op allocates). Larger crops (a
+// side of ~26,000 pixels and more) run the pixel program.
+template <typename in_t, typename out_t>
+bool tiled_fits(const CropArgs<in_t, out_t>& a) {
+  return (a.S - 1) * (a.sy + a.sx) + (a.C - 1) * a.sc < (int64_t{1} << 31);
+}
 
 }  // namespace fastssl

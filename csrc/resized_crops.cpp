@@ -320,7 +320,7 @@ struct EmulatedBlock {
 
 template <typename in_t, typename out_t>
 void emulate_program(const CropArgs<in_t, out_t>& a, CropProgram program) {
-  if (program == CropProgram::kPixel) {
+  if (program == CropProgram::kPixel || !tiled_fits(a)) {
     at::parallel_for(0, a.N * a.S * a.S, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) crop_pixel(a, i / (a.S * a.S), (i / a.S) % a.S, i % a.S);
     });

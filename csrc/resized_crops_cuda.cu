@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kPixelThreads) pixel_kernel(const __grid_const
 
 template <typename in_t, typename out_t>
 void launch(const CropArgs<in_t, out_t>& a, CropProgram program, cudaStream_t stream) {
-  if (program == CropProgram::kTiled) {
+  if (program == CropProgram::kTiled && tiled_fits(a)) {
     const int64_t tiles_x = tiles_along(a.S, kTileX), strips_y = tiles_along(a.S, kStripRows);
     const int64_t blocks = a.N * tiles_x * strips_y;
     TORCH_CHECK(blocks < (int64_t{1} << 31) && a.N < (int64_t{1} << 31), "resized_crops: ", a.N, " crops of ",
