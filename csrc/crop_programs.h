@@ -193,7 +193,7 @@ constexpr int kStripRows = kStripTiles * kTileY;
 static_assert(kTileThreads % kTileX == 0 && kTileY % kTileGroups == 0, "a warp's pixels share a row");
 static_assert(kTileX + kStripRows <= kTileThreads, "one thread per tap table");
 
-// One output column's (or row's) taps: 2 * kTileTaps + 1 words, an odd stride, so that 32 threads
+// One output column's taps: 2 * kTileTaps + 1 words, an odd stride, so that 32 threads
 // reading 32 columns' tables hit 32 different shared-memory banks.
 struct TileTaps {
   int32_t count;  // may exceed kTileTaps: then the table is not filled and the block runs `pixels`
