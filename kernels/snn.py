@@ -25,7 +25,8 @@ log-sum-exp for the backward.
   supports (an [N, chunk] fp32 scratch, at most 8 N C elements) and the kernel reads
   them instead: from d = 512 on for 16-bit embeddings, at every d for fp32 (whose
   in-kernel tf32x3 dots do not fit beside a 64-row tile). Where the scratch would
-  exceed its budget, fp32 falls back to 16-row tiles of up to 1024 classes.
+  exceed its budget, fp32 computes its dots in the kernel beside an accumulator of half
+  the size (64 x 128, 32 x 256, 16 x 1024 classes).
 * class ids (``_fwd_ids_kernel``): the supports are visited in class order (a
   permutation, computed by the launcher), so that a program owning a tile of
   BLOCK_C classes only streams the supports of those classes and its accumulator
@@ -473,8 +474,7 @@ def fwd_dense_config(N: int, M: int, d: int, C: int, dtype) -> dict:
     support, supports, splits, split length, first part). The dots chunk stays within
     the partials' own budget (8 x N x C), and ``pre`` needs at most 8 chunks: the
     forward's memory is O(N x C) either way. fp32 without ``pre`` (the budget would be
-    exceeded: M > ~64 C) holds an accumulator of half the size, 16 query rows beside up to 1024
-    classes.
+    exceeded: M > ~64 C) holds an accumulator of half the size, up to 1024 classes.
     """
     fp32 = dtype in (torch.float32, "fp32")
     mchunk = _support_chunk(M, _MAX_DENSE_SPLITS * N * C, N)
