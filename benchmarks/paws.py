@@ -55,7 +55,7 @@ EVAL = dict(N=4096, M=128116, d=384, C=1000)
 GOALS = dict(train_vs_authors=2.0, train_vs_sdpa=1.0, eval_vs_authors=3.0)
 # The issue's memory goal is O(N * C + M * d): its constant, over the fp32 [N, C] probabilities
 # and the [N, d] + [M, d] embeddings (the gradients' size). fastssl's forward keeps up to 8
-# partial [N, C] accumulators; its backward one dc chunk of at most M * d elements.
+# partial [N, C] accumulators; its backward one dc chunk of at most the bytes of the fp32 [M, d].
 MEM_BOUND_FACTOR = 3.0
 
 

@@ -58,7 +58,8 @@ use ``tf32x3`` (three TF32 products, ~fp32 accurate), never plain TF32.
 
 Memory beyond inputs and outputs: O(N * C * splits) forward partials, O(N + M)
 statistics, one chunk of dots (forward, d >= 512: at most 8 N C elements) or of dc
-(backward: at most max(M * d, 64 N)), and the backward's fp32 partial gradients (at most
+(backward: at most the bytes of the supports' fp32 gradient, or 64 rows of N), and the
+backward's fp32 partial gradients (at most
 min(8, M / N) x [N, d], and [M, d]; written over by the gradients for fp32 inputs):
 O(N * C + M * d) whatever N x M.
 """
@@ -132,8 +133,8 @@ def _label_grads(G, Y, g_off, js, rmask, jmask, C, stride_y, gscale, DENSE: tl.c
 
 
 @triton.jit
-def _inv_norm_kernel(X, INV, n_rows, d, stride_x, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _inv_norm_rows(X, INV, block, n_rows, d, stride_x, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     off = rows.to(tl.int64) * stride_x
     ss = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -143,6 +144,18 @@ def _inv_norm_kernel(X, INV, n_rows, d, stride_x, eps, BLOCK_R: tl.constexpr, BL
         x = x.to(tl.float32)
         ss += tl.sum(x * x, axis=1)
     tl.store(INV + rows, 1.0 / tl.maximum(tl.sqrt(ss), eps), mask=rmask)
+
+
+@triton.jit
+def _inv_norm_kernel(X, INV, n_rows, stride_x, X2, INV2, n_rows2, stride_x2, n_blocks, d, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The inverse norms of two row sets (queries and supports) in one launch: the first
+    # n_blocks programs take X's rows, the others X2's.
+    pid = tl.program_id(0)
+    if pid < n_blocks:
+        _inv_norm_rows(X, INV, pid, n_rows, d, stride_x, eps, BLOCK_R, BLOCK_D)
+    else:
+        _inv_norm_rows(X2, INV2, pid - n_blocks, n_rows2, d, stride_x2, eps, BLOCK_R, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -371,12 +384,12 @@ def _sum_parts(GHAT, rows, ks, mask, n_rows, d, nparts, BLOCK_R: tl.constexpr, B
 
 
 @triton.jit
-def _norm_bwd_kernel(X, GHAT, DX, n_rows, d, nparts, stride_x, stride_dx, eps, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _norm_bwd_rows(X, GHAT, DX, block, n_rows, d, nparts, stride_x, stride_dx, eps, BLOCK_R: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     # dx = (g - x^ (x^ . g)) / |x| with g the sum of the nparts partial gradients of x^; when
     # F.normalize clamped the norm to eps, x^ = x / eps and dx = g / eps. DX may be part 0 of
     # GHAT: a program reads each element of its rows before it writes that element.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     x_off = rows.to(tl.int64) * stride_x
     ss = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -398,6 +411,35 @@ def _norm_bwd_kernel(X, GHAT, DX, n_rows, d, nparts, stride_x, stride_dx, eps, B
         g = _sum_parts(GHAT, rows, ks, mask, n_rows, d, nparts, BLOCK_R, BLOCK_D)
         dx = g * inv[:, None] - x * coef[:, None]
         tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + ks[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(X, GHAT, DX, n_rows, nparts, stride_x, stride_dx, X2, GHAT2, DX2, n_rows2, nparts2, stride_x2,
+                     stride_dx2, n_blocks, d, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Both row sets' normalisation backward in one launch: the first n_blocks programs take X's
+    # rows, the others X2's (none when only one gradient is needed).
+    pid = tl.program_id(0)
+    if pid < n_blocks:
+        _norm_bwd_rows(X, GHAT, DX, pid, n_rows, d, nparts, stride_x, stride_dx, eps, BLOCK_R, BLOCK_D)
+    else:
+        _norm_bwd_rows(X2, GHAT2, DX2, pid - n_blocks, n_rows2, d, nparts2, stride_x2, stride_dx2, eps, BLOCK_R,
+                       BLOCK_D)
+
+
+@triton.jit
+def _row_e_kernel(G, P, E, N, C, stride_g, stride_p, spread, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # E_i = sum_c G_ic (spread - P_ic): minus D_i = sum_c G_ic P_ic, plus the label smoothing's
+    # eps / C sum_c G_ic for class ids (spread = 0 for dense labels).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    e = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cs < C)[None, :]
+        g = tl.load(G + rows.to(tl.int64)[:, None] * stride_g + cs[None, :], mask=mask, other=0.0)
+        p = tl.load(P + rows.to(tl.int64)[:, None] * stride_p + cs[None, :], mask=mask, other=0.0)
+        e += tl.sum(g * (spread - p), axis=1)
+    tl.store(E + rows, e, mask=rmask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -528,13 +570,15 @@ def combine_config(N: int, C: int, nparts: int) -> dict:
 def bwd_config(N: int, M: int, d: int, C: int, dtype) -> dict:
     """Block sizes of the backward: the dc tiles, the support chunk, and the two matmuls.
 
-    dc exists for one chunk of ``chunk`` supports at a time, at most max(M * d, 64 N)
-    elements (the size of the supports' gradient), so the memory stays O(N * C + M * d) at
+    dc exists for one chunk of ``chunk`` supports at a time, in the inputs' dtype: at most the
+    bytes of the supports' fp32 gradient [M, d] (or 64 supports), so the memory stays O(N * C + M * d) at
     any N x M. ``mm_q`` (dq^ = dc @ S^, K = the chunk's supports) splits K into at most M / N
     partials, so that they too stay within M x d.
     """
     fp32 = dtype in (torch.float32, "fp32")
-    chunk = _support_chunk(M, M * d, N)
+    # 16-bit dc: twice the elements in the same bytes. At PAWS's training shape (N = 512 = 2 d
+    # at d = 256) the whole of M then fits: one dc pass and two matmuls instead of twice that.
+    chunk = _support_chunk(M, M * d * 4 // (4 if fp32 else 2), N)
     # No FMA in dc: A = exp2(z - lse) must round z = dots * scale as the forward did (its
     # tl.where keeps that product apart), so that A is the forward's softmax.
     dc = dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16 if fp32 else 32, BLOCK_C=16 if fp32 else 32, num_warps=8,
@@ -542,6 +586,12 @@ def bwd_config(N: int, M: int, d: int, C: int, dtype) -> dict:
     mm_q = _mm_config(fp32, N, d, chunk, max_splits=max(1, min(8, M // max(N, 1))))
     mm_s = _mm_config(fp32, chunk, d, N, a_transposed=True)
     return dict(chunk=chunk, dc=dc, mm_q=mm_q, mm_s=mm_s)
+
+
+def e_config(N: int, C: int) -> dict:
+    block_c = _pow2(C, 16, 256)
+    block_r = _pow2(4096 // block_c, 1, 64)
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, grid=(triton.cdiv(N, block_r),), num_warps=4, num_stages=1)
 
 
 def row_config(n_rows: int, d: int) -> dict:
@@ -555,13 +605,16 @@ def _interpreted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _inv_norms(x: torch.Tensor) -> torch.Tensor:
-    n, d = x.shape
-    inv = torch.empty(n, device=x.device, dtype=torch.float32)
-    rc = row_config(n, d)
-    _inv_norm_kernel[rc["grid"]](x, inv, n, d, x.stride(0), NORM_EPS, BLOCK_R=rc["BLOCK_R"],
-                                 BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
-    return inv
+def _inv_norms(query: torch.Tensor, supports: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both row sets' inverse norms (float32), in one launch."""
+    (N, d), M = query.shape, supports.shape[0]
+    inv_q = torch.empty(N, device=query.device, dtype=torch.float32)
+    inv_s = torch.empty(M, device=query.device, dtype=torch.float32)
+    rq, rs = row_config(N, d), row_config(M, d)
+    _inv_norm_kernel[(rq["grid"][0] + rs["grid"][0],)](
+        query, inv_q, N, query.stride(0), supports, inv_s, M, supports.stride(0), rq["grid"][0], d, NORM_EPS,
+        BLOCK_R=rq["BLOCK_R"], BLOCK_D=rq["BLOCK_D"], **launch_options(rq))
+    return inv_q, inv_s
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, mm: dict, prec: str, upcast: bool, *,
@@ -584,12 +637,13 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, mm: dict, prec:
 
 
 def _class_order(ids: torch.Tensor, C: int):
-    """Supports sorted by class: (permutation, sorted ids, class start offsets [C + 1]), all int32."""
-    perm = torch.argsort(ids, stable=True)
-    counts = torch.zeros(C, device=ids.device, dtype=torch.int64).scatter_add_(0, ids, torch.ones_like(ids))
-    start = torch.zeros(C + 1, device=ids.device, dtype=torch.int64)
-    start[1:] = torch.cumsum(counts, 0)
-    return perm.to(torch.int32), ids[perm].to(torch.int32), start.to(torch.int32)
+    """Supports sorted by class: (permutation, sorted ids) int64 and class start offsets [C + 1] int32.
+
+    One sort and a binary search (no host sync): few launches, which is what a training-size
+    problem's time is made of."""
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    start = torch.searchsorted(sorted_ids, torch.arange(C + 1, device=ids.device, dtype=ids.dtype), out_int32=True)
+    return perm, sorted_ids, start
 
 
 def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float, num_classes: int,
@@ -612,7 +666,7 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
     prec = _precision(query.dtype)
     upcast = _interpreted(query)
     with launch_device(query, "snn"):
-        inv_q, inv_s = _inv_norms(query), _inv_norms(supports)
+        inv_q, inv_s = _inv_norms(query, supports)
         probs = torch.empty(N, C, device=dev, dtype=torch.float32)
         lse = torch.empty(N, device=dev, dtype=torch.float32)
         if dense:
@@ -649,15 +703,20 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
     return probs, lse, inv_q, inv_s
 
 
-def _normalize_backward(x: torch.Tensor, ghat: torch.Tensor) -> torch.Tensor:
-    """The inputs' gradient from ``ghat``, [nparts, n, d] fp32 partial gradients of x^ = normalize(x)."""
-    nparts, n, d = ghat.shape
+def _normalize_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The inputs' gradients, in one launch, for one or two (x, ghat) pairs: ghat [nparts, n, d] the
+    fp32 partial gradients of x^ = normalize(x); the inputs share d and dtype."""
     # fp32 inputs: written over part 0 (each program reads an element before it writes it).
-    dx = ghat[0] if x.dtype == torch.float32 else torch.empty(n, d, device=x.device, dtype=x.dtype)
-    rc = row_config(n, d)
-    _norm_bwd_kernel[rc["grid"]](x, ghat, dx, n, d, nparts, x.stride(0), dx.stride(0), NORM_EPS,
-                                 BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
-    return dx
+    dxs = [g[0] if x.dtype == torch.float32 else torch.empty(x.shape, device=x.device, dtype=x.dtype)
+           for x, g in pairs]
+    segs = [(x, g, dx, row_config(x.shape[0], x.shape[1])) for (x, g), dx in zip(pairs, dxs, strict=True)]
+    (x, g, dx, rc), (x2, g2, dx2, rc2) = segs[0], segs[-1]
+    n_blocks = rc["grid"][0]
+    grid = (n_blocks + (rc2["grid"][0] if len(segs) == 2 else 0),)
+    _norm_bwd_kernel[grid](x, g, dx, x.shape[0], g.shape[0], x.stride(0), dx.stride(0), x2, g2, dx2, x2.shape[0],
+                           g2.shape[0], x2.stride(0), dx2.stride(0), n_blocks, x.shape[1], NORM_EPS,
+                           BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
+    return dxs
 
 
 def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor,
@@ -678,17 +737,14 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
     C = num_classes
     dense = labels.is_floating_point()
     dev = query.device
-    g = grad_probs.float().contiguous()
-    # E_i: the per-row constant of dA_ij - D_i (D_i = sum_c G_ic P_ic; class ids add eps / C sum_c G_ic).
-    e = -(g * probs).sum(1)
-    gscale = 1.0
+    g = rows_contiguous(grad_probs.float())
+    gscale, spread = 1.0, 0.0
     if dense:
         labels = rows_contiguous(labels)
         stride_y = labels.stride(0)
     else:
         labels = labels.contiguous()
-        e = e + g.sum(1) * (smoothing / C)
-        gscale = 1.0 - smoothing
+        gscale, spread = 1.0 - smoothing, smoothing / C
         stride_y = 1
     bc = bwd_config(N, M, d, C, query.dtype)
     dc, chunk = bc["dc"], bc["chunk"]
@@ -697,6 +753,11 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
     if not (need_query or need_supports) or M == 0:
         return dq, ds
     with launch_device(query, "snn"):
+        # E_i: the per-row constant of dA_ij - D_i (D_i = sum_c G_ic P_ic; class ids add eps / C sum_c G_ic).
+        e = torch.empty(N, device=dev, dtype=torch.float32)
+        ec = e_config(N, C)
+        _row_e_kernel[ec["grid"]](g, probs, e, N, C, g.stride(0), probs.stride(0), spread, BLOCK_R=ec["BLOCK_R"],
+                                  BLOCK_C=ec["BLOCK_C"], **launch_options(ec))
         f = torch.empty(N, chunk, device=dev, dtype=query.dtype)
         gq = torch.empty(bc["mm_q"]["nsplit"], N, d, device=dev, dtype=torch.float32) if need_query else None
         gs = torch.empty(1, M, d, device=dev, dtype=torch.float32) if need_supports else None
@@ -714,10 +775,10 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
                         accumulate=j_lo > 0)
             if need_supports:
                 _matmul(f_mc.t(), query, gs[:, j_lo:j_lo + mc], bc["mm_s"], prec, upcast, scale=inv_q)
-        if need_query:
-            dq = _normalize_backward(query, gq)
-        if need_supports:
-            ds = _normalize_backward(supports, gs)
+        pairs = [(x, gx) for x, gx, need in ((query, gq, need_query), (supports, gs, need_supports)) if need]
+        grads = iter(_normalize_backward(pairs))
+        dq = next(grads) if need_query else dq
+        ds = next(grads) if need_supports else ds
     return dq, ds
 
 
@@ -733,10 +794,11 @@ def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool =
     prec = _precision(dtype)
     y = "*fp32" if dense else "*i64"
     stride_y = C if dense else 1
-    for n_rows in (N, M):
-        rc = row_config(n_rows, d)
-        yield (_inv_norm_kernel, dict(X=x, INV=f32, n_rows=_int(n_rows), d=_int(d), stride_x=_int(d), eps="fp32"),
-               dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
+    rc = row_config(N, d)
+    yield (_inv_norm_kernel,
+           dict(X=x, INV=f32, n_rows=_int(N), stride_x=_int(d), X2=x, INV2=f32, n_rows2=_int(M), stride_x2=_int(d),
+                n_blocks=_int(rc["grid"][0]), d=_int(d), eps="fp32"),
+           dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
     if dense:
         fc = fwd_dense_config(N, M, d, C, dtype)
         nparts, tile_c = fc["nparts"], 1
@@ -755,7 +817,7 @@ def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool =
         fc = fwd_ids_config(N, M, d, C, dtype)
         nparts, tile_c = fc["grid"][1], fc["BLOCK_C"]
         yield (_fwd_ids_kernel,
-               dict(Q=x, S=x, PERM="*i32", SORTED_IDS="*i32", CLASS_START="*i32", INV_Q=f32, INV_S=f32, PART_M=f32,
+               dict(Q=x, S=x, PERM="*i64", SORTED_IDS="*i64", CLASS_START="*i32", INV_Q=f32, INV_S=f32, PART_M=f32,
                     PART_L=f32, ACC=f32, N=_int(N), d=_int(d), C=_int(C), stride_q=_int(d), stride_s=_int(d),
                     scale2="fp32"),
                dict(BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
@@ -765,6 +827,10 @@ def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool =
            dict(PART_M=f32, PART_L=f32, PART_ACC=f32, P=f32, LSE=f32, N=_int(N), C=_int(C), nparts=_int(nparts),
                 keep="fp32", spread="fp32"),
            dict(DENSE=dense, TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"], BLOCK_S=cc["BLOCK_S"]), cc)
+    ec = e_config(N, C)
+    yield (_row_e_kernel,
+           dict(G=f32, P=f32, E=f32, N=_int(N), C=_int(C), stride_g=_int(C), stride_p=_int(C), spread="fp32"),
+           dict(BLOCK_R=ec["BLOCK_R"], BLOCK_C=ec["BLOCK_C"]), ec)
     bc = bwd_config(N, M, d, C, dtype)
     dc, mc = bc["dc"], bc["chunk"]
     yield (_bwd_dc_kernel,
@@ -778,12 +844,11 @@ def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool =
                            accumulate=accumulate, parts=N * d)
     yield _matmul_spec(x, bc["mm_s"], prec, R=mc, K=N, Cn=d, strides=(1, mc, d, 1, d), scaled=True,
                        accumulate=False, parts=M * d)
-    for n_rows in (N, M):
-        rc = row_config(n_rows, d)
-        yield (_norm_bwd_kernel,
-               dict(X=x, GHAT=f32, DX=x, n_rows=_int(n_rows), d=_int(d), nparts=_int(1), stride_x=_int(d),
-                    stride_dx=_int(d), eps="fp32"),
-               dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
+    yield (_norm_bwd_kernel,
+           dict(X=x, GHAT=f32, DX=x, n_rows=_int(N), nparts=_int(bc["mm_q"]["nsplit"]), stride_x=_int(d),
+                stride_dx=_int(d), X2=x, GHAT2=f32, DX2=x, n_rows2=_int(M), nparts2=_int(1), stride_x2=_int(d),
+                stride_dx2=_int(d), n_blocks=_int(rc["grid"][0]), d=_int(d), eps="fp32"),
+           dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
 
 
 def _matmul_spec(x: str, mm: dict, prec: str, *, R: int, K: int, Cn: int, strides: tuple, scaled: bool,

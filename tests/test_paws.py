@@ -83,13 +83,13 @@ def test_snn_matches_reference_fp32(backend, N, M, d, C, kind, smoothing):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["dense", "ids"])
 def test_snn_backward_over_support_chunks(backend, kind, dtype):
-    # Many queries, narrow embeddings: the backward's dc scratch (<= M * d elements) holds only a
+    # Many queries, narrow embeddings: the backward's dc scratch (<= the bytes of the fp32 [M, d]) holds only a
     # chunk of the supports at a time, so dq^ accumulates over chunks; the last chunk is partial.
     from fastssl.kernels.snn import bwd_config
 
     N, M, d, C = 150, 333, 9, 7
     chunk = bwd_config(N, M, d, C, dtype)["chunk"]
-    assert 1 < math.ceil(M / chunk) and M % chunk != 0 and N * chunk <= max(M * d, 64 * N)
+    assert 1 < math.ceil(M / chunk) and M % chunk != 0 and N * chunk * dtype.itemsize <= max(4 * M * d, 64 * N * 4)
     query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
     labels = _soft_labels(M, C) if kind == "dense" else torch.randint(0, C, (M,), device=DEVICE)
     got, want = _snn_vs_reference(query, supports, labels, 0.1, backend, num_classes=C, smoothing=0.1 * (kind == "ids"))
@@ -132,17 +132,20 @@ def test_dense_forward_past_the_dots_budget(backend, dtype):
 
 def test_scratch_is_bounded_by_n_c_and_m_d():
     # The issue's memory bound O(N * C + M * d) at any N x M: the backward's dc chunk never holds
-    # more than the supports' gradient, the forward's dots chunk more than its 8 [N, C] partials.
+    # more bytes than the supports' fp32 gradient, the forward's dots chunk more than its 8 [N, C] partials.
     from fastssl.kernels.snn import bwd_config, fwd_dense_config
 
     for N, M, d, C in [(512, 6720, 256, 960), (512, 6720, 2048, 960), (4096, 128116, 384, 1000),
                        (4096, 1281167, 2048, 1000), (1, 1, 1, 1), (70000, 5, 3, 2)]:
-        chunk = bwd_config(N, M, d, C, torch.bfloat16)["chunk"]
-        assert 1 <= chunk <= M and N * chunk <= max(M * d, 64 * N), (N, M, d, chunk)
+        for dtype in (torch.float32, torch.bfloat16):
+            chunk = bwd_config(N, M, d, C, dtype)["chunk"]
+            assert 1 <= chunk <= M and N * chunk * dtype.itemsize <= max(M * d, 64 * N) * 4, (N, M, d, dtype, chunk)
         fc = fwd_dense_config(N, M, d, C, torch.bfloat16)
         if fc["pre"]:
             assert N * fc["mchunk"] <= max(8 * N * C, 64 * N), (N, M, d, fc["mchunk"])
         assert sum(mc for _, mc, *_ in fc["segments"]) == M and fc["nparts"] <= 8
+    # bf16 at the training shape (N = 2 d): the whole of M in one backward pass.
+    assert bwd_config(512, 6720, 256, 960, torch.bfloat16)["chunk"] == 6720
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -375,6 +378,27 @@ def test_snn_and_module_bad_inputs():
             fastssl.PawsLoss(**kwargs)
     with pytest.raises(ValueError, match="backend must be one of"):
         fastssl.init_paws_loss(backend="gpu")
+
+def test_class_ids_checked_once_per_content(monkeypatch):
+    # The range check of class ids syncs with the device: done once per tensor and content, and
+    # again after an in-place write or for a narrower num_classes.
+    calls = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda x: calls.append(1) or aminmax(x))
+    q, s = torch.randn(4, 8), torch.randn(6, 8)
+    labels = torch.randint(0, 3, (6,))
+    labels[0] = 2
+    for _ in range(3):
+        snn(q, s, labels, 0.1, num_classes=3)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"class ids in \[\d, 2\], outside \[0, num_classes=2\)"):
+        snn(q, s, labels, 0.1, num_classes=2)
+    labels[1] = 3
+    with pytest.raises(ValueError, match=r"class ids in \[\d, 3\], outside \[0, num_classes=3\)"):
+        snn(q, s, labels, 0.1, num_classes=3)
+    snn(q, s, labels.clamp(max=2), 0.1, num_classes=3)  # a new tensor: checked
+    assert len(calls) == 4
+
 
 
 def test_backend_selection(monkeypatch):

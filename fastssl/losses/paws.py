@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import distributed
 from .._backend import BACKENDS, resolve_backend
@@ -110,12 +111,20 @@ def _check_labels(op: str, labels: torch.Tensor, supports: torch.Tensor, rows: t
     num_classes = operator.index(num_classes)
     if num_classes < 1:
         raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
-    # A data-dependent check (one sync); torch.compile traces without it.
-    if not torch.compiler.is_compiling():
+    # A data-dependent check (a device sync), once per labels tensor and content: a training
+    # loop that reuses its support labels (the trainer does), or passes the same ids as
+    # anchor and target labels, syncs once. torch.compile traces without it.
+    if not torch.compiler.is_compiling() and _CHECKED_IDS.get(labels) != (labels._version, num_classes):
         lo, hi = torch.stack(torch.aminmax(labels)).tolist()
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{op}: {name} hold class ids in [{lo}, {hi}], outside [0, num_classes={num_classes})")
+        _CHECKED_IDS[labels] = (labels._version, num_classes)
     return False, num_classes
+
+
+# Class-id tensors found in range: their version counter (bumped by any in-place write) and
+# num_classes when checked. Weak keys by identity: a tensor's entry goes with it.
+_CHECKED_IDS = WeakIdKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- distributed
