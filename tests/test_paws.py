@@ -304,6 +304,37 @@ def test_no_gradient_to_targets_or_labels(backend):
     assert targets.grad is None and t_supports.grad is None and labels.grad is None
 
 
+@pytest.mark.parametrize("kind,d,dtype,launches", [
+    ("dense", 24, torch.bfloat16, 8),   # norms, forward, combine, E, dc, two matmuls, norm backward
+    ("ids", 24, torch.bfloat16, 8),
+    ("dense", 24, torch.float32, 12),   # + the dots' matmul; fp32 dc takes two support chunks here
+])
+def test_kernel_launches_per_forward_and_backward(monkeypatch, kind, d, dtype, launches):
+    # At a small problem shaped like PAWS's training one (N = 2 d), what a forward and backward
+    # launches: at training sizes, launches are much of the time.
+    from fastssl.kernels import snn as kernels
+
+    counts = []
+
+    class Counted:  # kernel[grid](...) as before, noted
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kernels, name)
+
+        def __getitem__(self, grid):
+            counts.append(self.name)
+            return self.kernel[grid]
+
+    for name in [n for n in dir(kernels) if n.endswith("_kernel")]:
+        monkeypatch.setattr(kernels, name, Counted(name))
+    N, M, C = 2 * d, 128, 17  # the dots of all M in one chunk (M <= 8 C), as at the training shape
+    query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
+    labels = _soft_labels(M, C) if kind == "dense" else torch.randint(0, C, (M,), device=DEVICE)
+    if dtype == torch.float32:
+        assert math.ceil(M / kernels.bwd_config(N, M, d, C, dtype)["chunk"]) == 2
+    snn(query, supports, labels, 0.1, num_classes=C, backend="triton").sum().backward()
+    assert len(counts) == launches, counts
+
+
 def test_triton_path_keeps_no_n_by_m_tensor():
     # Saved for the backward beyond the inputs: the [N, C] probabilities, a log-sum-exp per
     # query and the inverse norms; the authors keep the N x M similarities and softmax.
