@@ -292,13 +292,15 @@ struct CropTile {
     AxisTaps taps{};
     if (tid < kTileX) {
       const int64_t i = x0 + tid;
-      if (i < a.S) taps = axis_taps(s.box[2], s.box[4], s.W, a.S, s.flip ? a.S - 1 - i : i, a.cubic, a.antialias);
+      if (i < a.S) {
+        taps = axis_taps(s.box[2], s.box[4], s.W, a.S, s.flip ? a.S - 1 - i : i, a.cubic, a.antialias, false);
+      }
       return fill(sh.cols[tid], i, taps);
     }
     if (tid < kTileX + kStripRows) {
       RowTaps& t = sh.rows[tid - kTileX];
       const int64_t i = y0 + tid - kTileX;
-      if (i < a.S) taps = axis_taps(s.box[1], s.box[3], s.H, a.S, i, a.cubic, a.antialias);
+      if (i < a.S) taps = axis_taps(s.box[1], s.box[3], s.H, a.S, i, a.cubic, a.antialias, false);
       const bool wide = fill(t, i, taps);
       // Taps are clamp(first + k), never decreasing by steps of 0 or 1: contiguous iff they span count.
       t.contiguous = t.count > 0 && !wide && t.index[t.count - 1] - t.index[0] == t.count - 1;
@@ -308,7 +310,9 @@ struct CropTile {
   }
 
   // A table of output index i (no taps past the crop's edge: nothing is stored there); whether its
-  // window is too wide for it. The weights are tap()'s, each filter value computed once.
+  // window is too wide for it. The weights are tap()'s, filter value * norm, with each filter value
+  // computed once: stored, summed in tap order as axis_taps would, then scaled by the sum's inverse
+  // (antialias; else norm is 1 and the values are the weights). Positions in int32: the same floats.
   template <typename Taps>
   FASTSSL_HD bool fill(Taps& t, int64_t i, const AxisTaps& taps) const {
     if (i >= a.S) {
@@ -318,10 +322,19 @@ struct CropTile {
     t.count = taps.count;
     // No taps at all cannot happen for a box inside its image; the pixel program copes if it does.
     if (taps.count > kTileTaps || taps.count == 0) return true;
+    const int32_t first = static_cast<int32_t>(taps.first), lo = static_cast<int32_t>(taps.lo),
+                  hi = static_cast<int32_t>(taps.hi);
+    float total = 0.f;
     for (int k = 0; k < taps.count; ++k) {
-      int64_t index;
-      t.weight[k] = tap(taps, k, index);
-      t.index[k] = static_cast<int32_t>(index);
+      const int32_t p = first + k;
+      const float v = filter_weight((static_cast<float>(p) - taps.c) * taps.invscale, taps.cubic, taps.a);
+      t.weight[k] = v;
+      total += v;
+      t.index[k] = p < lo ? lo : (p >= hi ? hi - 1 : p);
+    }
+    if (a.antialias) {
+      const float norm = inverse_total(total);
+      for (int k = 0; k < taps.count; ++k) t.weight[k] *= norm;
     }
     return false;
   }
@@ -408,48 +421,87 @@ struct CropTile {
     return shift < 5 ? shift : 5;
   }
 
-  // uint8 rows, 4 bytes a lane: the loads of kRowsAtOnce rows x NC channels issued before their stores.
+  // uint8 rows, 4 bytes a lane, in groups of kRowsAtOnce rows: a group's loads (rows x NC channels) are
+  // issued before its stores. Addressed in words (W, origin and plane are multiples of 4 here:
+  // stage_span): a row's pointers once per group, then a word costs one wide multiply-add a load and
+  // its NC stores lie at constant offsets c * P from one address. Only the last groups of a pass can
+  // lack rows: they alone check each row.
   template <int NC, int P>
   FASTSSL_HD void load_stage_words(int lane, int lanes, int slot, int slots, int32_t c0, int32_t r0, int nr,
                                    StageSpan span) const {
-    const int words = span.width / 4;
+    const uint32_t* const origin =
+        reinterpret_cast<const uint32_t*>(image) + (c0 * (plane / 4) + r0 * (W / 4) + span.origin / 4);
     for (int first = slot; first < nr; first += slots * kRowsAtOnce) {
-      for (int w = lane; w < words; w += lanes) {
-        uint32_t v[kRowsAtOnce][NC] = {};
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int j = 0; j < kRowsAtOnce; ++j) {
-          const int r = first + j * slots;
-          if (r < nr) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-            for (int c = 0; c < NC; ++c) v[j][c] = source_word(c0 + c, r0 + r, span.origin + 4 * w);
-          }
-        }
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int j = 0; j < kRowsAtOnce; ++j) {
-          const int r = first + j * slots;
-          if (r < nr) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-            for (int c = 0; c < NC; ++c) store_word(stage + (r * NC + c) * P + 4 * w, v[j][c]);
-          }
-        }
+      if (first + (kRowsAtOnce - 1) * slots < nr) {
+        stage_word_group<NC, P, false>(origin, lane, lanes, first, slots, c0, r0, nr, span);
+      } else {
+        stage_word_group<NC, P, true>(origin, lane, lanes, first, slots, c0, r0, nr, span);
       }
     }
   }
 
-  // Bytes col .. col + 3 of row `row` of channel c, little-endian (as a GPU loads them).
-  FASTSSL_HD uint32_t source_word(int32_t c, int32_t row, int32_t col) const {
-    const int32_t offset = c * plane + row * W + col;
+  // The rows first + j * slots (j < kRowsAtOnce) of a pass, those before nr with CHECKED, from `origin`
+  // (the pass's first row's span in channel c0).
+  template <int NC, int P, bool CHECKED>
+  FASTSSL_HD void stage_word_group(const uint32_t* origin, int lane, int lanes, int first, int slots, int32_t c0,
+                                   int32_t r0, int nr, StageSpan span) const {
+    constexpr int32_t kPitchWords = P / 4;
+    const int words = span.width / 4;
+    const int32_t plane_words = plane / 4;
+    // Word w of each row's span in channel c0 and in the stage, advanced with w. A row past nr points at
+    // row 0 and is neither read nor written.
+    const uint32_t* from[kRowsAtOnce];
+    uint32_t* to[kRowsAtOnce];
+    bool valid[kRowsAtOnce];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int j = 0; j < kRowsAtOnce; ++j) {
+      const int r = first + j * slots;
+      valid[j] = !CHECKED || r < nr;
+      from[j] = origin + ((valid[j] ? r : 0) * (W / 4) + lane);
+      to[j] = reinterpret_cast<uint32_t*>(stage) + ((valid[j] ? r : 0) * NC * kPitchWords + lane);
+    }
+    for (int w = lane; w < words; w += lanes) {
+      uint32_t v[kRowsAtOnce][NC];  // of the valid rows, as the stores
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kRowsAtOnce; ++j) {
+        if (valid[j]) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int c = 0; c < NC; ++c) {
+            v[j][c] = source_word(from[j] + c * plane_words, c0 + c, r0 + first + j * slots, span.origin + 4 * w);
+          }
+        }
+        from[j] += lanes;
+      }
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kRowsAtOnce; ++j) {
+        if (valid[j]) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int c = 0; c < NC; ++c) store_word(to[j] + c * kPitchWords, v[j][c]);
+        }
+        to[j] += lanes;
+      }
+    }
+  }
+
+  // The word at `from`: bytes col .. col + 3 of row `row` of channel c, little-endian (as a GPU loads
+  // them). The CPU reads them one by one through source_pixel, at the offset `from` points to, so that
+  // the emulation checks the address a GPU computes.
+  FASTSSL_HD uint32_t source_word(const uint32_t* from, int32_t c, int32_t row, int32_t col) const {
 #if defined(__CUDA_ARCH__)
-    return *reinterpret_cast<const uint32_t*>(image + offset);
+    (void)c, (void)row, (void)col;
+    return *from;
 #else
+    const int32_t offset = static_cast<int32_t>(reinterpret_cast<const in_t*>(from) - image);
     uint32_t v = 0;
     for (int b = 0; b < 4; ++b) {
       v |= static_cast<uint32_t>(source_pixel(image, s, a.C, c, row, col + b, offset + b)) << (8 * b);
@@ -458,9 +510,9 @@ struct CropTile {
 #endif
   }
 
-  FASTSSL_HD static void store_word(in_t* to, uint32_t v) {
+  FASTSSL_HD static void store_word(uint32_t* to, uint32_t v) {
 #if defined(__CUDA_ARCH__)
-    *reinterpret_cast<uint32_t*>(to) = v;
+    *to = v;
 #else
     for (int b = 0; b < 4; ++b) reinterpret_cast<unsigned char*>(to)[b] = static_cast<unsigned char>(v >> (8 * b));
 #endif
@@ -476,21 +528,15 @@ struct CropTile {
   FASTSSL_HD void horizontal(int tid, int nr, StageSpan span) const {
     const int x = tid % kTileX, g = tid / kTileX;
     const TileTaps& t = sh.cols[x];
+    // Contiguous taps (index[0] + k: always with antialias, see tables) need no index a tap.
+    const bool contiguous = t.count > 0 && t.index[t.count - 1] - t.index[0] == t.count - 1;
     for (int first = g * kRowsAtOnce; first < nr; first += kTileGroups * kRowsAtOnce) {
       float acc[kRowsAtOnce][NC] = {};
-      const int32_t base = first * NC * P - span.origin;
-      for (int k = 0; k < t.count; ++k) {
-        const float w = t.weight[k];
-        const in_t* at = stage + (base + t.index[k]);
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int j = 0; j < kRowsAtOnce; ++j) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-          for (int c = 0; c < NC; ++c) acc[j][c] += w * static_cast<float>(at[(j * NC + c) * P]);
-        }
+      const in_t* at = stage + (first * NC * P - span.origin);
+      if (contiguous) {
+        horizontal_taps<NC, P, true>(t, at + t.index[0], acc);
+      } else {
+        horizontal_taps<NC, P, false>(t, at, acc);
       }
 #if defined(__CUDACC__)
 #pragma unroll
@@ -500,6 +546,24 @@ struct CropTile {
         if (r < nr) {
           for (int c = 0; c < NC; ++c) sh.tmp[c][r][x] = acc[j][c];
         }
+      }
+    }
+  }
+
+  // A group's sums over column t's taps; tap k at at + index[k], or at + k when CONTIGUOUS.
+  template <int NC, int P, bool CONTIGUOUS>
+  FASTSSL_HD static void horizontal_taps(const TileTaps& t, const in_t* at, float (&acc)[kRowsAtOnce][NC]) {
+    for (int k = 0; k < t.count; ++k) {
+      const float w = t.weight[k];
+      const in_t* tap = at + (CONTIGUOUS ? k : t.index[k]);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kRowsAtOnce; ++j) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int c = 0; c < NC; ++c) acc[j][c] += w * static_cast<float>(tap[(j * NC + c) * P]);
       }
     }
   }

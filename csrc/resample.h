@@ -59,10 +59,14 @@ FASTSSL_HD float filter_weight(float x, bool cubic, float a) {
   return 0.f;
 }
 
+// 1 / the sum of an antialiased window's filter values (0 for an empty sum).
+FASTSSL_HD float inverse_total(float total) { return total != 0.f ? 1.f / total : 0.f; }
+
 // The taps of output index i along an axis: the box covers [origin, origin + length) of an axis
-// whose pixels run over [0, extent); out_size outputs.
+// whose pixels run over [0, extent); out_size outputs. With normalise false, an antialiased window's
+// norm is left at 1 for a caller that sums the filter values itself (the tiled program's tables).
 FASTSSL_HD AxisTaps axis_taps(float origin, float length, int64_t extent, int64_t out_size, int64_t i,
-                              bool cubic, bool antialias) {
+                              bool cubic, bool antialias, bool normalise = true) {
   AxisTaps t;
   t.cubic = cubic;
   t.lo = static_cast<int64_t>(floorf(origin));
@@ -85,10 +89,13 @@ FASTSSL_HD AxisTaps axis_taps(float origin, float length, int64_t extent, int64_
     t.first = first;
     t.count = last > first ? static_cast<int>(last - first) : 0;
     t.c = centre - 0.5f;
-    float total = 0.f;
-    for (int k = 0; k < t.count; ++k)
-      total += filter_weight((static_cast<float>(t.first + k) - t.c) * t.invscale, cubic, t.a);
-    t.norm = total != 0.f ? 1.f / total : 0.f;
+    t.norm = 1.f;
+    if (normalise) {
+      float total = 0.f;
+      for (int k = 0; k < t.count; ++k)
+        total += filter_weight((static_cast<float>(t.first + k) - t.c) * t.invscale, cubic, t.a);
+      t.norm = inverse_total(total);
+    }
   } else {
     t.a = -0.75f;
     t.invscale = 1.f;
