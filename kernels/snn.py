@@ -128,7 +128,9 @@ def _label_grads(G, Y, g_off, js, rmask, jmask, C, stride_y, gscale, DENSE: tl.c
                 acc = _mma((g - g_hi.to(tl.float32)).to(DT), yt, acc, PREC, UPCAST)
     else:
         ids = tl.load(Y + js, mask=jmask, other=0)
-        acc = tl.load(G + g_off[:, None] + ids[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0) * gscale
+        # Ids are range-checked before the launch, except under torch.compile: never read past G.
+        imask = jmask & (ids >= 0) & (ids < C)
+        acc = tl.load(G + g_off[:, None] + ids[None, :], mask=rmask[:, None] & imask[None, :], other=0.0) * gscale
     return acc
 
 
@@ -610,10 +612,11 @@ def _inv_norms(query: torch.Tensor, supports: torch.Tensor) -> tuple[torch.Tenso
     (N, d), M = query.shape, supports.shape[0]
     inv_q = torch.empty(N, device=query.device, dtype=torch.float32)
     inv_s = torch.empty(M, device=query.device, dtype=torch.float32)
-    rq, rs = row_config(N, d), row_config(M, d)
-    _inv_norm_kernel[(rq["grid"][0] + rs["grid"][0],)](
-        query, inv_q, N, query.stride(0), supports, inv_s, M, supports.stride(0), rq["grid"][0], d, NORM_EPS,
-        BLOCK_R=rq["BLOCK_R"], BLOCK_D=rq["BLOCK_D"], **launch_options(rq))
+    rc = row_config(N, d)  # the tiles depend on d alone: one config serves both row sets
+    nq = rc["grid"][0]
+    _inv_norm_kernel[(nq + triton.cdiv(M, rc["BLOCK_R"]),)](
+        query, inv_q, N, query.stride(0), supports, inv_s, M, supports.stride(0), nq, d, NORM_EPS,
+        BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
     return inv_q, inv_s
 
 
@@ -709,10 +712,11 @@ def _normalize_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[
     # fp32 inputs: written over part 0 (each program reads an element before it writes it).
     dxs = [g[0] if x.dtype == torch.float32 else torch.empty(x.shape, device=x.device, dtype=x.dtype)
            for x, g in pairs]
-    segs = [(x, g, dx, row_config(x.shape[0], x.shape[1])) for (x, g), dx in zip(pairs, dxs, strict=True)]
-    (x, g, dx, rc), (x2, g2, dx2, rc2) = segs[0], segs[-1]
+    (x, g), (x2, g2) = pairs[0], pairs[-1]
+    dx, dx2 = dxs[0], dxs[-1]
+    rc = row_config(x.shape[0], x.shape[1])  # the tiles depend on d alone: one config serves both
     n_blocks = rc["grid"][0]
-    grid = (n_blocks + (rc2["grid"][0] if len(segs) == 2 else 0),)
+    grid = (n_blocks + (triton.cdiv(x2.shape[0], rc["BLOCK_R"]) if len(pairs) == 2 else 0),)
     _norm_bwd_kernel[grid](x, g, dx, x.shape[0], g.shape[0], x.stride(0), dx.stride(0), x2, g2, dx2, x2.shape[0],
                            g2.shape[0], x2.stride(0), dx2.stride(0), n_blocks, x.shape[1], NORM_EPS,
                            BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **launch_options(rc))

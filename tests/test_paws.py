@@ -411,8 +411,8 @@ def test_snn_and_module_bad_inputs():
         fastssl.init_paws_loss(backend="gpu")
 
 def test_class_ids_checked_once_per_content(monkeypatch):
-    # The range check of class ids syncs with the device: done once per tensor and content, and
-    # again after an in-place write or for a narrower num_classes.
+    # The range check of class ids syncs with the device: done once per tensor and content, again
+    # after an in-place write (through a view too), every time for inference tensors.
     calls = []
     aminmax = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda x: calls.append(1) or aminmax(x))
@@ -424,11 +424,21 @@ def test_class_ids_checked_once_per_content(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(ValueError, match=r"class ids in \[\d, 2\], outside \[0, num_classes=2\)"):
         snn(q, s, labels, 0.1, num_classes=2)
+    assert len(calls) == 1
     labels[1] = 3
     with pytest.raises(ValueError, match=r"class ids in \[\d, 3\], outside \[0, num_classes=3\)"):
         snn(q, s, labels, 0.1, num_classes=3)
-    snn(q, s, labels.clamp(max=2), 0.1, num_classes=3)  # a new tensor: checked
+    labels.narrow(0, 1, 1).fill_(1)  # a write through a view bumps the base's version too
+    snn(q, s, labels, 0.1, num_classes=3)
+    snn(q, s, labels.clone(), 0.1, num_classes=3)  # a new tensor: checked
     assert len(calls) == 4
+    with torch.inference_mode():
+        bad = torch.full((6,), 3)
+        for _ in range(2):
+            with pytest.raises(ValueError, match="outside"):
+                snn(q, s, bad, 0.1, num_classes=3)
+        probs = snn(q, s, bad - 1, 0.1, num_classes=3)
+    assert len(calls) == 7 and probs.shape == (4, 3)
 
 
 

@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import distributed
 from .._backend import BACKENDS, resolve_backend
@@ -111,20 +110,30 @@ def _check_labels(op: str, labels: torch.Tensor, supports: torch.Tensor, rows: t
     num_classes = operator.index(num_classes)
     if num_classes < 1:
         raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
-    # A data-dependent check (a device sync), once per labels tensor and content: a training
-    # loop that reuses its support labels (the trainer does), or passes the same ids as
-    # anchor and target labels, syncs once. torch.compile traces without it.
-    if not torch.compiler.is_compiling() and _CHECKED_IDS.get(labels) != (labels._version, num_classes):
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+    # A data-dependent check (a device sync); torch.compile traces without it.
+    if not torch.compiler.is_compiling():
+        lo, hi = _id_range(labels)
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{op}: {name} hold class ids in [{lo}, {hi}], outside [0, num_classes={num_classes})")
-        _CHECKED_IDS[labels] = (labels._version, num_classes)
     return False, num_classes
 
 
-# Class-id tensors found in range: their version counter (bumped by any in-place write) and
-# num_classes when checked. Weak keys by identity: a tensor's entry goes with it.
-_CHECKED_IDS = WeakIdKeyDictionary()
+def _id_range(labels: torch.Tensor) -> tuple[int, int]:
+    """The least and greatest class id, read from the device once per tensor and content.
+
+    The range is kept on the tensor with its address and version counter (which every in-place
+    write bumps, through views too), so a loop that reuses its support labels (the trainer
+    does) syncs once. Writes that bypass the version counter (``.data``, numpy or DLPack
+    aliases) go unseen, as they do for autograd. Inference tensors have no version counter:
+    they are read every time.
+    """
+    if labels.is_inference():
+        return tuple(torch.stack(torch.aminmax(labels)).tolist())
+    key = (labels.data_ptr(), labels._version)
+    seen = getattr(labels, "_fastssl_id_range", None)
+    if seen is None or seen[0] != key:
+        seen = labels._fastssl_id_range = (key, tuple(torch.stack(torch.aminmax(labels)).tolist()))
+    return seen[1]
 
 
 # ----------------------------------------------------------------------------- distributed
