@@ -11,6 +11,10 @@
 #   bash benchmarks/gpu_session.sh bench dino full K=65536   # another preset, cases filtered by label tokens
 #   bash benchmarks/gpu_session.sh tune dino       # the launch-configuration sweep of a kernel family (dino,
 #                                                  # paws, ema): commit a winner after its AOT build is spill-free
+#   bash benchmarks/gpu_session.sh profile         # ncu's counters of the crop kernels at the target batch,
+#                                                  # beside the static model's prediction (benchmarks/gpu_checks.py)
+#   bash benchmarks/gpu_session.sh sanitize        # compute-sanitizer: memcheck of every fused op, racecheck of
+#                                                  # the crop programs' shared memory
 #
 # Logs and results are copied under $OUT when it is set (the device tool brings them back);
 # commit benchmarks/results/<gpu>/ afterwards, as the README says.
@@ -90,8 +94,34 @@ case "$stage" in
     for f in benchmarks/results/*/"tune-$name".*; do [ -e "$f" ] && cp "$f" "$out/"; done
     exit "$rc"
     ;;
+  profile)
+    # Counters need the Firecracker runtime (device tool's KINDS.md); clocks are left alone (METHOD.md).
+    # The workload runs each program's two launches (224 and 96 crops) once as a warm-up, then once more:
+    # those last four launches are profiled.
+    timeout 560 ncu --clock-control none --kernel-name regex:'tiled_kernel|pixel_kernel' --launch-skip 4 \
+      --launch-count 4 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section LaunchStats --section Occupancy \
+      --section InstructionStats --csv --page details python3 -m benchmarks.gpu_checks counters --reps 1 \
+      >"$out/ncu-multicrop.csv" 2>"$out/ncu-multicrop.err"
+    rc=$?
+    grep -E "model|warp instructions|Duration|Executed Instructions\"|Shared|Bank|Issue Slots|Registers Per|Achieved Occ" \
+      "$out/ncu-multicrop.csv" | head -80
+    tail -5 "$out/ncu-multicrop.err"
+    exit "$rc"
+    ;;
+  sanitize)
+    # Without the caching allocator every tensor is its own allocation, so an access past one is seen.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    rc=0
+    timeout 400 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m benchmarks.gpu_checks sanitize \
+      >"$out/memcheck.log" 2>&1 || rc=1
+    timeout 180 compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m benchmarks.gpu_checks sanitize \
+      --only crops >"$out/racecheck.log" 2>&1 || rc=1
+    tail -12 "$out/memcheck.log" "$out/racecheck.log"
+    exit "$rc"
+    ;;
   *)
-    echo "unknown stage $stage (test, test-rest, bench or tune)" >&2
+    echo "unknown stage $stage (test, test-rest, bench, tune, profile or sanitize)" >&2
     exit 2
     ;;
 esac

@@ -228,3 +228,14 @@ def test_tune_smoke(tmp_path):
     records = json.loads(paths["json"].read_text())["records"]
     assert [r["candidate"] for r in records] == [c for c, _ in tune.CANDIDATES["ema"]] * 2
     assert all(r["ok"] and r["median_ms"] > 0 for r in records)
+
+
+def test_gpu_checks_workloads_run(capsys):
+    # What `gpu_session.sh profile` and `sanitize` run under ncu and compute-sanitizer, as a smoke run here.
+    from benchmarks import gpu_checks
+
+    assert gpu_checks.main(["sanitize", "--device", "cpu"]) == 0
+    assert gpu_checks.main(["counters", "--device", "cpu", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("crops: both programs", "losses: DINO", "ema: odd shapes", "ran fastssl-op 1x", "M warp instructions"):
+        assert line in out
