@@ -238,6 +238,25 @@ def test_torchrun_two_processes_gloo(folder, tmp_path):
     assert len([r for r in read_log(out) if "loss" in r]) == 2  # rank 0 alone writes the log
 
 
+def test_torchrun_resume_is_exact(folder, tmp_path):
+    # Each rank draws its own drop-path masks (seed + rank), so each must resume from its own RNG
+    # state: 2 processes stopped at step 2 and resumed to step 5 (mid-epoch 2) equal a straight run.
+    def run(out, stop):
+        torchrun("dino", "--data", str(folder), "--output-dir", str(out), *TINY, "--batch-size-per-gpu", "4",
+                 "--stop-after-steps", str(stop))
+        return ckpt.load_checkpoint(out / "checkpoint.pth")
+
+    straight = run(tmp_path / "a", 5)
+    first = run(tmp_path / "b", 2)
+    assert isinstance(first["rng"], list) and len(first["rng"]) == 2
+    assert not torch.equal(first["rng"][0]["torch"], first["rng"][1]["torch"])
+    resumed = run(tmp_path / "b", 5)
+    assert (straight["epoch"], straight["step"]) == (resumed["epoch"], resumed["step"]) == (1, 2)
+    for key in ("student", "teacher"):
+        for name, t in straight[key].items():
+            assert torch.equal(t, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
 def test_knn_during_training_and_bf16(folder, tmp_path):
     """--knn-freq evaluates the teacher after each epoch (and at the end); bf16 autocast trains on CPU too."""
     out = tmp_path / "run"

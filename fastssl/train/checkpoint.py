@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = ["CheckpointError", "StopSignal", "check_config", "check_state_dict", "load_checkpoint",
-           "load_pretrained", "rng_state", "save_checkpoint", "set_rng_state"]
+           "load_pretrained", "rng_state", "rng_states", "save_checkpoint", "set_rng_state", "set_rng_states"]
 
 
 class CheckpointError(ValueError):
@@ -138,6 +139,28 @@ def rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def rng_states(device: torch.device) -> dict | list[dict]:
+    """:func:`rng_state` of this process, or of every rank (rank order) in a process group: each rank
+    draws its own drop-path masks, so each resumes from its own state. A collective: every rank calls it."""
+    state = rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return state
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_states(saved: dict | list[dict], device: torch.device) -> None:
+    """Restore what :func:`rng_states` saved: this rank's entry of a per-rank list. A rank the
+    checkpoint has no state of (a single-process checkpoint, or a run resumed on more ranks) keeps
+    the seed it started from (seed + rank), rather than take another rank's and draw what it draws."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if isinstance(saved, dict):
+        saved = [saved]
+    if rank < len(saved):
+        set_rng_state(saved[rank], device)
 
 
 def _plain(x):

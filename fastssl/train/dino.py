@@ -138,7 +138,9 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
     student = build_dino_model(cfg).to(device)
     teacher_net = build_dino_model(cfg, drop_path_rate=0.0).to(device)  # the teacher never drops paths
     torch.manual_seed(cfg["seed"] + rank)  # then each rank its own randomness (drop path)
-    if world > 1 and cfg["use_bn_in_head"] and device.type == "cuda":  # SyncBatchNorm is CUDA only
+    # As the authors, any BatchNorm (a ResNet backbone's, or the head's) syncs across ranks; without one
+    # this is a no-op. SyncBatchNorm is CUDA only: under gloo each process keeps its own statistics.
+    if world > 1 and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher_net = nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net)
     teacher_net.load_state_dict(student.state_dict())
@@ -182,12 +184,13 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
                         generator=loader_gen, persistent_workers=False)
 
     def save(epoch: int, step: int, name: str = "checkpoint.pth") -> Path | None:
+        rng = ckpt.rng_states(device)  # every rank's (a collective: every rank saves, rank 0 writes)
         if not main:
             return None
         state = {"student": student.state_dict(), "teacher": teacher_net.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  "dino_loss": dino_loss.state_dict(), "epoch": epoch, "step": step,
-                 "rng": ckpt.rng_state(device), "config": cfg, "fastssl_version": version()}
+                 "rng": rng, "config": cfg, "fastssl_version": version()}
         return ckpt.save_checkpoint(state, out / name)
 
     last_loss, knn_result, stopped, path = math.nan, None, False, None
@@ -244,7 +247,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> T
                 break
             epochs_done = epoch + 1
             path = save(epoch + 1, 0)
-            if main and cfg["saveckp_freq"] and (epoch + 1) % cfg["saveckp_freq"] == 0:
+            if cfg["saveckp_freq"] and (epoch + 1) % cfg["saveckp_freq"] == 0:
                 save(epoch + 1, 0, f"checkpoint{epoch + 1:04d}.pth")
             if knn_bank is not None and cfg["knn_freq"] and ((epoch + 1) % cfg["knn_freq"] == 0 or epoch + 1 == epochs):
                 knn_result = knn_eval(teacher_net.backbone, knn_bank, knn_query, device, cfg, amp_dtype)

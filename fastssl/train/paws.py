@@ -254,11 +254,12 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
             clip_gradients_(model, cfg["clip_grad"], cfg["clip_mode"])
 
     def save(epoch: int, step: int, name: str = "checkpoint.pth") -> Path | None:
+        rng = ckpt.rng_states(device)  # every rank's (a collective: every rank saves, rank 0 writes)
         if not main:
             return None
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "step": step,
-                 "rng": ckpt.rng_state(device), "config": cfg, "fastssl_version": version()}
+                 "rng": rng, "config": cfg, "fastssl_version": version()}
         return ckpt.save_checkpoint(state, out / name)
 
     last_loss, snn_result, stopped, path = math.nan, None, False, None
@@ -317,7 +318,7 @@ def _train(cfg: dict, device: torch.device, rank: int, world: int, augment) -> P
                 break
             epochs_done = epoch + 1
             path = save(epoch + 1, 0)
-            if main and cfg["saveckp_freq"] and (epoch + 1) % cfg["saveckp_freq"] == 0:
+            if cfg["saveckp_freq"] and (epoch + 1) % cfg["saveckp_freq"] == 0:
                 save(epoch + 1, 0, f"checkpoint{epoch + 1:04d}.pth")
             if val_set is not None and cfg["snn_freq"] and ((epoch + 1) % cfg["snn_freq"] == 0 or epoch + 1 == epochs):
                 snn_result = snn_eval(model, labelled_set, val_set, device, cfg, amp_dtype)

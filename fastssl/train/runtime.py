@@ -148,7 +148,7 @@ def resume_run(cfg: dict, out: Path, device: torch.device, modules: dict[str, nn
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = state["epoch"], state["step"]
-        ckpt.set_rng_state(state["rng"], device)
+        ckpt.set_rng_states(state["rng"], device)
         if main:
             print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {niter}", flush=True)
     done = start_epoch * niter + start_step
