@@ -115,6 +115,14 @@ def test_resume_with_another_config_is_a_clear_error(folder, tmp_path):
         train_dino(cfg_for(folder, tmp_path / "r", "--out-dim", "32"))
 
 
+def test_auto_precision_is_saved_resolved(folder, tmp_path):
+    # "auto" is fp32 on a CPU: the checkpoint says so, and resuming it in bf16 is refused by name.
+    train_dino(cfg_for(folder, tmp_path / "r", "--stop-after-steps", "1"))
+    assert ckpt.load_checkpoint(tmp_path / "r" / "checkpoint.pth")["config"]["precision"] == "fp32"
+    with pytest.raises(ckpt.CheckpointError, match="precision: checkpoint 'fp32', now 'bf16'"):
+        train_dino(cfg_for(folder, tmp_path / "r", "--precision", "bf16"))
+
+
 def test_checkpoint_of_another_architecture_is_a_clear_error(folder, tmp_path):
     cfg = cfg_for(folder, tmp_path / "r", "--stop-after-steps", "1")
     train_dino(cfg)

@@ -102,10 +102,13 @@ def clip_gradients_(model: nn.Module, clip: float, mode: str) -> None:
 
 
 def mixed_precision(cfg: dict, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """``(autocast dtype or None, grad scaler or None)`` of ``--precision`` (auto: bf16 on GPUs, fp32 on CPU)."""
+    """``(autocast dtype or None, grad scaler or None)`` of ``--precision`` (auto: bf16 on GPUs, fp32 on CPU).
+
+    Writes the resolved precision back into ``cfg``: the printed and saved config says what ran, and a
+    bf16 checkpoint resumed on a CPU with ``auto`` is a config mismatch, not a silent switch to fp32."""
+    if cfg["precision"] == "auto":
+        cfg["precision"] = "bf16" if device.type == "cuda" else "fp32"
     precision = cfg["precision"]
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return amp_dtype, (torch.amp.GradScaler(device.type) if precision == "fp16" else None)
 
