@@ -33,11 +33,20 @@ def _demangle(names: list[str]) -> list[str]:
         return names
 
 
-def _cxx_standard() -> str:
-    """The C++ standard torch's extension builder asks for (C++20 in recent torch, C++17 before)."""
-    from torch.utils import cpp_extension
+# The flag torch's ninja build adds to every compile; its docstrings also show other standards
+# (torch 2.11's says -std=c++20 in an example but builds with C++17), so only this line is read.
+_STD_FLAG = re.compile(r"common_cflags \+= \['-std=(c\+\+\d+)'")
 
-    return "-std=c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "-std=c++17"
+
+def _cxx_standard(source: str | None = None) -> str:
+    """The C++ standard torch's extension builder asks for (C++20 in torch 2.14, C++17 in 2.11),
+    read from ``source``, the text of ``torch.utils.cpp_extension`` (the installed one by default)."""
+    if source is None:
+        from torch.utils import cpp_extension
+
+        source = Path(cpp_extension.__file__).read_text()
+    found = _STD_FLAG.search(source)
+    return f"-std={found.group(1)}" if found else "-std=c++17"
 
 
 def nvcc_command(source: Path, arch: str, cubin: Path, cuda_home: str) -> list[str]:

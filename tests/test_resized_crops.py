@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -412,6 +413,22 @@ def test_cuda_sources_were_compiled():
         pytest.skip(f"the CUDA kernel is not built here: {why}")
     how = _ext.load_extension()
     assert _ext.has_cuda_kernels(), f"fastssl ops loaded via {how} have no CUDA kernel although {why}"
+
+
+def test_resource_report_compiles_with_torchs_cxx_standard():
+    """The register report's nvcc runs use the standard torch's build adds to every compile, not one
+    that a docstring of cpp_extension shows (torch 2.11 builds C++17, its docstring says c++20)."""
+    from torch.utils import cpp_extension
+
+    from fastssl import _cuda_resources
+
+    torch_211 = "e.g. ``-std=c++17``\n        extra_compile_args={'cxx': ['-g', '-std=c++20']}\n" \
+                "    common_cflags += ['-std=c++17', '-fPIC']\n"
+    torch_214 = "e.g. ``-std=c++20``\n    common_cflags += ['-std=c++20', '-fPIC']\n"
+    assert _cuda_resources._cxx_standard(torch_211) == "-std=c++17"
+    assert _cuda_resources._cxx_standard(torch_214) == "-std=c++20"
+    installed = Path(cpp_extension.__file__).read_text()
+    assert f"common_cflags += ['{_cuda_resources._cxx_standard()}'" in installed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to run the CUDA kernel")
