@@ -1,6 +1,9 @@
 """Functional forms of fastssl's fused ops (``fastssl.functional.dino_loss``, ...)."""
 
+from .losses.crop_pairs import dino_cross_entropy
 from .losses.dino import dino_loss
 from .losses.paws import paws_loss, snn
+from .losses.targets import TeacherTargets, sinkhorn_knopp, softmax_center
 
-__all__ = ["dino_loss", "paws_loss", "snn"]
+__all__ = ["TeacherTargets", "dino_cross_entropy", "dino_loss", "paws_loss", "sinkhorn_knopp", "snn",
+           "softmax_center"]

@@ -48,14 +48,14 @@ def test_matches_authors_fp32(backend, ncrops, B, K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("ncrops,K", [(10, 1000), (10, 1024), (5, 1300), (2, 2500)])
+@pytest.mark.parametrize("ncrops,K", [(10, 1000), (10, 1024), (5, 1300), (2, 5000)])
 def test_splits_of_several_blocks(backend, monkeypatch, dtype, ncrops, K):
-    # One split over all of K: the student forward streams several blocks, each one's loads issued
-    # before the previous one's math, unmasked but the last (none when K is a multiple of BLOCK_K).
+    # One split over all of K: the pair kernels stream several column blocks per program, the
+    # last one partial unless K is a multiple of BLOCK_K.
     from fastssl.kernels import dino as kernels
 
     monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 1)
-    cfg = kernels.student_config(ncrops, 2, K)
+    cfg = kernels.pair_config(ncrops, 2, 2, 2, K)
     assert cfg["nsplit"] == 1 and K // cfg["BLOCK_K"] >= 2
     student, teacher, center = _logits(ncrops, 2, K, dtype)
     student.requires_grad_()
@@ -200,7 +200,8 @@ def test_no_gradient_to_teacher(backend):
 
 def test_triton_path_keeps_only_row_statistics():
     # The authors' loop keeps ~2 x (2 * ncrops - 2) B x K tensors for its backward; the fused
-    # op keeps its inputs and O(rows + K) floats (row max and sum, and this step's center).
+    # op keeps its inputs and O(rows + K) floats (the rows' max, sum and, for the student,
+    # sum(Q); this step's center).
     ncrops, B, K = 10, 4, 2000
     student, teacher, center = _logits(ncrops, B, K)
     student.requires_grad_()
@@ -214,7 +215,7 @@ def test_triton_path_keeps_only_row_statistics():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         dino_loss(student, teacher, center, ncrops, 0.04, backend="triton")
-    assert sum(extra) <= 2 * (ncrops * B + 2 * B) + K, f"saved {extra} elements beyond the inputs"
+    assert sum(extra) <= 3 * ncrops * B + 2 * 2 * B + K, f"saved {extra} elements beyond the inputs"
 
 
 BAD_INPUTS = [
@@ -285,15 +286,19 @@ def test_autocast(backend):
 
 
 def test_opcheck():
-    # The custom op's schema, fake (meta) implementation and autograd registration.
+    # The custom ops' schemas, fake (meta) implementations and autograd registration, as DinoLoss
+    # calls them: softmax-centered targets, 4 student crops against 2 teacher crops, no diagonal.
     student, teacher, center = _logits(4, 3, 70)
     student.requires_grad_()
-    args = (student, teacher, center, 4, 0.1, 0.04)
-    torch.library.opcheck(torch.ops.fastssl.dino_loss_forward.default, args)
-    _, _, stats_s, stats_t = torch.ops.fastssl.dino_loss_forward(*args)
+    torch.library.opcheck(torch.ops.fastssl.teacher_row_stats.default, (teacher, center.view(-1), None, 0.04, True))
+    stats_t, _ = torch.ops.fastssl.teacher_row_stats(teacher, center.view(-1), None, 0.04, True)
+    args = (student, teacher, center.view(-1), None, stats_t, None, 4, 2, 2, 0.1, 0.04, 1 / 18)
+    torch.library.opcheck(torch.ops.fastssl.dino_ce_forward.default, args)
+    _, stats_s = torch.ops.fastssl.dino_ce_forward(*args)
     grad_loss = torch.tensor(1.5, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastssl.dino_loss_backward.default,
-                          (grad_loss, student.detach(), teacher, center, stats_s, stats_t, 4, 0.1, 0.04))
+    torch.library.opcheck(torch.ops.fastssl.dino_ce_backward.default,
+                          (grad_loss, student.detach(), teacher, center.view(-1), None, stats_t, stats_s, None,
+                           4, 2, 2, 0.1, 0.04, 1 / 18))
 
 
 def test_torch_compile_fullgraph(backend):

@@ -9,11 +9,10 @@ that student crop v is scored against, n(v) their number, P = 2 * ncrops - 2):
 
     loss = 1 / (P B) * sum_{v, b} [ n(v) * logsumexp(z_vb) - <Q_vb, z_vb> ]
 
-Layers, from the bottom: the Triton kernels (``fastssl.kernels.dino``), the
-``fastssl::dino_loss_forward`` / ``_backward`` custom ops with their autograd
-and fake implementations (so ``torch.compile`` traces through), the plain
-PyTorch path of the same closed form, the functional :func:`dino_loss`, and the
-:class:`DinoLoss` module.
+It is the DINO family's crop-pair cross-entropy (:mod:`fastssl.losses.crop_pairs`) with
+softmax-centered teacher targets (:mod:`fastssl.losses.targets`), 2 teacher crops and the
+diagonal left out; this module adds the authors' checks, the functional
+:func:`dino_loss` and the :class:`DinoLoss` module.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ from torch import nn
 
 from .. import distributed
 from .._backend import BACKENDS, resolve_backend
+from .crop_pairs import dino_cross_entropy
+from .targets import softmax_center
 
 __all__ = ["DinoLoss", "dino_loss"]
 
@@ -68,83 +69,6 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
     return B
 
 
-# ----------------------------------------------------------------------------- PyTorch path
-
-def _dino_loss_torch(student, teacher, center, ncrops, student_temp, teacher_temp):
-    """The closed form in plain PyTorch, fp32 math; autograd gives the gradient.
-
-    Written with log_softmax, -<Q_v, log_softmax(z_v)> = n(v) lse(z_v) - <Q_v, z_v>,
-    which stays exact for huge logits (no large lse minus large dot).
-    """
-    B, K = teacher.shape[0] // 2, student.shape[1]
-    # Elementwise products, not matmuls: exact under autocast and with TF32 enabled.
-    with torch.autocast(student.device.type, enabled=False):
-        logp = torch.log_softmax(student.float().view(ncrops, B, K) / student_temp, dim=-1)
-        with torch.no_grad():
-            t = teacher.detach().float()
-            q0, q1 = torch.softmax((t - center.float().view(1, K)) / teacher_temp, dim=-1).view(2, B, K)
-            batch_center = t.mean(dim=0, keepdim=True)
-        # sum_v <Q_v, logp_v> = <q0 + q1, sum_v logp_v> - <q0, logp_0> - <q1, logp_1>
-        dots = ((q0 + q1) * logp.sum(0)).sum() - (q0 * logp[0]).sum() - (q1 * logp[1]).sum()
-        loss = -dots / ((2 * ncrops - 2) * B)
-    return loss, batch_center
-
-
-# ----------------------------------------------------------------------------- Triton path (custom ops)
-
-@torch.library.custom_op("fastssl::dino_loss_forward", mutates_args=())
-def _dino_forward_op(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int,
-                     student_temp: float, teacher_temp: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..kernels.dino import dino_loss_forward
-
-    return dino_loss_forward(student, teacher, center, ncrops, student_temp, teacher_temp)
-
-
-@_dino_forward_op.register_fake
-def _(student, teacher, center, ncrops, student_temp, teacher_temp):
-    f32 = dict(dtype=torch.float32, device=student.device)
-    return (torch.empty((), **f32), torch.empty(1, student.shape[1], **f32),
-            torch.empty(2, student.shape[0], **f32), torch.empty(2, teacher.shape[0], **f32))
-
-
-@torch.library.custom_op("fastssl::dino_loss_backward", mutates_args=())
-def _dino_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                      center: torch.Tensor, stats_s: torch.Tensor, stats_t: torch.Tensor, ncrops: int,
-                      student_temp: float, teacher_temp: float) -> torch.Tensor:
-    from ..kernels.dino import dino_loss_backward
-
-    return dino_loss_backward(grad_loss, student, teacher, center, stats_s, stats_t, ncrops, student_temp,
-                              teacher_temp)
-
-
-@_dino_backward_op.register_fake
-def _(grad_loss, student, teacher, center, stats_s, stats_t, ncrops, student_temp, teacher_temp):
-    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
-
-
-def _setup_context(ctx, inputs, output):
-    student, teacher, center, ncrops, student_temp, teacher_temp = inputs
-    _, batch_center, stats_s, stats_t = output
-    ctx.mark_non_differentiable(batch_center, stats_s, stats_t)
-    # A copy of the center (K floats): code that keeps its own center may update it in place
-    # before the backward, as the authors' loop allows (it keeps the teacher probabilities).
-    ctx.save_for_backward(student, teacher, center.clone(), stats_s, stats_t)
-    ctx.args = (ncrops, student_temp, teacher_temp)
-
-
-def _backward(ctx, grad_loss, _grad_center, _grad_stats_s, _grad_stats_t):
-    student, teacher, center, stats_s, stats_t = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = _dino_backward_op(grad_loss, student, teacher, center, stats_s, stats_t, *ctx.args)
-    # No gradient to the teacher (the authors detach its softmax) nor to the center.
-    return grad, None, None, None, None, None
-
-
-torch.library.register_autograd("fastssl::dino_loss_forward", _backward, setup_context=_setup_context)
-
-
 # ----------------------------------------------------------------------------- functional API
 
 def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor, ncrops: int,
@@ -172,12 +96,13 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     """
     ncrops = operator.index(ncrops)
     teacher_temp, student_temp = float(teacher_temp), float(student_temp)
-    _check_inputs(student_output, teacher_output, center, ncrops, student_temp, teacher_temp)
-    if resolve_backend(backend, student_output.device, "dino_loss") == "torch":
-        return _dino_loss_torch(student_output, teacher_output, center, ncrops, student_temp, teacher_temp)
-    loss, batch_center, _, _ = _dino_forward_op(student_output, teacher_output.detach(), center.detach(),
-                                                ncrops, student_temp, teacher_temp)
-    return loss, batch_center
+    B = _check_inputs(student_output, teacher_output, center, ncrops, student_temp, teacher_temp)
+    backend = resolve_backend(backend, student_output.device, "dino_loss")
+    targets = softmax_center(teacher_output, center, teacher_temp, backend=backend)
+    # Student crop v against teacher crop i != v: the 2 global crops are the diagonal.
+    loss = dino_cross_entropy(student_output.view(ncrops, B, -1), targets, student_temp=student_temp,
+                              ignore_diagonal=True, backend=backend)
+    return loss, targets.batch_mean.view(1, -1)
 
 
 # ----------------------------------------------------------------------------- module
