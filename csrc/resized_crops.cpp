@@ -366,7 +366,7 @@ at::Tensor resized_crops_program_cpu(const at::Tensor& data, const at::Tensor& i
 
 TORCH_LIBRARY(fastssl, m) {
   // Where torch finds the fake (meta) implementation, registered in Python.
-  m.set_python_module("fastssl.ops._crops");
+  m.set_python_module("fastssl._ext");
   m.def(
       "resized_crops(Tensor data, Tensor image_info, Tensor boxes, Tensor? flips, int channels, int size, "
       "str interpolation, bool antialias, Tensor? mean, Tensor? std, float input_scale, ScalarType out_dtype, "

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def csrc_dir() -> Path:
                             f"{Path(__file__).resolve().parent / 'csrc'}")
 
 
-CPU_SOURCES = ["resized_crops.cpp"]
+CPU_SOURCES = ["resized_crops.cpp", "ema.cpp"]
 CUDA_SOURCES = ["resized_crops_cuda.cu"]
 
 # GPUs the CUDA kernels are compiled for: A100 (sm_80) and H100 (sm_90), plus PTX for sm_90
@@ -120,10 +121,11 @@ def wheel_cuda_include_dirs(cuda_home: str | None) -> list[str]:
     return dirs
 
 
-def cuda_archs() -> list[str]:
+def cuda_archs(default: tuple[str, ...] | list[str] = DEFAULT_CUDA_ARCHS) -> list[str]:
+    """``FASTSSL_CUDA_ARCHS`` ("80;90"), else ``default``."""
     env = os.environ.get("FASTSSL_CUDA_ARCHS")
     archs = [a.strip().replace(".", "") for a in re.split(r"[;, ]+", env) if a.strip()] if env else []
-    return archs or list(DEFAULT_CUDA_ARCHS)
+    return archs or list(default)
 
 
 def cuda_plan(torch_cuda_version: str | None) -> tuple[str | None, str]:
@@ -181,17 +183,54 @@ def extra_link_args() -> list[str]:
     return _openmp()
 
 
-def extra_compile_args(cuda_home: str | None) -> dict[str, list[str]]:
-    """Flags for the C++ compiler and, with a toolkit, nvcc: -O3, OpenMP, the archs, the wheel's headers."""
-    cxx = ["-O3", "-g0", *_openmp()]
+def _no_contraction() -> list[str]:
+    """No fused multiply-add where the source writes a multiply then an add: the EMA must round
+    both products as the authors' ``mul_`` then ``add_`` (compilers contract by default where the
+    target has FMA: aarch64 always, x86 with -march=native)."""
+    return [] if sys.platform == "win32" else ["-ffp-contract=off"]
+
+
+def extra_compile_args(cuda_home: str | None, archs: list[str] | None = None,
+                       ptx: bool = True) -> dict[str, list[str]]:
+    """Flags for the C++ compiler and, with a toolkit, nvcc: -O3, OpenMP, no FMA contraction, the
+    wheel's headers, and the CUDA archs (``cuda_archs()`` by default) with PTX of the last one
+    (``ptx``) for newer GPUs."""
+    cxx = ["-O3", "-g0", *_openmp(), *_no_contraction()]
     args = {"cxx": cxx}
     if cuda_home is not None:
         cxx.append("-DFASTSSL_WITH_CUDA")
         wheel_inc = [f for d in wheel_cuda_include_dirs(cuda_home) for f in ("-isystem", d)]
         cxx += wheel_inc
-        archs = cuda_archs()
+        archs = archs or cuda_archs()
         nvcc = ["-O3", "-DFASTSSL_WITH_CUDA", *wheel_inc]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        if ptx:
+            nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         args["nvcc"] = nvcc
     return args
+
+
+class JitPlan(NamedTuple):
+    """What a just-in-time build compiles: CUDA kernels for ``archs`` (none: CPU kernels only),
+    the toolkit, why, the cache tag that records it, and how long it takes, in words."""
+
+    cuda_home: str | None
+    archs: tuple[str, ...]
+    why: str
+    tag: str
+    expect: str
+
+
+def jit_plan(torch_cuda_version: str | None, gpu_archs: list[str]) -> JitPlan:
+    """The just-in-time build for this machine: CPU kernels only where no CUDA device is visible
+    (``gpu_archs`` empty: the compute capabilities of the visible GPUs, e.g. ``["90"]``), else CUDA
+    kernels for exactly those GPUs (``FASTSSL_CUDA_ARCHS`` overrides) beside the CPU ones."""
+    if not gpu_archs:
+        why = "no CUDA device is visible" if torch_cuda_version else "torch is not a CUDA build"
+        return JitPlan(None, (), why, "cpu", "about a minute")
+    cuda_home, why = cuda_plan(torch_cuda_version)
+    if cuda_home is None:
+        return JitPlan(None, (), why, "cpu", "about a minute")
+    archs = tuple(cuda_archs(sorted(set(gpu_archs))))
+    tag = "sm" + "-".join(archs)
+    return JitPlan(cuda_home, archs, f"{why}, for sm_{', sm_'.join(archs)}", tag, "several minutes")

@@ -9,19 +9,23 @@ with m following a per-iteration cosine from 0.996 to 1. The authors loop over
 the parameters in Python (about three kernels per tensor). Here the math is fp32,
 rounded once to the teacher's dtype, and on CUDA every tensor of a (teacher dtype,
 student dtype) group is updated by one Triton launch (``fastssl.kernels.ema``):
-two reads and one write of the parameters, the floor of the update.
+two reads and one write of the parameters, the floor of the update. On the CPU
+every tensor is updated by one call of a C++ loop (``csrc/ema.cpp``, one pass
+over memory, the authors' two roundings), as fast as ``torch._foreach_lerp_``.
 
 Layers, from the bottom: the multi-tensor kernel and its device tables
-(``fastssl.kernels.ema``); ``_Plan``, one validated tensor set with its dtype
-groups (and tables), cached; the PyTorch path (``torch._foreach_*``, the authors'
-numbers bit for bit in fp32); the functional :func:`ema_update_`; and
-:class:`MomentumTeacher`, which owns the teacher, its schedule and its plan.
+(``fastssl.kernels.ema``) and the C++ loop; ``_Plan``, one validated tensor set
+with its dtype groups (and tables), cached; the PyTorch path (the C++ loop on
+the CPU, else ``torch._foreach_*``: the authors' numbers bit for bit in fp32 either
+way); the functional :func:`ema_update_`; and :class:`MomentumTeacher`, which owns
+the teacher, its schedule and its plan.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import math
 import numbers
 import operator
@@ -31,12 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _ext
 from ._backend import BACKENDS, interpreter_enabled, resolve_backend
 
 __all__ = ["MomentumTeacher", "cosine_momentum_schedule", "ema_update_"]
 
 BUFFER_MODES = ("leave", "copy", "average")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOOP_DTYPES = (*_TRITON_DTYPES, torch.float64)  # what the C++ loop takes
 
 
 # ----------------------------------------------------------------------------- collecting tensors
@@ -78,9 +84,9 @@ def _collect(obj, role: str, buffers: str):
         raise TypeError(f"ema_update_: {role} must be an nn.Module or a sequence of tensors, "
                         f"got {type(obj).__name__}")
     tensors = list(obj)
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"ema_update_: {role}[{i}] is a {type(t).__name__}, not a torch.Tensor")
+    if not all(map(isinstance, tensors, itertools.repeat(torch.Tensor))):  # C-level loop: called every step
+        i = next(i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor))
+        raise TypeError(f"ema_update_: {role}[{i}] is a {type(tensors[i]).__name__}, not a torch.Tensor")
     if buffers != "leave":
         raise ValueError(f"ema_update_: buffers={buffers!r} needs modules (it names their buffers) but "
                          f"{role} is a sequence of tensors; put the buffers in the sequences instead")
@@ -130,7 +136,10 @@ def _dense(t: torch.Tensor) -> bool:
 class _Plan:
     """One tensor set, validated once: its dtype groups and, for Triton, their device tables.
 
-    Holds no tensors (only addresses, in the tables): ``run`` gets the tensors each time.
+    Holds no tensors (only addresses, in the tables): ``run`` gets the tensors each time. On the
+    CPU the PyTorch path is one call of the C++ loop of ``csrc/ema.cpp`` over every tensor (when
+    the extension is loaded; never built for this), else ``torch._foreach_*`` per dtype group: the
+    same numbers either way.
     """
 
     def __init__(self, t_list, s_list, names, backend: str):
@@ -145,6 +154,10 @@ class _Plan:
                 groups.setdefault((t.dtype, s.dtype), []).append(i)
         _check_overlap(t_list, names)
         self.captured = False  # a CUDA graph launched its tables: they must outlive the graph
+        self.native = backend == "torch" and bool(t_list) and t_list[0].device.type == "cpu" and \
+            all(dtype in _LOOP_DTYPES for pair in groups for dtype in pair)
+        if self.native:
+            _ext.load_installed_extension()  # an import at most: the EMA never starts a build
         if backend == "triton":
             self.groups = [(idx, _tables(idx, t_list, s_list, names)) for idx in groups.values()]
         else:
@@ -152,6 +165,11 @@ class _Plan:
 
     def run(self, t_list, s_list, momentum) -> None:
         """Update; ``momentum`` is a checked float or 0-dim tensor on the tensors' device."""
+        if self.native and _ext.loaded() is not None:
+            tensor = isinstance(momentum, torch.Tensor)
+            # (It bumps the teacher's version counters, as an in-place op does.)
+            torch.ops.fastssl.ema_update_(t_list, s_list, 0.0 if tensor else momentum, momentum if tensor else None)
+            return
         launched = False
         for idx, launch in self.groups:
             if launch is None:
@@ -239,8 +257,8 @@ def _ema_torch(teacher, student, momentum) -> None:
     copies (on the tensors themselves when they are fp32), rounded once into the teacher."""
     acc = torch.promote_types(torch.promote_types(teacher[0].dtype, student[0].dtype), torch.float32)
     if isinstance(momentum, torch.Tensor):
-        m = momentum.to(acc)
-        w = 1 - m
+        # As the loop's mul_(m) and (1 - m) * s take a 0-dim m: 1 - m in m's own dtype.
+        m, w = momentum.to(acc), (1 - momentum).to(acc)
     else:
         m, w = momentum, 1.0 - momentum
     t_acc = [t.to(acc) for t in teacher]  # the teacher itself when it is in acc
@@ -263,14 +281,18 @@ _data_ptr, _stride = torch.Tensor.data_ptr, torch.Tensor.stride
 _dtype, _shape = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
-def _signature(t_list, s_list) -> tuple:
-    """Addresses, dtypes, shapes and strides of a tensor set: everything its plan was validated on."""
+def _signature(t_list, s_list, backend: str) -> tuple:
+    """What a plan of a tensor set was validated on: addresses, dtypes, shapes and strides. Where
+    the C++ loop runs (the PyTorch path on the CPU), the addresses alone: reading 600 attributes
+    of a ViT's tensors would cost a third of the update, and the loop checks the rest on every call."""
+    if backend == "torch" and t_list and t_list[0].device.type == "cpu" and _ext.load_installed_extension():
+        return tuple(map(_data_ptr, t_list)), tuple(map(_data_ptr, s_list))
     return tuple(tuple(map(f, x)) for x in (t_list, s_list) for f in (_data_ptr, _dtype, _shape, _stride))
 
 
 def _cached_plan(t_list, s_list, names, backend: str) -> _Plan:
     """The plan of this tensor set, built (and validated) the first time its signature is seen."""
-    key = (backend, t_list[0].device, _signature(t_list, s_list))
+    key = (backend, t_list[0].device, _signature(t_list, s_list, backend))
     plan = _CACHE.get(key)
     if plan is not None:
         _CACHE.move_to_end(key)
@@ -329,17 +351,23 @@ def ema_update_(teacher: nn.Module | Sequence[torch.Tensor], student: nn.Module 
 
     Math is fp32 (fp64 if a tensor is fp64, PyTorch path only), rounded once to
     the teacher's dtype; teacher and student dtypes may differ. The PyTorch path
-    gives the authors' loop bit for bit in fp32, and so does the kernel on a GPU
-    (compiled with no fused multiply-add, as the loop rounds both products). The
+    gives the authors' loop bit for bit in fp32 (with a tensor momentum, ``1 - m``
+    in its own dtype, as the loop computes it), and so does the kernel on a GPU
+    (compiled with no fused multiply-add, as the loop rounds both products). On
+    the CPU the PyTorch path is one call of the C++ loop of ``csrc/ema.cpp`` when
+    the extension is loaded (installed, or built by the crop op; the EMA never
+    starts a build), else ``torch._foreach_*``; the same bits either way. The
     kernel walks each tensor as one block of memory: non-dense tensors, or a
     teacher and student with different strides, are refused (``backend="torch"``
     takes them).
 
     A tensor set is validated once: its plan (and device tables) is cached, keyed
-    by the addresses, dtypes, shapes and strides of its tensors. Run one update
-    before capturing it in a CUDA graph. Raises ``ValueError`` naming the first
-    mismatch (counts, names, shapes, devices, dtypes, shared memory) or a
-    momentum outside [0, 1].
+    by the addresses, dtypes, shapes and strides of its tensors (on the CPU by
+    the addresses: the C++ loop checks the rest, aliasing included, on every
+    call). Run one update before capturing it in a CUDA graph; float and tensor
+    momenta share one compiled kernel, so the warm-up may use either. Raises
+    ``ValueError`` naming the first mismatch (counts, names, shapes, devices,
+    dtypes, shared memory) or a momentum outside [0, 1].
     """
     if buffers not in BUFFER_MODES:
         raise ValueError(f"ema_update_: buffers must be one of {BUFFER_MODES}, got {buffers!r}")
@@ -485,9 +513,9 @@ class MomentumTeacher(nn.Module):
         device = self._t[0].device if self._t else None
         momentum = _check_momentum(momentum, device, "MomentumTeacher.update")
         if self._t:
-            signature = _signature(self._t, self._s)
+            backend = resolve_backend(self.backend, device, "MomentumTeacher")
+            signature = _signature(self._t, self._s, backend)
             if signature != self._signature:  # first update, or parameters moved (.to(), .half())
-                backend = resolve_backend(self.backend, device, "MomentumTeacher")
                 self._plan, self._signature = _Plan(self._t, self._s, self._names, backend), signature
             self._plan.run(self._t, self._s, momentum)
         for t, s in zip(self._t_copy, self._s_copy, strict=True):

@@ -1,7 +1,8 @@
 r"""Triton kernel for the EMA teacher update over many tensors in one launch, and its launcher.
 
 For every element of every teacher tensor T_j and the matching student tensor S_j,
-with momentum m (a float, or a scalar the kernel reads from device memory):
+with momentum m (a float, or a scalar the kernel reads from device memory; one compiled
+variant for both):
 
     T_j  <-  round_to_teacher_dtype( m * T_j + (1 - m) * S_j )      math in fp32
 
@@ -45,10 +46,15 @@ import triton.language as tl
 
 from ._launch import launch_options
 
+# One compiled variant serves both kinds of momentum: LOAD_M is a run-time flag, M_PTR always an
+# fp32 pointer (a dummy for a float momentum), and neither is specialised (value, alignment), so a
+# CUDA graph captured with a device momentum never compiles mid-capture whatever the warm-up used.
+_NOT_SPECIALISED = ("M_PTR", "LOAD_M")
 
-@triton.jit
-def _ema_kernel(T_REF, S_REF, TABLE, BLOCK_TENSOR, M_PTR, m, w,
-                LOAD_M: tl.constexpr, T_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
+def _ema_kernel(T_REF, S_REF, TABLE, BLOCK_TENSOR, M_PTR, m, w, LOAD_M,
+                T_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     # T_REF / S_REF only carry the teacher / student element types.
     pid = tl.program_id(0)
     row = TABLE + tl.load(BLOCK_TENSOR + pid) * 4
@@ -59,9 +65,12 @@ def _ema_kernel(T_REF, S_REF, TABLE, BLOCK_TENSOR, M_PTR, m, w,
     if T_ALIGN > 0:  # every address of the group is a multiple of these byte counts
         t_ptr = tl.multiple_of(t_ptr, T_ALIGN)
         s_ptr = tl.multiple_of(s_ptr, S_ALIGN)
-    if LOAD_M:
-        m = tl.load(M_PTR).to(tl.float32)
+    if LOAD_M == 1:  # uniform across programs: a branch, not a variant
+        m = tl.load(M_PTR)
         w = 1.0 - m
+    elif LOAD_M == 2:  # both given: 1 - m computed in the momentum's own dtype
+        m = tl.load(M_PTR)
+        w = tl.load(M_PTR + 1)
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:
         # A full block: no mask, so the accesses vectorise.
@@ -122,27 +131,33 @@ class MultiTensorEma:
         self.table = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
                                                     torch.tensor(blocks, dtype=torch.int64)).to(self.device)
-        # One-element tensors that give the kernel its pointee types.
+        # One-element tensors that give the kernel its pointee types; m_unused stands in for the
+        # momentum tensor when the momentum is a float (never read then).
         self.t_ref = torch.empty(1, dtype=self.teacher_dtype, device=self.device)
         self.s_ref = torch.empty(1, dtype=self.student_dtype, device=self.device)
+        self.m_unused = torch.zeros((), dtype=torch.float32, device=self.device)
 
     def __call__(self, momentum: float | torch.Tensor) -> None:
         """One launch. ``momentum``: a float, or a 0-dim floating tensor on the device that the
         kernel reads (no host sync; a captured CUDA graph follows its later values)."""
         if self.n_blocks == 0:
             return
-        if isinstance(momentum, torch.Tensor):
-            m_ptr, m, w, load_m = momentum, 0.0, 0.0, True
+        if isinstance(momentum, torch.Tensor) and momentum.dtype == torch.float32:
+            m_ptr, m, w, load_m = momentum, 0.0, 0.0, 1
+        elif isinstance(momentum, torch.Tensor):
+            # m and 1 - m in the momentum's dtype, as fp32, as the authors' mul_(m) and (1 - m) * s
+            # take them (a few more kernels, captured with the update).
+            m_ptr, m, w, load_m = torch.stack((momentum.float(), (1 - momentum).float())), 0.0, 0.0, 2
         else:
             # 1 - m in double, rounded once: what ``(1 - m) * student`` does in PyTorch.
-            m_ptr, m, w, load_m = self.table, float(momentum), 1.0 - float(momentum), False
+            m_ptr, m, w, load_m = self.m_unused, float(momentum), 1.0 - float(momentum), 0
         cfg = self.config
         t_align, s_align = (cfg["T_ALIGN"], cfg["S_ALIGN"]) if self.aligned else (0, 0)
         ctx = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
             _ema_kernel[(self.n_blocks,)](
-                self.t_ref, self.s_ref, self.table, self.block_tensor, m_ptr, m, w,
-                LOAD_M=load_m, T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"], **launch_options(cfg))
+                self.t_ref, self.s_ref, self.table, self.block_tensor, m_ptr, m, w, load_m,
+                T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"], **launch_options(cfg))
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs
@@ -150,25 +165,23 @@ class MultiTensorEma:
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def aot_specs(teacher_dtype: str = "fp32", student_dtype: str = "fp32", tensor_momentum: bool = False,
-              aligned: bool = True):
-    """What the launcher compiles for a group: ``(kernel, signature, constexprs, options)``."""
+def aot_specs(teacher_dtype: str = "fp32", student_dtype: str = "fp32", aligned: bool = True):
+    """What the launcher compiles for a group (float and device momentum alike):
+    ``(kernel, signature, constexprs, options)``."""
     cfg = ema_config(_TORCH_DTYPES[teacher_dtype], _TORCH_DTYPES[student_dtype])
     t_align, s_align = (cfg["T_ALIGN"], cfg["S_ALIGN"]) if aligned else (0, 0)
     yield (_ema_kernel,
            dict(T_REF=f"*{teacher_dtype}", S_REF=f"*{student_dtype}", TABLE="*i64", BLOCK_TENSOR="*i32",
-                M_PTR="*fp32" if tensor_momentum else "*i64", m="fp32", w="fp32"),
-           dict(LOAD_M=tensor_momentum, T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"]), cfg)
+                M_PTR="*fp32", m="fp32", w="fp32", LOAD_M="i32"),
+           dict(T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"]), cfg)
 
 
-# Every dtype pair the issue names (fp32 / bf16 either way round), fp16, a device momentum,
-# and the unaligned (scalar-access) variant. The AOT table's dtype column shows the first
-# pointer that is not fp32: "i64" (the address table) for the fp32 / fp32 pairs.
+# Every dtype pair the issue names (fp32 / bf16 either way round), fp16, and the unaligned
+# (scalar-access) variant. The AOT table's dtype column shows the first pointer that is not
+# fp32: "i64" (the address table) for the fp32 / fp32 pairs.
 AOT_PROBLEMS = [
     dict(teacher_dtype="fp32", student_dtype="fp32"),
-    dict(teacher_dtype="fp32", student_dtype="fp32", tensor_momentum=True),
     dict(teacher_dtype="bf16", student_dtype="bf16"),
-    dict(teacher_dtype="bf16", student_dtype="fp32", tensor_momentum=True),
     dict(teacher_dtype="bf16", student_dtype="fp32"),
     dict(teacher_dtype="fp32", student_dtype="bf16"),
     dict(teacher_dtype="fp16", student_dtype="fp16"),

@@ -1,8 +1,9 @@
 """The fused EMA teacher update against the authors' loop (DINO main_dino.py).
 
 The PyTorch path must give the loop's numbers bit for bit (fp32 math, one rounding into
-the teacher's dtype); the kernel within one ulp of the teacher's dtype (on a GPU it may
-fuse the multiply-add; the interpreter rounds fp32 -> bf16 toward zero).
+the teacher's dtype), on the CPU through the C++ loop of csrc/ema.cpp and through
+``torch._foreach_*`` alike; the kernel within one ulp of the teacher's dtype (the
+interpreter rounds fp32 -> bf16 toward zero).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 import fastssl
 import fastssl.kernels.ema as ema_kernels
-from fastssl import MomentumTeacher, ema_update_
+from fastssl import MomentumTeacher, _ext, ema_update_
 from fastssl.ema import cosine_momentum_schedule
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -33,12 +34,14 @@ ODD_SHAPES = [(), (1,), (5, 3), (4095,), (4096,), (4097,), (8191,), (8193,), (3,
 
 
 def authors_update(teacher, student, m):
-    """``param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)`` per tensor, on fp32 copies,
-    rounded once to the teacher's dtype. Returns new tensors; ``m`` a float or 0-dim tensor."""
+    """``param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)`` per tensor, on fp32 copies
+    (fp64 where either side is fp64), rounded once to the teacher's dtype. Returns new tensors;
+    ``m`` a float or 0-dim tensor."""
     out = []
     for t, s in zip(teacher, student, strict=True):
-        acc = t.detach().float().clone()
-        acc.mul_(m).add_((1 - m) * s.detach().float())
+        acc_dtype = torch.promote_types(torch.promote_types(t.dtype, s.dtype), torch.float32)
+        acc = t.detach().to(acc_dtype).clone()
+        acc.mul_(m).add_((1 - m) * s.detach().to(acc_dtype))
         out.append(acc.to(t.dtype))
     return out
 
@@ -78,6 +81,12 @@ class _CountLaunches:
         return self.kernel[grid]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _extension():
+    """The C++ loop the PyTorch path runs on CPU tensors (built here if fastssl._C is not installed)."""
+    _ext.load_extension()
+
+
 # ----------------------------------------------------------------------------- numerics
 
 @functools.cache
@@ -109,6 +118,94 @@ def test_odd_sizes_and_dtype_pairs(backend, t_dtype, s_dtype):
     expected = authors_update(teacher, student, m)
     ema_update_(teacher, student, m, backend=backend)
     assert_updated(teacher, expected, backend)
+
+
+@pytest.mark.parametrize("path", ["loop", "foreach"])
+@pytest.mark.parametrize("t_dtype,s_dtype", [(F32, F32), (BF16, F32), (F32, BF16), (BF16, BF16), (F16, F16),
+                                             (F16, BF16), (torch.float64, F32), (F32, torch.float64)], ids=str)
+def test_cpu_loop_and_foreach_give_the_authors_bits(monkeypatch, path, t_dtype, s_dtype):
+    # The two PyTorch paths on the CPU: the C++ loop (one call; built with -ffp-contract=off, so its
+    # AVX-512 / AVX2 clones fuse no multiply-add) and torch._foreach_* (where the extension is not
+    # loaded). Both must give the loop's bits, for dense, channels-last, strided and transposed pairs.
+    if path == "loop":
+        monkeypatch.setattr(fastssl.ema, "_ema_torch", lambda *a: pytest.fail("the foreach path ran"))
+    else:
+        monkeypatch.setattr(_ext, "loaded", lambda: None)
+    teacher, student = _pair(ODD_SHAPES + [(70001,)], t_dtype, s_dtype)
+    cl = torch.randn(3, 5, 4, 6).to(t_dtype)
+    teacher += [cl.to(memory_format=torch.channels_last), torch.randn(6, 10).to(t_dtype)[:, ::2],
+                torch.randn(5, 7).to(t_dtype)]
+    student += [torch.randn(3, 5, 4, 6).to(s_dtype).to(memory_format=torch.channels_last),
+                torch.randn(6, 5).to(s_dtype), torch.randn(7, 5).to(s_dtype).t()]
+    for m in (0.996, _momentum(), torch.tensor(_momentum())):
+        expected = authors_update(teacher, student, m)
+        versions = [t._version for t in teacher]
+        ema_update_(teacher, student, m, backend="torch")
+        assert_updated(teacher, expected, "torch")
+        assert all(t._version > v for t, v in zip(teacher, versions, strict=True))
+
+
+def test_cpu_loop_runs_one_call_for_every_tensor(monkeypatch):
+    calls = []
+    op = torch.ops.fastssl.ema_update_
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(len(args[0]))
+            return op(*args)
+
+    monkeypatch.setattr(torch.ops.fastssl, "ema_update_", Spy())
+    teacher, student = _pair([(3, 4), (9,), ()], BF16, F32)
+    teacher.append(torch.randn(5, device=DEVICE))
+    student.append(torch.randn(5, device=DEVICE).to(F16))
+    ema_update_(teacher, student, 0.9, backend="torch")
+    assert calls == ([4] if DEVICE.type == "cpu" else [])
+
+
+def test_cuda_graph_capture_never_compiles_a_new_variant(monkeypatch):
+    # Issue 16: a float warm-up then a capture with a device momentum compiled a second kernel
+    # variant (another constexpr, another pointer type) inside the capture. Every launch of a tensor
+    # set must compile the same variant, whatever the momentum: a float, an fp32 or fp64 tensor, a
+    # tensor at an address that is not 16-byte aligned. Recorded here as Triton's JIT keys them.
+    kernel = ema_kernels._ema_kernel
+    names = list(kernel.arg_names)
+    no_spec = getattr(kernel, "do_not_specialize", None)
+    if no_spec is None:  # Triton's interpreter keeps the decorator's arguments instead
+        no_spec = getattr(kernel, "kwargs", {}).get("do_not_specialize", ())
+    no_spec = {names[i] if isinstance(i, int) else i for i in no_spec or ()}
+    variants = []
+
+    def variant(args, kwargs):
+        key = []
+        for name, value in zip(names, args):
+            if isinstance(value, torch.Tensor):
+                key.append((name, value.dtype, None if name in no_spec else value.data_ptr() % 16 == 0))
+            elif isinstance(value, bool) or not isinstance(value, int):
+                key.append((name, type(value)))
+            else:
+                key.append((name, int, None if name in no_spec else (value == 1, value % 16 == 0)))
+        options = ("num_warps", "num_stages", "enable_fp_fusion")
+        return tuple(key), tuple(sorted((k, v) for k, v in kwargs.items() if k not in options))
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                variants.append(variant(args, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ema_kernels, "_ema_kernel", Recorder())
+    teacher, student = _pair([(4097,), (3, 5)])
+    odd = torch.zeros(8, device=DEVICE)[1]  # 4 bytes past an aligned address
+    results = []
+    for m in (0.9, torch.tensor(0.8, device=DEVICE), odd.fill_(0.7),
+              torch.tensor(0.6, dtype=torch.float64, device=DEVICE)):
+        results.append((authors_update(teacher, student, m), m))
+        ema_update_(teacher, student, m, backend="triton")
+        results[-1] += ([t.clone() for t in teacher],)
+    assert len(variants) == 4 and len(set(variants)) == 1, set(variants)
+    for expected, m, got in results:  # 1 - m in the momentum's dtype (fp64 here) too
+        assert_updated(got, expected, "triton", f"teacher at momentum {m!r}")
 
 
 def test_more_than_1000_tensors_one_launch_per_dtype_pair(backend, monkeypatch):

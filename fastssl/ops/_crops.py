@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._ext import load_extension, load_installed_extension
+from .. import _ext
 
 __all__ = ["resized_crops"]
 
@@ -235,7 +235,7 @@ def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antiali
     boxes = boxes.to(device=device).contiguous()
     if not on_host:
         _assert_box_values_async(boxes, image_info)
-    if not _op_ready:
+    if _ext.loaded() is None:
         _load_op()
     args = (data, image_info, boxes, flips, C, size, interpolation, bool(antialias), mean_t, std_t, input_scale,
             out_dtype, bool(channels_last), int(crops_per_image))
@@ -244,36 +244,12 @@ def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antiali
     return torch.ops.fastssl.resized_crops(*args)
 
 
-_op_ready = False
-
-
-def _register_fake() -> None:
-    """Register the fake (meta) implementation, once, after the extension defined the op."""
-    global _op_ready
-    if _op_ready:
-        return
-
-    def fake(data, image_info, boxes, flips, channels, size, interpolation, antialias, mean, std, input_scale,
-             out_dtype, channels_last, crops_per_image=0, program=None):
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return torch.empty((boxes.shape[0], channels, size, size), dtype=out_dtype, device=data.device,
-                           memory_format=fmt)
-
-    torch.library.register_fake("fastssl::resized_crops")(fake)
-    torch.library.register_fake("fastssl::_resized_crops_program")(fake)
-
-    _op_ready = True
-
-
 @torch.compiler.disable
 def _load_op() -> None:
-    """Load the extension (building it on first use if it was not installed) and register the fake impl."""
-    load_extension()  # which calls _register_fake
+    """Load the extension, building it on first use if it was not installed (a graph break when traced)."""
+    _ext.load_extension()
 
 
 # An installed build is loaded now (an import: no compiler), so that the first call may be inside
-# torch.compile(fullgraph=True); without one, the first (eager) call builds it. The extension names
-# this module (m.set_python_module) as where its fake implementation lives: register it once the op
-# is defined.
-if hasattr(torch.ops.fastssl, "resized_crops") or load_installed_extension():
-    _register_fake()
+# torch.compile(fullgraph=True); without one, the first (eager) call builds it.
+_ext.load_installed_extension()
