@@ -193,12 +193,12 @@ def _combine_kernel(
         dot = tl.sum(tl.load(PART_D + offs, mask=mask, other=0.0) + shift, axis=1)
         n = tl.sum(qs, axis=1)
         tl.store(STATS + 2 * n_rows + rows, n, mask=rmask)
-        # n * lse - <Q, z> = n * log2(L) - <Q, z - M>: no cancellation.
-        term = n * tl.log2(l_row) - dot
+        # n * lse - <Q, z> = n * log2(L) - <Q, z - M>: no cancellation. Scaled per row, so that a
+        # sum of rows whose logits span most of fp32's range does not overflow on the way.
+        term = (n * tl.log2(l_row) - dot) * loss_scale
         if HAS_WEIGHT:
             term = term * tl.load(W + rows % B, mask=rmask, other=0.0)
-        share = tl.sum(tl.where(rmask, term, 0.0), axis=0)
-        tl.store(LOSS_PART + pid, share * loss_scale)
+        tl.store(LOSS_PART + pid, tl.sum(tl.where(rmask, term, 0.0), axis=0))
 
 
 @triton.jit
@@ -533,6 +533,8 @@ def _pair_args(z, x, center, offset, stats_x, weights, n_s, n_t, n_diag, student
     B, K = z.shape[0] // n_s, z.shape[1]
     cfg = pair_config(n_s, n_t, n_diag, B, K)
     probs = stats_x is None
+    if not probs:  # [2, rows] read as one buffer (a slice of rows is not)
+        stats_x = stats_x.contiguous()
     args = dict(Z=z, X=x, C=center if center is not None else z, A=offset if offset is not None else z,
                 STATS_X=stats_x if stats_x is not None else z, n_diag=n_diag, n_s=n_s, n_t=n_t, B=B, K=K,
                 stride_z=z.stride(0), stride_x=x.stride(0), chunk=cfg["chunk"], s_scale2=LOG2E / student_temp,

@@ -54,7 +54,8 @@ def _dino_ce_torch(student, teacher, weights, n_s, n_t, n_diag, student_temp, sc
             dots = torch.cat([dots[:n_diag] - (logp[:n_diag] * q[:n_diag]).sum(dim=-1), dots[n_diag:]])
         if weights is not None:
             dots = dots * weights.float()
-        return -dots.sum() * scale
+        # Scaled before the sum: rows whose logits span most of fp32's range would overflow it.
+        return -(dots * scale).sum()
 
 
 # ----------------------------------------------------------------------------- Triton path (custom ops)

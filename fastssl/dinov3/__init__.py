@@ -1,0 +1,12 @@
+"""Drop-ins for the DINOv3 authors' losses (facebookresearch/dinov3, ``dinov3/loss/``), fused.
+
+``from fastssl.dinov3 import DINOLoss, iBOTPatchLoss, SinkhornKnoppTeacher`` in place of the
+authors' imports: same constructors, methods, semantics and state-dict keys, the same numbers,
+without the per-crop fp32 log-softmax, and with Sinkhorn-Knopp in the log domain (it works on
+one process without a process group, where the authors' iBOT all-reduces unconditionally).
+Each loss also has ``teacher_targets(...)``, the fused form of its teacher probabilities.
+"""
+
+from .loss import DINOLoss, SinkhornKnoppTeacher, iBOTPatchLoss
+
+__all__ = ["DINOLoss", "SinkhornKnoppTeacher", "iBOTPatchLoss"]
