@@ -248,3 +248,13 @@ def test_torch_compile_fullgraph(backend):
     assert_rel_close(comp, eager, 1e-5, "compiled loss")
     assert_rel_close(torch.autograd.grad(comp, head.weight)[0], torch.autograd.grad(eager, head.weight)[0], 1e-4,
                      "compiled gradient")
+
+
+@pytest.mark.parametrize("S,T,diagonal", [(8, 2, False), (2, 2, True), (3, 5, True)])
+def test_einsum_baseline_is_the_pairwise_definition(S, T, diagonal):
+    # The benchmarks' baseline (the authors' einsum form, fp32) against the pair-by-pair reference.
+    student = torch.randn(S, 3, 50, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(T, 3, 50, dtype=torch.float64), -1)
+    expected = ref.cross_entropy_over_pairs(student, probs, 0.1, diagonal)
+    assert_rel_close(ref.cross_entropy_over_pairs_einsum(student, probs.float(), 0.1, diagonal), expected, 1e-6,
+                     "einsum form")

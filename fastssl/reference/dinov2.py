@@ -43,11 +43,28 @@ def sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=3):
     input's dtype (the authors cast to fp32; float64 gives the reference value)."""
     Q = torch.exp(teacher_output / teacher_temp).t()
     K, R = Q.shape
-    Q = Q / Q.sum()
+    Q /= Q.sum()  # in place, as the authors: the benchmarks time this as their baseline
     for _ in range(n_iterations):
-        Q = Q / Q.sum(dim=1, keepdim=True) / K
-        Q = Q / Q.sum(dim=0, keepdim=True) / R
-    return (Q * R).t()
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= R
+    Q *= R
+    return Q.t()
+
+
+def cross_entropy_over_pairs_einsum(student_logits, teacher_probs, student_temp, ignore_diagonal=False):
+    """DINOv3's ``DINOLoss.forward`` as they compute it, the baseline the benchmarks time: an fp32
+    log-softmax of every student crop, then one einsum over all (s, t) pairs (per pair with
+    ``ignore_diagonal``, whose s == t terms are zeroed), over the number of terms."""
+    S, B, _ = student_logits.shape
+    T = teacher_probs.shape[0]
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    if not ignore_diagonal:
+        return -torch.einsum("sbk,tbk->", log_p, teacher_probs) / (B * S * T)
+    per_pair = -torch.einsum("sbk,tbk->st", log_p, teacher_probs)
+    off_diagonal = 1 - torch.eye(S, T, dtype=per_pair.dtype, device=per_pair.device)
+    return (per_pair * off_diagonal).sum() / (B * S * T - B * min(S, T))
 
 
 def softmax_center(teacher_output, center, teacher_temp):
