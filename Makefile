@@ -1,5 +1,5 @@
 # Two commands a newcomer runs on a fresh machine; each sets itself up first.
-#   make test   everything CI checks: ruff, the test suite (Triton kernels under the
+#   make test   everything CI checks: ruff and mypy, the test suite (Triton kernels under the
 #               interpreter on CPU tensors), the ahead-of-time compile of every kernel
 #   make demo   DINO trained for real on the digits scikit-learn ships (a few minutes on a CPU),
 #               then k-NN of the trained teacher against the same network at random init
@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,train]"
 	touch $@
 
+# ruff over everything; mypy over the trainer (fastssl/train, see pyproject.toml): a wrong config name fails here.
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 pytest: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q

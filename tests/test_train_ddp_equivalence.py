@@ -23,7 +23,7 @@ from test_train import cfg_for, write_folder
 
 from fastssl.train import checkpoint as ckpt
 from fastssl.train.data import ImageFolder, ResumableSampler
-from fastssl.train.dino import build_dino_model, train_dino
+from fastssl.train.dino import DinoConfig, build_dino_model, train_dino
 
 WORLD, B = 2, 3  # 2 ranks x 3 images vs. 1 process x 6 images
 N_IMAGES = 12  # 2 iterations per epoch either way, no padding by the sampler
@@ -83,12 +83,12 @@ class FixedCrops:
 TINY_EQUIV = ("--drop-path-rate", "0.0", "--seed", str(SEED), "--stop-after-steps", str(STEPS))
 
 
-def run_cfg(data: Path, out: Path, optimizer: str, batch: int, *extra: str) -> dict:
+def run_cfg(data: Path, out: Path, optimizer: str, batch: int, *extra: str) -> DinoConfig:
     return cfg_for(data, out, *TINY_EQUIV, *OPTIMIZERS[optimizer], "--batch-size-per-gpu", str(batch), *extra)
 
 
-def augment_for(cfg: dict) -> FixedCrops:
-    return FixedCrops(cfg["global_crop_size"], cfg["local_crop_size"])
+def augment_for(cfg: DinoConfig) -> FixedCrops:
+    return FixedCrops(cfg.global_crop_size, cfg.local_crop_size)
 
 
 def key_bias(name: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -118,7 +118,7 @@ def assert_same_weights(got: dict, want: dict, what: str, *, skip_key_bias: bool
         torch.testing.assert_close(g, t, rtol=RTOL, atol=ATOL, msg=f"{what}.{name}")
 
 
-def outputs(cfg: dict, state: dict, crops) -> torch.Tensor:
+def outputs(cfg: DinoConfig, state: dict, crops) -> torch.Tensor:
     model = build_dino_model(cfg, drop_path_rate=0.0)
     model.load_state_dict(state)
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_two_gloo_ranks_train_as_one_process_with_the_global_batch(tmp_path):
     cfgs = []
     for opt in OPTIMIZERS:
         path = tmp_path / f"ddp_{opt}.json"
-        path.write_text(json.dumps(run_cfg(data, tmp_path / f"ddp_{opt}", opt, B)))
+        path.write_text(json.dumps(run_cfg(data, tmp_path / f"ddp_{opt}", opt, B).to_dict()))
         cfgs.append(str(path))
     stdout = torchrun(*cfgs, script=__file__)
     assert stdout.count(f"x {WORLD} process(es)") == len(OPTIMIZERS), stdout[-2000:]
@@ -228,7 +228,7 @@ def _worker(cfg_paths: list[str]) -> None:
     dist.init_process_group("gloo")
     try:
         for path in cfg_paths:
-            cfg = json.loads(Path(path).read_text())
+            cfg = DinoConfig.from_dict(json.loads(Path(path).read_text()))
             train_dino(cfg, augment=augment_for(cfg))
         dist.barrier()  # rank 0 may still be writing its checkpoint: leave together
     finally:

@@ -13,6 +13,7 @@ from fastssl.train import checkpoint as ckpt
 from fastssl.train.attention import cls_attention, threshold_masks
 from fastssl.train.cli import main, parse_args
 from fastssl.train.dino import build_dino_model, train_dino
+from fastssl.train.eval_config import KnnCommandConfig
 from fastssl.train.evaluate import knn_command
 from fastssl.train.paws import train_paws
 
@@ -23,16 +24,16 @@ def data(tmp_path_factory):
     return write_folder(root / "train", 10, classes=4), write_folder(root / "val", 3, classes=4)
 
 
-def knn_cfg(checkpoint, data, *extra) -> dict:
-    return vars(parse_args(["knn", "--checkpoint", str(checkpoint), "--data", str(data[0]), "--val-data",
-                            str(data[1]), "--device", "cpu", "--num-workers", "0", "--knn-k", "5", *extra]))
+def knn_cfg(checkpoint, data, *extra) -> KnnCommandConfig:
+    return parse_args(["knn", "--checkpoint", str(checkpoint), "--data", str(data[0]), "--val-data",
+                            str(data[1]), "--device", "cpu", "--num-workers", "0", "--knn-k", "5", *extra])
 
 
 def test_knn_command_on_dino_and_paws_checkpoints(data, tmp_path):
-    train_dino(vars(parse_args(["dino", "--data", str(data[0]), "--output-dir", str(tmp_path / "dino"), *DINO_TINY,
-                                "--stop-after-steps", "1"])))
-    train_paws(vars(parse_args(["paws", "--data", str(data[0]), "--output-dir", str(tmp_path / "paws"), *PAWS_TINY,
-                                "--stop-after-steps", "1", "--snn-freq", "0"])))
+    train_dino(parse_args(["dino", "--data", str(data[0]), "--output-dir", str(tmp_path / "dino"), *DINO_TINY,
+                                "--stop-after-steps", "1"]))
+    train_paws(parse_args(["paws", "--data", str(data[0]), "--output-dir", str(tmp_path / "paws"), *PAWS_TINY,
+                                "--stop-after-steps", "1", "--snn-freq", "0"]))
     for run in ("dino", "paws"):
         result = knn_command(knn_cfg(tmp_path / run / "checkpoint.pth", data))
         assert 0 <= result["top1"] <= result["top5"] <= 100
@@ -50,7 +51,7 @@ def test_knn_command_on_dino_and_paws_checkpoints(data, tmp_path):
 
 
 def test_cls_attention_is_the_last_blocks_softmax(data, tmp_path):
-    cfg = vars(parse_args(["dino", "--data", "x", *DINO_TINY]))
+    cfg = parse_args(["dino", "--data", "x", *DINO_TINY])
     backbone = build_dino_model(cfg).backbone.eval()
     x = torch.randn(2, 3, 16, 16)
     maps = cls_attention(backbone, x)
@@ -79,12 +80,12 @@ def test_threshold_masks_keep_the_fewest_patches_holding_the_mass():
 
 def test_attention_command_writes_the_maps(data, tmp_path):
     out = tmp_path / "run"
-    train_dino(vars(parse_args(["dino", "--data", str(data[0]), "--output-dir", str(out), *DINO_TINY,
-                                "--stop-after-steps", "1"])))
+    train_dino(parse_args(["dino", "--data", str(data[0]), "--output-dir", str(out), *DINO_TINY,
+                                "--stop-after-steps", "1"]))
     image = sorted((data[1] / "class0").iterdir())[0]
     assert main(["attention", "--checkpoint", str(out / "checkpoint.pth"), "--image", str(image), "--output-dir",
                  str(tmp_path / "png"), "--image-size", "16"]) == 0
-    heads = build_dino_model(vars(parse_args(["dino", "--data", "x", *DINO_TINY]))).backbone.blocks[-1].attn.num_heads
+    heads = build_dino_model(parse_args(["dino", "--data", "x", *DINO_TINY])).backbone.blocks[-1].attn.num_heads
     names = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert names == sorted(["image.png", "attn-mean.png", *[f"attn-head{h}.png" for h in range(heads)],
                             *[f"mask-head{h}.png" for h in range(heads)]])
@@ -92,8 +93,8 @@ def test_attention_command_writes_the_maps(data, tmp_path):
 
     assert read_image(str(tmp_path / "png" / "attn-mean.png")).shape[-2:] == (16, 16)  # 4x4 patches of 4 px
     # A PAWS ViT checkpoint shows its maps the same way.
-    train_paws(vars(parse_args(["paws", "--data", str(data[0]), "--output-dir", str(tmp_path / "paws"), *PAWS_TINY,
-                                "--stop-after-steps", "1", "--snn-freq", "0"])))
+    train_paws(parse_args(["paws", "--data", str(data[0]), "--output-dir", str(tmp_path / "paws"), *PAWS_TINY,
+                                "--stop-after-steps", "1", "--snn-freq", "0"]))
     assert main(["attention", "--checkpoint", str(tmp_path / "paws" / "checkpoint.pth"), "--image", str(image),
                  "--output-dir", str(tmp_path / "png2")]) == 0
     assert len(list((tmp_path / "png2").iterdir())) == len(names)

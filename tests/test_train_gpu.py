@@ -66,7 +66,7 @@ def test_dino_trains_on_the_gpu(tmp_path, precision, gpu_decode, compile_):
     assert rows[-1]["skipped_images"] == 0
     state = ckpt.load_checkpoint(out / "checkpoint.pth")
     assert torch.isfinite(state["dino_loss"]["center"]).all() and state["dino_loss"]["center"].abs().sum() > 0
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     init = build_dino_model(cfg).state_dict()
     for key in ("student", "teacher"):
         moved = [name for name, t in state[key].items() if t.is_floating_point() and not torch.equal(t, init[name])]

@@ -15,8 +15,15 @@ from fastssl import ClassStratifiedSampler
 from fastssl.train import checkpoint as ckpt
 from fastssl.train.cli import parse_args
 from fastssl.train.data import DataError, ImageFolder, labelled_subset
+from fastssl.train.errors import ConfigError
 from fastssl.train.optim import Lars
-from fastssl.train.paws import build_paws_augment, build_paws_model, paws_state_from_authors, train_paws
+from fastssl.train.paws import (
+    PawsConfig,
+    build_paws_augment,
+    build_paws_model,
+    paws_state_from_authors,
+    train_paws,
+)
 
 TINY = ["--arch", "vit_pico", "--img-size", "16", "--global-crop-size", "16", "--local-crop-size", "8",
         "--multicrop", "2", "--output-dim", "32", "--hidden-dim", "32", "--batch-size-per-gpu", "8",
@@ -31,10 +38,10 @@ def folders(tmp_path):
     return write_folder(tmp_path / "train", 10, classes=4), write_folder(tmp_path / "val", 3, classes=4)
 
 
-def cfg_for(data, out, *extra) -> dict:
+def cfg_for(data, out, *extra) -> PawsConfig:
     train, val = data
-    return vars(parse_args(["paws", "--data", str(train), "--val-data", str(val), "--output-dir", str(out), *TINY,
-                            *extra]))
+    return parse_args(["paws", "--data", str(train), "--val-data", str(val), "--output-dir", str(out), *TINY,
+                            *extra])
 
 
 # ----------------------------------------------------------------------------- LARS
@@ -172,8 +179,8 @@ def test_paws_steps_learn_and_evaluate(tmp_path):
     """Two epochs of the digits preset (real images, 5 labels per class): the cross-entropy and the total
     loss go down, the regulariser stays within its bounds, soft-NN evaluation runs after each epoch."""
     out = tmp_path / "run"
-    cfg = vars(parse_args(["paws", "--preset", "paws_digits", "--output-dir", str(out), "--epochs", "2",
-                           "--warmup-epochs", "1", "--progress", "false", "--log-freq", "1"]))
+    cfg = parse_args(["paws", "--preset", "paws_digits", "--output-dir", str(out), "--epochs", "2",
+                           "--warmup-epochs", "1", "--progress", "false", "--log-freq", "1"])
     result = train_paws(cfg)
     assert result.epoch == 2 and result.step == 2 * 22 and not result.stopped_early
     log = read_log(out)
@@ -212,7 +219,7 @@ def test_heads_run_per_resolution_as_the_authors(folders, tmp_path):
 
 
 def test_paws_augment_is_the_authors_imagenet_pipeline(folders, tmp_path):
-    views, supports = build_paws_augment(vars(parse_args(["paws", "--data", "x"])))
+    views, supports = build_paws_augment(parse_args(["paws", "--data", "x"]))
     for aug in (views, supports):
         want = {"brightness": (0.2, 1.8), "contrast": (0.2, 1.8), "saturation": (0.2, 1.8), "hue": (-0.2, 0.2)}
         assert {k: pytest.approx(v) for k, v in want.items()} == aug.ranges
@@ -277,17 +284,17 @@ def test_paws_resume_is_exact(folders, tmp_path, stop_at):
 
 def test_paws_bad_data_fails_before_training(folders, tmp_path):
     out = tmp_path / "o"
-    cfg = cfg_for(folders, out, "--labelled-list", str(tmp_path / "nope.txt"))
-    with pytest.raises(DataError, match="not both"):
-        train_paws(cfg)
+    with pytest.raises(ConfigError, match="give either --labelled-list or --labels-per-class, not both"):
+        cfg_for(folders, out, "--labelled-list", str(tmp_path / "nope.txt"))
+    cfg = cfg_for(folders, out).replace(labelled_list=str(tmp_path / "nope.txt"), labels_per_class=None)
     with pytest.raises(DataError, match="does not exist"):
-        train_paws(dict(cfg, labels_per_class=None))
-    with pytest.raises(ValueError, match="4 classes in targets, but classes_per_batch=5"):
+        train_paws(cfg)
+    with pytest.raises(ConfigError, match="--classes-per-batch must be at most the 4 labelled classes, got 5"):
         train_paws(cfg_for(folders, out, "--classes-per-batch", "5"))
     other = write_folder(tmp_path / "other", 2, classes=3)
     with pytest.raises(DataError, match="other class folders"):
-        train_paws(vars(parse_args(["paws", "--data", str(folders[0]), "--val-data", str(other), "--output-dir",
-                                    str(out), *TINY])))
+        train_paws(parse_args(["paws", "--data", str(folders[0]), "--val-data", str(other), "--output-dir",
+                               str(out), *TINY]))
     assert not out.exists()
 
 
@@ -332,8 +339,8 @@ def test_torchrun_two_processes_gloo_paws(folders, tmp_path):
 def test_resnet_encoder_as_the_authors(folders, tmp_path):
     """A ResNet backbone: the authors' projection width (the trunk's 512 / 2048 features), no zero-init of
     each block's last BatchNorm, and one forward per resolution."""
-    cfg = dict(cfg_for(folders, tmp_path, "--arch", "resnet18", "--output-dim", "64"), img_size=None,
-               hidden_dim=None)  # the width defaults to the backbone's
+    cfg = cfg_for(folders, tmp_path).replace(arch="resnet18", output_dim=64, img_size=None,
+                                             hidden_dim=None)  # the width defaults to the backbone's
     model = build_paws_model(cfg)
     assert model.fc.fc1.in_features == model.fc.fc1.out_features == 512 and model.pred.fc1.out_features == 16
     assert all(block.bn2.weight.abs().min() > 0 for block in model.backbone.layer1)

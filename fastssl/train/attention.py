@@ -8,9 +8,14 @@ upsampled to the image (nearest, one square per patch), and the mask of the patc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .errors import CheckpointError, ConfigError, DataError
+from .eval_config import AttentionConfig
+from .models import is_vit
 
 __all__ = ["attention_command", "cls_attention"]
 
@@ -25,7 +30,7 @@ def cls_attention(backbone, x: torch.Tensor) -> torch.Tensor:
     if not hasattr(backbone, "blocks"):
         raise ValueError("attention maps need a ViT backbone (a timm VisionTransformer)")
     attn = backbone.blocks[-1].attn
-    caught = {}
+    caught: dict[str, torch.Tensor] = {}
     hook = attn.qkv.register_forward_hook(lambda mod, inp, out: caught.__setitem__("qkv", out))
     try:
         backbone(x)
@@ -61,35 +66,43 @@ def _png(t: torch.Tensor, path: Path) -> None:
     write_png(img.unsqueeze(0) if img.dim() == 2 else img, str(path))
 
 
-def attention_command(cfg: dict) -> list[Path]:
+def attention_command(cfg: AttentionConfig) -> list[Path]:
     from ..augment import IMAGENET_MEAN, IMAGENET_STD
     from ..ops import resized_crops
     from .evaluate import model_from_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg["image"].startswith("digits:"):
+    if cfg.image.startswith("digits:"):
         from .data import load_digits_split
 
-        image = load_digits_split()[2][int(cfg["image"].split(":")[1])]
+        digits = load_digits_split()[2]
+        index = int(cfg.image.removeprefix("digits:"))
+        if index >= len(digits):
+            raise ConfigError(f"--image digits:N: N must be below the {len(digits)} test digits, got {index}")
+        image = digits[index]
     else:
         from .data import _decode_file
 
-        path = Path(cfg["image"])
+        path = Path(cfg.image)
         if not path.is_file():
-            raise FileNotFoundError(f"attention: image {str(path)!r} does not exist")
-        image = _decode_file(str(path))
-    cfg = dict(cfg, device="auto")
+            raise DataError(f"--image {str(path)!r}: no such image file")
+        try:
+            image = _decode_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any undecodable file: one message, not a traceback
+            raise DataError(f"--image {str(path)!r} cannot be read as an image: {type(e).__name__}: {e}") from e
     model, train_cfg = model_from_checkpoint(cfg, device)
-    backbone = model.backbone
-    patch = backbone.patch_embed.patch_size[0]
-    size = cfg["image_size"] or train_cfg.get("global_crop_size") or 480
+    backbone: Any = model.backbone  # a timm ViT: its attributes are timm's
+    if not is_vit(backbone):
+        raise CheckpointError(f"{cfg.checkpoint}: attention maps need a ViT backbone, not --arch {train_cfg.arch}")
+    patch = int(backbone.patch_embed.patch_size[0])
+    size = cfg.image_size or train_cfg.global_crop_size
     size -= size % patch
     box = torch.tensor([[0, 0, 0, image.shape[1], image.shape[2]]], dtype=torch.float32)
     x = resized_crops(image.to(device), box, size, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     maps = cls_attention(backbone, x)[0].float().cpu()  # [heads, h, w]
-    masks = threshold_masks(maps, cfg["threshold"])
+    masks = threshold_masks(maps, cfg.threshold)
     up = lambda t: F.interpolate(t[None].float(), scale_factor=patch, mode="nearest")[0]  # noqa: E731
-    out = Path(cfg["output_dir"])
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "image.png"]
     _png(resized_crops(image, box.cpu(), size, interpolation="bicubic", out_dtype=torch.uint8).squeeze(0).float() / 255,
@@ -101,5 +114,5 @@ def attention_command(cfg: dict) -> list[Path]:
     written.append(out / "attn-mean.png")
     _png(up(maps.mean(0)[None])[0], written[-1])
     print(f"{len(written)} PNGs in {out}: the image, each of the {maps.shape[0]} heads' CLS attention and its "
-          f"{cfg['threshold']:.0%} mask, and their mean", flush=True)
+          f"{cfg.threshold:.0%} mask, and their mean", flush=True)
     return written

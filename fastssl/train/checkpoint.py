@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict of tensors and Python values (``torch.load(weights_only=True)``
 reads it, so a checkpoint file cannot run code): the models, optimiser, grad scaler and loss
-states, where the run stands (``epoch``, ``step`` within it), the RNG states and the full
-config. It is written to a temporary file in the same folder, flushed, then renamed over the
+states, where the run stands (``epoch``, ``step`` within it, and what ``resume.py`` adds: the
+iterations over the run, per epoch, the processes, the interrupted epoch's sums), every rank's
+RNG states and the full config. It is written to a temporary file in the same folder, flushed, then renamed over the
 old one, so a crash (or pre-emption) mid-write leaves the previous checkpoint intact.
 """
 
@@ -16,17 +17,16 @@ import signal
 import tempfile
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["CheckpointError", "StopSignal", "check_config", "check_state_dict", "load_checkpoint",
-           "load_pretrained", "rng_state", "rng_states", "save_checkpoint", "set_rng_state", "set_rng_states"]
+from .errors import CheckpointError
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit this run (architecture, config), or not a checkpoint."""
+__all__ = ["CheckpointError", "StopSignal", "check_state_dict", "load_checkpoint", "load_pretrained", "rng_state",
+           "rng_states", "save_checkpoint", "set_rng_state", "set_rng_states"]
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -68,26 +68,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 # ----------------------------------------------------------------------------- compatibility checks
 
-# Config keys that may differ between a checkpoint and the run resuming it (where things go,
-# how they are logged, how to stop), none of which changes the training.
-RESUMABLE_CHANGES = frozenset({
-    "output_dir", "resume", "num_workers", "log_freq", "tensorboard", "saveckp_freq", "stop_after_steps",
-    "knn_freq", "knn_data", "knn_val_data", "device", "dist_backend", "pretrained", "progress", "command",
-    "snn_freq", "val_data", "eval_batch_size",
-})
-
-
-def check_config(saved: dict, current: dict, path) -> None:
-    """Raise :class:`CheckpointError` naming every setting that differs, except :data:`RESUMABLE_CHANGES`."""
-    diffs = [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {current.get(k, '<unset>')!r}"
-             for k in sorted(set(saved) | set(current))
-             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
-    if diffs:
-        raise CheckpointError(f"checkpoint {str(path)!r} was written by a run with another configuration; "
-                              "resume with the same settings (or start a new --output-dir):\n  "
-                              + "\n  ".join(diffs))
-
-
 def check_state_dict(module: torch.nn.Module, state: dict, what: str, path) -> None:
     """Raise :class:`CheckpointError` on missing / unexpected keys or shape mismatches, before loading."""
     own = module.state_dict()
@@ -123,7 +103,7 @@ def load_pretrained(model: torch.nn.Module, path, which: str = "teacher") -> str
             check_state_dict(model, state, which, path)
             model.load_state_dict(state)
             return "model"
-    backbone = model.backbone if hasattr(model, "backbone") else model
+    backbone = model.get_submodule("backbone") if hasattr(model, "backbone") else model
     check_state_dict(backbone, state, f"{which} backbone", path)
     backbone.load_state_dict(state)
     return "backbone"
@@ -133,9 +113,9 @@ def load_pretrained(model: torch.nn.Module, path, which: str = "teacher") -> str
 
 def rng_state(device: torch.device) -> dict:
     """Every RNG a step draws from, as tensors and plain values (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:]))}
+    np_state = cast(tuple, np.random.get_state(legacy=True))  # (kind, keys, pos, has_gauss, cached)
+    state: dict = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                   "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:]))}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -147,7 +127,7 @@ def rng_states(device: torch.device) -> dict | list[dict]:
     state = rng_state(device)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return state
-    states = [None] * dist.get_world_size()
+    states: list[dict] = [{}] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
 

@@ -18,15 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["Batch", "DigitsImages", "ImageFolder", "LabelledSubset", "ResumableSampler", "collate", "decode_batch",
-           "labelled_subset", "load_digits_split"]
+from .errors import DataError
+
+__all__ = ["Batch", "DataError", "DigitsImages", "ImageFolder", "LabelledSubset", "ResumableSampler", "collate",
+           "decode_batch", "labelled_subset", "load_digits_split"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _JPEG = (".jpg", ".jpeg")
-
-
-class DataError(ValueError):
-    """The data set cannot be used (missing, empty, unreadable folder)."""
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -226,9 +224,10 @@ class Batch:
 def collate(items) -> Batch:
     """Drop unreadable images (counted), stack same-sized images, else keep a list."""
     kept = [it for it in items if it[0] is not None]
-    images = [it[0] for it in kept]
-    if images and all(im.dim() == 3 and im.shape == images[0].shape for im in images):
-        images = torch.stack(images)
+    listed: list[torch.Tensor] = [it[0] for it in kept]
+    images: torch.Tensor | list[torch.Tensor] = listed
+    if listed and all(im.dim() == 3 and im.shape == listed[0].shape for im in listed):
+        images = torch.stack(listed)
     return Batch(images, torch.tensor([it[1] for it in kept], dtype=torch.int64),
                  torch.tensor([it[2] for it in kept], dtype=torch.int64), len(items) - len(kept))
 

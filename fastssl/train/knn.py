@@ -35,7 +35,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     train_labels = train_labels.to(train.device)
-    top1 = top5 = 0
+    top1 = top5 = 0.0
     for start in range(0, test.shape[0], chunk_size):
         sim = test[start:start + chunk_size] @ train.T
         weights, idx = sim.topk(k, dim=1)
@@ -55,15 +55,15 @@ def extract_features(model, loader, device: torch.device, prepare) -> tuple[torc
     """``(features, labels)`` of every image of ``loader`` (a :class:`~fastssl.train.data.Batch` loader),
     ``prepare(batch) -> (float images [B, C, S, S], labels)``, gathered from all ranks in dataset order
     (each rank embeds its own share: the loader must use a non-shuffling ``ResumableSampler``)."""
-    feats, labels, indices = [], [], []
+    parts: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
     for batch in loader:
         x, y = prepare(batch)
         if x is None:
             continue
-        feats.append(model(x).float())
-        labels.append(y.to(device))
-        indices.append(batch.indices[:y.shape[0]].to(device))
-    feats, labels, indices = torch.cat(feats), torch.cat(labels), torch.cat(indices)
+        parts[0].append(model(x).float())
+        parts[1].append(y.to(device))
+        parts[2].append(batch.indices[:y.shape[0]].to(device))
+    feats, labels, indices = (torch.cat(p) for p in parts)
     if distributed.world_size() > 1:
         feats, labels, indices = (_all_gather_varlen(t) for t in (feats, labels, indices))
         # Drop the sampler's padding (repeated indices) and restore dataset order.
@@ -141,13 +141,13 @@ def embed_datasets(model, datasets, device: torch.device, *, size: int, crop_fra
     return out
 
 
-def knn_eval(backbone, bank_set, query_set, device: torch.device, cfg: dict, amp_dtype=None) -> dict:
-    """k-NN accuracy (``cfg["knn_k"]``, ``cfg["knn_t"]``) of ``backbone``'s features: ``bank_set`` (labelled
-    images, the neighbours) against ``query_set``, embedded by :func:`embed_datasets`. Returns
-    ``{"top1", "top5"}`` in percent."""
+def knn_eval(backbone, bank_set, query_set, device: torch.device, *, k: int, T: float, size: int,
+             crop_fraction: float, batch_size: int, num_workers: int, amp_dtype=None) -> dict[str, float]:
+    """k-NN accuracy (``k`` neighbours, temperature ``T``) of ``backbone``'s features: ``bank_set`` (labelled
+    images, the neighbours) against ``query_set``, embedded by :func:`embed_datasets` (central crops of
+    ``crop_fraction`` resized to ``size``). Returns ``{"top1", "top5"}`` in percent."""
     (bank, bank_labels), (query, query_labels) = embed_datasets(
-        backbone, (bank_set, query_set), device, size=cfg["global_crop_size"], crop_fraction=cfg["eval_crop_fraction"],
-        batch_size=cfg["knn_batch_size"], num_workers=cfg["num_workers"], amp_dtype=amp_dtype)
-    top1, top5 = knn_classify(bank, bank_labels, query, query_labels, k=cfg["knn_k"], T=cfg["knn_t"],
-                              num_classes=len(bank_set.classes))
+        backbone, (bank_set, query_set), device, size=size, crop_fraction=crop_fraction, batch_size=batch_size,
+        num_workers=num_workers, amp_dtype=amp_dtype)
+    top1, top5 = knn_classify(bank, bank_labels, query, query_labels, k=k, T=T, num_classes=len(bank_set.classes))
     return {"top1": top1, "top5": top5}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCH_ALIASES", "DinoHead", "MultiCropModel", "PawsModel", "build_backbone", "is_vit"]
+__all__ = ["ARCH_ALIASES", "DinoHead", "MultiCropModel", "PawsModel", "build_backbone", "is_vit", "is_vit_name",
+           "unknown_arch_message"]
 
 # Small networks that timm does not name: (timm architecture, overrides). "vit_digits" is the
 # ViT of `make demo`: 4x4 patches, so a 16x16 global crop is 4x4 tokens and an 8x8 local crop 2x2.
@@ -26,6 +28,23 @@ ARCH_ALIASES = {
 
 def is_vit(backbone: nn.Module) -> bool:
     return hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
+
+
+def is_vit_name(arch: str) -> bool:
+    """Whether ``arch`` names a ViT (which --img-size and --patch-size shape)."""
+    return ARCH_ALIASES.get(arch, (arch, {}))[0].startswith(("vit_", "deit_"))
+
+
+def unknown_arch_message(arch: str) -> str | None:
+    """None when ``arch`` is a timm model or an alias, else what to say (with timm's close names)."""
+    import timm
+
+    name = ARCH_ALIASES.get(arch, (arch, {}))[0]
+    if timm.is_model(name):
+        return None
+    close = timm.list_models(f"{arch.split('_')[0]}*")[:6] if arch else []
+    return (f"must be a timm model name or one of {', '.join(sorted(ARCH_ALIASES))}"
+            + (f" (timm has e.g. {', '.join(close)})" if close else ""))
 
 
 def build_backbone(arch: str, *, drop_path_rate: float = 0.0, img_size: int | None = None,
@@ -40,13 +59,12 @@ def build_backbone(arch: str, *, drop_path_rate: float = 0.0, img_size: int | No
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency of the train extra
         raise ImportError("fastssl.train needs timm: pip install 'fastssl[train]'") from e
-    name, kwargs = ARCH_ALIASES.get(arch, (arch, {}))
-    kwargs = dict(kwargs)
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown architecture {arch!r}: not a timm model nor one of {sorted(ARCH_ALIASES)}"
-                         + (f"; timm has e.g. {close}" if close else ""))
-    if name.startswith(("vit_", "deit_")):
+    name, aliased = ARCH_ALIASES.get(arch, (arch, {}))
+    kwargs: dict = dict(aliased)
+    problem = unknown_arch_message(arch)
+    if problem is not None:
+        raise ValueError(f"architecture {arch!r}: {problem}")
+    if is_vit_name(arch):
         kwargs.update(dynamic_img_size=True, global_pool="token")
         if img_size is not None:
             kwargs["img_size"] = img_size
@@ -100,7 +118,9 @@ class DinoHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, *, use_bn: bool = False, norm_last_layer: bool = True,
                  nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
         super().__init__()
-        nlayers = max(nlayers, 1)
+        if nlayers < 1:
+            raise ValueError(f"DinoHead: nlayers must be >= 1, got {nlayers}")
+        self.mlp: nn.Module
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
@@ -157,14 +177,14 @@ class PawsModel(nn.Module):
     def __init__(self, backbone: nn.Module, output_dim: int = 2048, hidden_dim: int | None = None,
                  use_pred_head: bool = True):
         super().__init__()
-        width = backbone.num_features
+        width = cast(int, backbone.num_features)  # timm's feature width
         hidden = hidden_dim or width
         self.backbone = backbone
         self.fc = nn.Sequential(OrderedDict([
             ("fc1", nn.Linear(width, hidden)), ("bn1", nn.BatchNorm1d(hidden)), ("relu1", nn.ReLU(inplace=True)),
             ("fc2", nn.Linear(hidden, hidden)), ("bn2", nn.BatchNorm1d(hidden)), ("relu2", nn.ReLU(inplace=True)),
             ("fc3", nn.Linear(hidden, output_dim))]))
-        self.pred = None
+        self.pred: nn.Module | None = None
         if use_pred_head:
             narrow = max(output_dim // 4, 1)  # the authors' 4x bottleneck
             self.pred = nn.Sequential(OrderedDict([

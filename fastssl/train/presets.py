@@ -1,26 +1,35 @@
 """Named configurations: the DINO and PAWS authors' recipes, and small runs on the digits.
 
-Values from their README and main_dino.py defaults (and the ``args.txt`` of their released
-runs); anything not named here keeps the CLI default, which is main_dino.py's.
+Each preset is a config instance; what it sets apart from the class defaults (the authors'
+main_dino.py / imgnt_train.yaml) becomes the defaults of a command line naming it, and the options
+given there override them. Values from the authors' READMEs (and the ``args.txt`` of their released
+runs); the type check of ``make lint`` checks every name and type here.
 """
 
 from __future__ import annotations
 
-PRESETS: dict[str, dict] = {
+from .dino_config import DinoConfig
+from .paws_config import PawsConfig
+
+__all__ = ["DINO_PRESETS", "PAWS_PRESETS"]
+
+DINO_PRESETS: dict[str, DinoConfig] = {
     # main_dino.py's defaults: the README's "vanilla" 100-epoch ViT-S/16 run (8 GPUs x 64 images).
-    "dino_vits16_100ep": dict(arch="vit_small_patch16_224", epochs=100),
+    "dino_vits16_100ep": DinoConfig(arch="vit_small_patch16_224", epochs=100),
     # README, "boosting DINO performance": 300 epochs, 16 GPUs x 64, teacher temperature 0.04 -> 0.07
     # over 30 epochs, trainable last-layer norms.
-    "dino_vits16": dict(arch="vit_small_patch16_224", epochs=300, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
-                        norm_last_layer=False),
+    "dino_vits16": DinoConfig(
+        arch="vit_small_patch16_224", epochs=300, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+        norm_last_layer=False),
     # The released ViT-B/16 run (args.txt): 400 epochs, 1024 images per step (32 GPUs x 32).
-    "dino_vitb16": dict(arch="vit_base_patch16_224", epochs=400, batch_size_per_gpu=32, lr=0.00075, min_lr=2e-6,
-                        teacher_temp=0.07, warmup_teacher_temp_epochs=50, clip_grad=0.3, freeze_last_layer=3,
-                        global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), local_crops_number=10,
-                        norm_last_layer=True, precision="bf16"),
+    "dino_vitb16": DinoConfig(
+        arch="vit_base_patch16_224", epochs=400, batch_size_per_gpu=32, lr=0.00075, min_lr=2e-6, teacher_temp=0.07,
+        warmup_teacher_temp_epochs=50, clip_grad=0.3, freeze_last_layer=3, global_crops_scale=(0.25, 1.0),
+        local_crops_scale=(0.05, 0.25), local_crops_number=10, norm_last_layer=True, precision="bf16"),
     # README, ResNet-50: SGD, the crop scales split at 0.14.
-    "dino_resnet50": dict(arch="resnet50", optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
-                          global_crops_scale=(0.14, 1.0), local_crops_scale=(0.05, 0.14)),
+    "dino_resnet50": DinoConfig(
+        arch="resnet50", optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
+        global_crops_scale=(0.14, 1.0), local_crops_scale=(0.05, 0.14)),
     # `make demo` on a CPU: the 1437 training digits of scikit-learn (32x32), a 4-block ViT on 16x16
     # crops of 4x4 patches, k-NN on the teacher's CLS token (eval_knn.py's feature, k=20, T=0.07).
     # Against the collapse to uniform outputs that the authors' values give at this scale: a
@@ -30,41 +39,42 @@ PRESETS: dict[str, dict] = {
     # and 6 local crops stayed near ln(out_dim)). No flips (a mirrored digit is another symbol or none),
     # no colour jitter (its brightness/contrast part gave +3 k-NN points over 25 epochs but ~15% more
     # time), no solarisation, a light blur. 1100 steps: about 5.5 min on 2 CPU cores with the k-NN.
-    "demo": dict(data="digits", arch="vit_digits", img_size=16, global_crop_size=16, local_crop_size=8,
-                 local_crops_number=10, global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5),
-                 flip_p=0.0, color_jitter_p=0.0, blur_sigma=(0.1, 0.3), solarize_p=0.0, out_dim=256,
-                 head_hidden_dim=512, head_bottleneck_dim=128, use_bn_in_head=True, norm_last_layer=False,
-                 momentum_teacher=0.99, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
-                 batch_size_per_gpu=64, lr=0.016, min_lr=1e-5, warmup_epochs=5, epochs=50, drop_path_rate=0.1,
-                 num_workers=0, knn_freq=0, eval_crop_fraction=1.0, output_dir="runs/demo", saveckp_freq=0),
+    "demo": DinoConfig(
+        data="digits", arch="vit_digits", img_size=16, global_crop_size=16, local_crop_size=8, local_crops_number=10,
+        global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0, color_jitter_p=0.0,
+        blur_sigma=(0.1, 0.3), solarize_p=0.0, out_dim=256, head_hidden_dim=512, head_bottleneck_dim=128,
+        use_bn_in_head=True, norm_last_layer=False, momentum_teacher=0.99, teacher_temp=0.04,
+        warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, batch_size_per_gpu=64, lr=0.016, min_lr=1e-5,
+        warmup_epochs=5, epochs=50, drop_path_rate=0.1, num_workers=0, knn_freq=0, eval_crop_fraction=1.0,
+        saveckp_freq=0),
     # `make demo` on a GPU: the same data, a wider and deeper ViT on 32x32 crops, longer.
-    "demo_gpu": dict(data="digits", arch="vit_digits", img_size=32, global_crop_size=32, local_crop_size=16,
-                     local_crops_number=8, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
-                     blur_sigma=(0.1, 1.0), out_dim=4096, head_hidden_dim=1024, head_bottleneck_dim=256,
-                     use_bn_in_head=True, norm_last_layer=False, momentum_teacher=0.99, teacher_temp=0.04,
-                     warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, batch_size_per_gpu=128, lr=0.002,
-                     min_lr=1e-5, warmup_epochs=5, epochs=100, drop_path_rate=0.1, num_workers=0, knn_freq=0,
-                     eval_crop_fraction=1.0, output_dir="runs/demo", saveckp_freq=0),
+    "demo_gpu": DinoConfig(
+        data="digits", arch="vit_digits", img_size=32, global_crop_size=32, local_crop_size=16, local_crops_number=8,
+        global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), blur_sigma=(0.1, 1.0), out_dim=4096,
+        head_hidden_dim=1024, head_bottleneck_dim=256, use_bn_in_head=True, norm_last_layer=False,
+        momentum_teacher=0.99, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+        batch_size_per_gpu=128, lr=0.002, min_lr=1e-5, warmup_epochs=5, epochs=100, drop_path_rate=0.1,
+        num_workers=0, knn_freq=0, eval_crop_fraction=1.0, saveckp_freq=0),
 }
 
 
-# PAWS (facebookresearch/suncet, configs/paws/imgnt_train.yaml; the CLI defaults are that file's values).
+# PAWS (facebookresearch/suncet, configs/paws/imgnt_train.yaml; PawsConfig's defaults are that file's values).
 # Their runs: 64 GPUs x 64 unlabelled images, 15 classes x 7 images of supports per GPU, ResNet-50,
 # output 2048 with the prediction head, 6 small views; learning rates here are per 256 images.
-PAWS_PRESETS: dict[str, dict] = {
+PAWS_PRESETS: dict[str, PawsConfig] = {
     # The 100-epoch ResNet-50 run, for 1% or 10% of the labels (--labelled-list 1percent.txt / 10percent.txt:
     # the recipe is the same, only the labelled list differs).
-    "paws_resnet50": dict(arch="resnet50", epochs=100),
+    "paws_resnet50": PawsConfig(arch="resnet50", epochs=100),
     # The paper's longer run.
-    "paws_resnet50_300ep": dict(arch="resnet50", epochs=300),
+    "paws_resnet50_300ep": PawsConfig(arch="resnet50", epochs=300),
     # A PAWS run on the digits for a CPU: 5 labelled images per class, the demo's small ViT. The optimiser
     # is the authors' CIFAR-10 one (lr 3.2 per 256 images, from 0.8, to 0.032; 2 views per support, no
     # prediction head): their ImageNet lr of 0.4 per 256 barely moves LARS in a few hundred steps.
-    "paws_digits": dict(data="digits", arch="vit_digits", img_size=16, global_crop_size=16, local_crop_size=8,
-                        multicrop=6, global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0,
-                        color_jitter_p=0.0, grayscale_p=0.0, blur_sigma=(0.1, 0.3), output_dim=128, hidden_dim=256,
-                        use_pred_head=False, labels_per_class=5, classes_per_batch=10, supervised_imgs_per_class=5,
-                        supervised_views=2, batch_size_per_gpu=64, epochs=30, lr=3.2, start_lr=0.8, final_lr=0.032,
-                        warmup_epochs=3, num_workers=0, eval_crop_fraction=1.0, output_dir="runs/paws_digits",
-                        saveckp_freq=0),
+    "paws_digits": PawsConfig(
+        data="digits", arch="vit_digits", img_size=16, global_crop_size=16, local_crop_size=8, multicrop=6,
+        global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0,
+        blur_sigma=(0.1, 0.3), output_dim=128, hidden_dim=256, use_pred_head=False, labels_per_class=5,
+        classes_per_batch=10, supervised_imgs_per_class=5, supervised_views=2, batch_size_per_gpu=64, epochs=30,
+        lr=3.2, start_lr=0.8, final_lr=0.032, warmup_epochs=3, num_workers=0, eval_crop_fraction=1.0,
+        output_dir="runs/paws_digits", saveckp_freq=0),
 }
