@@ -180,6 +180,11 @@ def test_data_and_checkpoint_errors_are_one_message_with_exit_1(tmp_path, monkey
                           "configuration") and "out_dim: checkpoint 64, now 32" in err and "Traceback" not in err
     assert main(["knn", "--checkpoint", str(tmp_path / "none.pth"), "--data", "digits"]) == 1
     assert capsys.readouterr().err.startswith("fastssl-train knn: error: checkpoint ")
+    # A run that fails before writing anything leaves no folder behind.
+    assert main(["dino", "--data", str(data), "--output-dir", str(tmp_path / "new"), *TINY, "--resume",
+                 str(tmp_path / "none.pth")]) == 1
+    assert capsys.readouterr().err.startswith(f"fastssl-train dino: error: --resume {tmp_path / 'none.pth'}: no such")
+    assert not (tmp_path / "new").exists()
 
 
 def test_no_traceback_unless_debug(tmp_path):
@@ -213,3 +218,29 @@ def test_type_check_finds_a_wrong_name(tmp_path):
     assert run.returncode == 1, run.stdout + run.stderr
     assert '"DinoConfig" has no attribute "lrr"' in run.stdout
     assert 'Unexpected keyword argument "teacher_tmp" for "DinoConfig"' in run.stdout
+
+
+def test_no_import_circle_and_nothing_imports_the_cli():
+    """Every import between fastssl/train's modules (those inside functions too) forms no circle, and only the
+    entry points import cli.py: defaults come from the config classes."""
+    import ast
+
+    package = ROOT / "fastssl" / "train"
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastssl.train."):
+                deps.add(node.module.removeprefix("fastssl.train."))
+        graph[path.stem] = {d.split(".")[0] for d in deps if (package / f"{d.split('.')[0]}.py").exists()}
+    assert {m for m, deps in graph.items() if "cli" in deps} <= {"__init__", "__main__"}
+
+    def visit(module: str, stack: list[str]) -> None:
+        assert module not in stack, "import circle: " + " -> ".join([*stack, module])
+        for dep in graph[module]:
+            visit(dep, [*stack, module])
+
+    for module in graph:
+        visit(module, [])

@@ -278,8 +278,13 @@ def test_paws_resume_is_exact(folders, tmp_path, stop_at):
         assert torch.equal(t, b["model"][name]), f"{name} differs after resume"
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    # Every epoch was evaluated once, whether the run stopped at its end or not.
-    assert [r["epoch"] for r in read_log(tmp_path / "b") if "snn_top1" in r] == [1, 2]
+    # Every epoch was evaluated once, whether the run stopped at its end or not; each step and epoch logged once,
+    # an epoch's loss over all its steps (the same as the straight run's).
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["epoch"] for r in log_b if "snn_top1" in r] == [1, 2]
+    assert [r["step"] for r in log_b if "paws_xent" in r] == list(range(10))
+    epoch_losses = [[r["epoch_loss"] for r in log if "epoch_loss" in r] for log in (log_a, log_b)]
+    assert len(epoch_losses[0]) == 2 and epoch_losses[0] == epoch_losses[1]
 
 
 def test_paws_bad_data_fails_before_training(folders, tmp_path):

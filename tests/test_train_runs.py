@@ -200,7 +200,7 @@ def test_extend_a_finished_run(folder, tmp_path, capsys):
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     again = train_dino(cfg_for(folder, out))
     assert again.complete and again.steps_run == 0
-    assert "the run is complete (2 of 2 epochs" in capsys.readouterr().out
+    assert f"{out}: the run is complete (2 epochs" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # nothing written
     with pytest.raises(CheckpointError, match=r"epochs: checkpoint 2, now 3 \(to train a run longer, add "
                                               r"--extend-epochs\)"):

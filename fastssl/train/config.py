@@ -294,9 +294,11 @@ class RunConfig(Options):
                                  "so they jump to the new schedule's values where the run resumes", group=RUN,
                                  resumable=True)
     change_world_size: bool = option(False, "resume on another number of processes (and, to keep the global "
-                                     "batch, another --batch-size-per-gpu): the position is kept in images, the "
-                                     "lr rescaled by the new global batch, the schedules recomputed per "
-                                     "iteration; see README", group=RUN, resumable=True)
+                                     "batch, another --batch-size-per-gpu): weights, optimiser and loss states, "
+                                     "the epoch and the position in it (in images) are kept; the lr is scaled by "
+                                     "the new global batch and the schedules recomputed per iteration; ranks "
+                                     "keep their RNG states where the checkpoint has them", group=RUN,
+                                     resumable=True)
 
     epochs: int = option(100, "training epochs", group=OPTIM, checks=[at_least(1)])
     batch_size_per_gpu: int = option(64, "images per process and step", group=OPTIM, checks=[at_least(1)])

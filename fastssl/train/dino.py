@@ -135,15 +135,16 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
     out = Path(cfg.output_dir)
     cfg = resolve_precision(cfg, device)
 
-    # Data first: a missing or empty folder is an error before any file, model or GPU work.
-    train_set, knn_bank, knn_query = build_datasets(cfg, device)
     batch = cfg.batch_size_per_gpu
-    niter = iterations_per_epoch(len(train_set), batch, world)  # drop_last, as the authors
-    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
     base_lr = cfg.lr * batch * world / 256.0  # the linear scaling rule
     if cfg.min_lr > base_lr:
         raise cfg.fail("min_lr", f"must be at most the peak learning rate, --lr x {batch * world} images / 256 = "
                        f"{base_lr:g}")
+
+    # Data first: a missing or empty folder is an error before any file, model or GPU work.
+    train_set, knn_bank, knn_query = build_datasets(cfg, device)
+    niter = iterations_per_epoch(len(train_set), batch, world)  # drop_last, as the authors
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
 
     with contextlib.ExitStack() as stack:
         # The run folder is this run's from here (a lock); its checkpoint is checked before any model exists.
@@ -151,8 +152,7 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
         start = plan_start(cfg, out, world=world, niter=niter, n_images=len(train_set))
         if start.complete:
             if main:
-                print(f"{out}: the run is complete ({start.epoch} of {cfg.epochs} epochs, {start.path}); nothing to "
-                      "train. To train it longer: --epochs N --extend-epochs", flush=True)
+                print(start.complete_message(out), flush=True)
             return TrainResult(epoch=start.epoch, step=start.epoch * niter, loss=math.nan, out_dim=cfg.out_dim,
                                checkpoint=str(start.path), stopped_early=False, knn=None, complete=True)
 
@@ -200,11 +200,7 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
             notes.append(rewind_log(out, start.steps_done, start.epoch) or "")
         log = stack.enter_context(Logger(out, cfg, main))
         log.print_config("DINO", device, world, niter, base_lr)
-        for note in notes + start.notes:
-            if note:
-                log.say(note)
-        for event in start.events:
-            log.write(event)
+        log.announce(notes + start.notes, start.events)
 
         loader_gen = torch.Generator()  # the loader's own seeds: the global RNG is left to the model
         loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,

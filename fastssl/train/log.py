@@ -91,6 +91,14 @@ class Logger:
         if self.main:
             print(text, flush=True)
 
+    def announce(self, notes: list[str], events: list[dict]) -> None:
+        """Say what happened at start (a stale lock, leftovers, a resume and its overrides); log the events."""
+        for note in notes:
+            if note:
+                self.say(note)
+        for event in events:
+            self.write(event)
+
     def print_config(self, method: str, device: torch.device, world: int, niter: int, base_lr: float) -> None:
         if not self.main:
             return

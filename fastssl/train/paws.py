@@ -227,8 +227,7 @@ def _train(cfg: PawsConfig, device: torch.device, rank: int, world: int, augment
         start = plan_start(cfg, out, world=world, niter=niter, n_images=len(train_set))
         if start.complete:
             if main:
-                print(f"{out}: the run is complete ({start.epoch} of {cfg.epochs} epochs, {start.path}); nothing to "
-                      "train. To train it longer: --epochs N --extend-epochs", flush=True)
+                print(start.complete_message(out), flush=True)
             return PawsResult(epoch=start.epoch, step=start.epoch * niter, loss=math.nan,
                               checkpoint=str(start.path), stopped_early=False, snn=None, complete=True)
 
@@ -268,11 +267,7 @@ def _train(cfg: PawsConfig, device: torch.device, rank: int, world: int, augment
         log.say(f"  {len(labelled_set)} labelled images in {len(labelled_set.classes)} classes; supports per step: "
                 f"{support_sampler.batch_size} x {views} view(s) per process, {support_sampler.num_classes} class "
                 f"slots" + ("" if val_set is not None else "; no --val-data: no soft-NN evaluation"))
-        for note in notes + start.notes:
-            if note:
-                log.say(note)
-        for event in start.events:
-            log.write(event)
+        log.announce(notes + start.notes, start.events)
 
         loader_gen = torch.Generator()
         loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,

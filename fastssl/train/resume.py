@@ -56,6 +56,10 @@ class Start:
         """Iterations the run has done before this invocation (the logged step it starts at)."""
         return self.offset + self.epoch * self.niter + self.step
 
+    def complete_message(self, out: Path) -> str:
+        return (f"{out}: the run is complete ({self.epoch} epochs, {self.path}); nothing to train. To train it "
+                "longer: --epochs N --extend-epochs")
+
     @property
     def meter(self) -> dict | None:
         """The sums of the epoch the checkpoint interrupted (see :class:`~fastssl.train.log.EpochMeter`)."""
@@ -101,7 +105,7 @@ def plan_start(cfg: RunConfig, out: Path, *, world: int, niter: int, n_images: i
         raise CheckpointError(
             f"{path} was written by a run on {saved_world} process(es), this one has {world}: the global batch, the "
             "learning rate and the iterations per epoch would change. To resume anyway add --change-world-size "
-            "(what it keeps: README, Training)")
+            "(what it keeps: fastssl-train dino --help, README's Training section)")
     diffs = differences(saved, cfg, allowed=allowed)
     if diffs:
         hints = {"epochs": " (to train a run longer, add --extend-epochs)",

@@ -173,9 +173,10 @@ def run_folder(out: Path, main: bool) -> Iterator[list[str]]:
     lock = RunLock(out) if main else None
     notes: list[str] = []
     error: UserError | None = None
+    created = not out.exists()
     if lock is not None:
         try:
-            if out.exists() and not out.is_dir():
+            if not created and not out.is_dir():
                 raise ConfigError(f"--output-dir {out} is not a folder")
             out.mkdir(parents=True, exist_ok=True)
             notes = lock.acquire() + remove_leftovers(out)
@@ -187,6 +188,8 @@ def run_folder(out: Path, main: bool) -> Iterator[list[str]]:
     finally:
         if lock is not None:
             lock.release()
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run that failed before writing anything leaves no folder behind
 
 
 # ----------------------------------------------------------------------------- the log on resume
