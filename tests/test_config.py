@@ -11,17 +11,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from test_train import TINY, write_folder
 from test_train_paws import TINY as PAWS_TINY
 
 from fastssl.train.cli import main, parse_args, parse_command, preset_values
-from fastssl.train.config import Options, differences
+from fastssl.train.config import Options, RunConfig, differences, option, positive
 from fastssl.train.dino_config import DinoConfig
 from fastssl.train.errors import ConfigError
 from fastssl.train.eval_config import AttentionConfig, KnnCommandConfig
-from fastssl.train.methods import METHODS
+from fastssl.train.methods import METHODS, Method
 from fastssl.train.paws_config import PawsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,3 +245,30 @@ def test_no_import_circle_and_nothing_imports_the_cli():
 
     for module in graph:
         visit(module, [])
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig(RunConfig):
+    """A method that does not exist: what adding one takes."""
+
+    command: ClassVar[str] = "toy"
+    strength: float = option(1.0, "how strong the toy is", group="toy", checks=[positive])
+
+
+TOY_RUNS: list[ToyConfig] = []
+
+
+def train_toy(cfg: ToyConfig) -> None:
+    TOY_RUNS.append(cfg)
+
+
+def test_a_new_method_is_a_config_its_presets_and_a_trainer(monkeypatch, capsys):
+    monkeypatch.setitem(METHODS, "toy", Method("train a toy", ToyConfig, {"strong": ToyConfig(strength=5.0)},
+                                               "test_config:train_toy"))
+    assert main(["toy", "--data", "x", "--preset", "strong", "--seed", "3"]) == 0
+    assert TOY_RUNS[-1] == ToyConfig(data="x", preset="strong", strength=5.0, seed=3)
+    assert main(["toy", "--data", "x", "--strength", "-1"]) == 2
+    assert capsys.readouterr().err == "fastssl-train toy: error: --strength must be > 0, got -1\n"
+    with pytest.raises(SystemExit):
+        main(["toy", "--help"])
+    assert "how strong the toy is (default: 1)" in " ".join(capsys.readouterr().out.split())

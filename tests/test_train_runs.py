@@ -193,6 +193,16 @@ def test_lock_live_and_stale(folder, tmp_path, capsys):
     assert ckpt.load_checkpoint(out / "checkpoint.pth")["global_step"] == 3
 
 
+def test_a_users_config_json_is_never_replaced(folder, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}')
+    assert main(["dino", "--data", str(folder), "--output-dir", str(out), *TINY]) == 1
+    assert "holds a config.json that fastssl-train did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json").read_text() == '{"my": "settings"}'
+
+
 def test_extend_a_finished_run(folder, tmp_path, capsys):
     out = tmp_path / "run"
     train_dino(cfg_for(folder, out))  # 2 epochs

@@ -23,6 +23,7 @@ per-iteration schedule over the new iterations per epoch. The logged step goes o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from torch import nn
 
 from .checkpoint import check_state_dict, load_checkpoint, set_rng_states
 from .config import RunConfig, differences
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, RunError
 from .runtime import strip_prefix
 
 __all__ = ["Start", "plan_start", "position", "restore"]
@@ -78,6 +79,7 @@ def plan_start(cfg: RunConfig, out: Path, *, world: int, niter: int, n_images: i
     if cfg.resume is not None and not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint")
     if not path.is_file():
+        _refuse_foreign_config(out / "config.json")
         return Start(niter)
     state = load_checkpoint(path)
     saved = state.get("config")
@@ -147,6 +149,19 @@ def plan_start(cfg: RunConfig, out: Path, *, world: int, niter: int, n_images: i
     start.offset = steps_done - (epoch * niter + start.step)
     start.complete = epoch >= cfg.epochs
     return start
+
+
+def _refuse_foreign_config(path: Path) -> None:
+    """A new run writes ``config.json``: one that fastssl-train did not write is the user's, never replaced."""
+    if not path.is_file():
+        return
+    try:
+        ours = "command" in json.loads(path.read_text())
+    except (ValueError, TypeError, OSError):
+        ours = False
+    if not ours:
+        raise RunError(f"{path.parent} holds a config.json that fastssl-train did not write; give another "
+                       "--output-dir (nothing was changed)")
 
 
 def position(start: Start, epoch: int, step: int, world: int, meter: dict | None = None) -> dict:
