@@ -181,6 +181,11 @@ def test_data_and_checkpoint_errors_are_one_message_with_exit_1(tmp_path, monkey
                           "configuration") and "out_dim: checkpoint 64, now 32" in err and "Traceback" not in err
     assert main(["knn", "--checkpoint", str(tmp_path / "none.pth"), "--data", "digits"]) == 1
     assert capsys.readouterr().err.startswith("fastssl-train knn: error: checkpoint ")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["dino", "--data", str(data), "--output-dir", str(afile), *TINY]) == 2
+    assert capsys.readouterr().err == f"fastssl-train dino: error: --output-dir {afile} is not a folder\n"
+    assert afile.read_text() == "mine"
     # A run that fails before writing anything leaves no folder behind.
     assert main(["dino", "--data", str(data), "--output-dir", str(tmp_path / "new"), *TINY, "--resume",
                  str(tmp_path / "none.pth")]) == 1

@@ -63,15 +63,18 @@ class ImageFolder(Dataset):
             raise DataError(f"data folder {str(root)!r} does not exist")
         if not root.is_dir():
             raise DataError(f"data path {str(root)!r} is not a folder (expected root/<class>/<image> files)")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        samples = []
-        for label, name in enumerate(classes):
-            for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
-                samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
-                            if f.lower().endswith(extensions)]
-        if not classes:  # a flat folder of images: one class
-            classes = [root.name]
-            samples = [(str(root / f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(extensions)]
+        try:
+            classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+            samples = []
+            for label, name in enumerate(classes):
+                for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+                    samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
+                                if f.lower().endswith(extensions)]
+            if not classes:  # a flat folder of images: one class
+                classes = [root.name]
+                samples = [(str(root / f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(extensions)]
+        except OSError as e:  # no permission to list it, say
+            raise DataError(f"data folder {str(root)!r} cannot be read: {e.strerror or e}") from e
         if not samples:
             raise DataError(f"no images ({', '.join(extensions)}) found in {str(root)!r}; expected "
                             "root/<class>/<image> files")

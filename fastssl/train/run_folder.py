@@ -178,8 +178,13 @@ def run_folder(out: Path, main: bool) -> Iterator[list[str]]:
         try:
             if not created and not out.is_dir():
                 raise ConfigError(f"--output-dir {out} is not a folder")
-            out.mkdir(parents=True, exist_ok=True)
-            notes = lock.acquire() + remove_leftovers(out)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                notes = lock.acquire()
+                notes += remove_leftovers(out)
+            except OSError as e:  # permissions, a full or read-only disk
+                lock.release()
+                raise RunError(f"--output-dir {out}: {e.strerror or e}") from e
         except UserError as e:
             error = e
     raise_on_every_rank(error)
