@@ -10,8 +10,8 @@ import inspect
 import torch
 import triton
 
-__all__ = ["InterpreterUnsupported", "aot_int", "describe_launch", "interpreter_problem", "launch", "launch_device",
-           "launch_options", "record_launches", "rows_contiguous"]
+__all__ = ["InterpreterUnsupported", "describe_launch", "interpreter_problem", "launch", "launch_device",
+           "launch_options", "record_launches", "recording", "rows_contiguous"]
 
 
 class InterpreterUnsupported(RuntimeError):
@@ -79,6 +79,11 @@ def record_launches():
         _records = previous
 
 
+def recording() -> bool:
+    """True inside :func:`record_launches`: launchers then choose what a GPU would run."""
+    return _records is not None
+
+
 def launch(kernel, grid: tuple, **kwargs) -> None:
     """``kernel[grid](**kwargs)``: every launch passes through here, with keyword arguments,
     so that :func:`record_launches` sees them all."""
@@ -109,15 +114,16 @@ def describe_launch(kernel, kwargs: dict) -> dict:
     signature, constexprs = {}, {}
     for name, param in params.items():
         value = kwargs[name]
-        if "constexpr" in str(param.annotation):
+        if "constexpr" in str(param.annotation) or value is None:  # the JIT makes None a constant too
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
-            signature[name] = f"*{_TRITON_DTYPES[value.dtype]}" + (":16" if value.data_ptr() % 16 == 0 else "")
+            aligned = name not in no_spec and value.data_ptr() % 16 == 0
+            signature[name] = f"*{_TRITON_DTYPES[value.dtype]}" + (":16" if aligned else "")
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
             if not -2**31 <= value < 2**31:
-                signature[name] = "i64"
+                signature[name] = "i64:16" if value % 16 == 0 and name not in no_spec else "i64"
             elif name in no_spec:
                 signature[name] = "i32"
             else:
@@ -133,9 +139,3 @@ def describe_launch(kernel, kwargs: dict) -> dict:
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by a stride and columns contiguously."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def aot_int(value: int) -> str:
-    """An i32 kernel argument for the AOT build, with the hint the JIT gives ``value``: equal to 1,
-    or divisible by 16 (the JIT specialises on both; loads vectorise by the second)."""
-    return "i32:1" if value == 1 else "i32:16" if value % 16 == 0 else "i32"

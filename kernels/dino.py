@@ -58,6 +58,9 @@ import triton.language as tl
 
 from ._launch import launch, launch_device, launch_options, rows_contiguous
 
+# Integer arguments that count rows or crops are not specialised (equal to 1, divisible by 16):
+# they change nothing in the compiled code but would multiply its variants. K and the strides,
+# which decide how the contiguous columns load, are.
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # float32 max: a constexpr, so kernels may read it
@@ -76,7 +79,7 @@ def _teacher_y(x, C, A, cols, cmask, mask, t_scale2, HAS_CENTER: tl.constexpr, H
     return tl.where(mask, y, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _teacher_rows_kernel(
     X,                        # teacher logits [n_rows, K], row stride stride_x
     C,                        # center [K], fp32 (HAS_CENTER)
@@ -118,7 +121,7 @@ def _teacher_rows_kernel(
         tl.store(COL_MEAN + cols, colsum * inv_rows, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _teacher_cols_kernel(
     X,                        # teacher logits [n_rows, K], row stride stride_x
     ROW_OFF,                  # [n_rows] fp32: b_r, added to each row (HAS_ROW_OFFSET)
@@ -154,7 +157,7 @@ def _teacher_cols_kernel(
     tl.store(COL_L + cols, l, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "nsplit", "B"])
 def _combine_kernel(
     PART_M,                   # [n_rows, nsplit] partial row max
     PART_L,                   # [n_rows, nsplit] partial sum of 2^(x - max)
@@ -256,7 +259,7 @@ def _lanes_store(m, l, d, A, crops, rmask, b, B, nsplit, split, PART_M, PART_L, 
     tl.store(PART_Q + offs, tl.sum(A, axis=1), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_diag", "n_s", "n_t", "B"])
 def _pair_fwd_kernel(
     Z,                        # student logits, row (s, b) at (s * B + b) * stride_z
     X,                        # teacher logits, or probabilities (TEACHER_PROBS), row (t, b)
@@ -352,7 +355,7 @@ def _student_grad(GRAD_Z, Z, STATS_Z, crops, rmask, Q, g, b, B, n_rows, stride_z
     tl.store(GRAD_Z + offs * stride_dz + cols[None, :], (g * (p - Q)).to(GRAD_Z.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_diag", "n_s", "n_t", "B"])
 def _pair_bwd_kernel(
     GRAD_LOSS,                # [] upstream gradient of the loss
     Z,                        # student logits, row (s, b) at (s * B + b) * stride_z
@@ -436,9 +439,10 @@ _OPTIONS = dict(num_warps=8, num_stages=1, enable_fp_fusion=False)
 
 
 def teacher_config(n_rows: int, K: int) -> dict:
-    """Column blocks of the teacher passes (~4 per SM of an H100) and rows per step."""
+    """Column blocks of the teacher passes (~4 per SM of an H100) and rows per step (a tile of
+    _TILE elements, whatever the row count: few rows only mask some)."""
     block_k = min(512, max(64, triton.next_power_of_2(triton.cdiv(K, 528))))
-    block_r = min(max(1, _TILE // block_k), triton.next_power_of_2(max(n_rows, 1)))
+    block_r = _TILE // block_k
     return dict(BLOCK_R=block_r, BLOCK_K=block_k, nsplit=triton.cdiv(K, block_k), **_OPTIONS)
 
 
@@ -449,7 +453,7 @@ def pair_config(n_s: int, n_t: int, n_diag: int, B: int, K: int) -> dict:
     pad = lambda n: triton.next_power_of_2(n) if n > 0 else 0
     d_pad, ss_pad, tt_pad = pad(n_diag), pad(n_s - n_diag), pad(n_t - n_diag)
     rows = triton.next_power_of_2(2 * d_pad + ss_pad + tt_pad)
-    block_k = min(max(16, _TILE // rows), max(16, triton.next_power_of_2(K)))
+    block_k = max(16, _TILE // rows)  # from the layout alone: a small K only masks more
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B), triton.cdiv(K, block_k)))
     chunk = triton.cdiv(triton.cdiv(K, nsplit), block_k) * block_k
     return dict(D_PAD=d_pad, SS_PAD=ss_pad, TT_PAD=tt_pad, BLOCK_K=block_k, nsplit=triton.cdiv(K, chunk),
@@ -475,10 +479,10 @@ def _combine(part_m, part_l, part_d, part_q, weights, n_rows, nsplit, B, loss_sc
     has_dot = part_d is not None
     stats = torch.empty(3 if has_dot else 2, n_rows, device=part_m.device, dtype=torch.float32)
     cfg = combine_config(n_rows, nsplit)
-    loss_part = torch.empty(cfg["grid"], device=part_m.device, dtype=torch.float32) if has_dot else stats
+    loss_part = torch.empty(cfg["grid"], device=part_m.device, dtype=torch.float32)
     launch(_combine_kernel, (cfg["grid"],),
-           PART_M=part_m, PART_L=part_l, PART_D=part_d if has_dot else part_m, PART_Q=part_q if has_dot else part_m,
-           STATS=stats, W=weights if weights is not None else stats, LOSS_PART=loss_part,
+           PART_M=part_m, PART_L=part_l, PART_D=part_d, PART_Q=part_q, STATS=stats, W=weights,
+           LOSS_PART=loss_part if has_dot else None,
            n_rows=n_rows, nsplit=nsplit, B=max(B, 1), loss_scale=loss_scale,
            HAS_DOT=has_dot, HAS_WEIGHT=weights is not None, BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
            **launch_options(cfg))
@@ -499,8 +503,7 @@ def teacher_row_stats(x: torch.Tensor, center: torch.Tensor | None, offset: torc
     mean = torch.empty(K if with_mean else 0, device=x.device, dtype=torch.float32)
     with launch_device(x, "teacher_row_stats"):
         launch(_teacher_rows_kernel, (cfg["nsplit"],),
-               X=x, C=center if center is not None else part_m, A=offset if offset is not None else part_m,
-               PART_M=part_m, PART_L=part_l, COL_MEAN=mean if with_mean else part_m,
+               X=x, C=center, A=offset, PART_M=part_m, PART_L=part_l, COL_MEAN=mean if with_mean else None,
                n_rows=R, K=K, stride_x=x.stride(0), inv_rows=1.0 / max(R, 1), t_scale2=LOG2E / teacher_temp,
                HAS_CENTER=center is not None, HAS_OFFSET=offset is not None, WITH_MEAN=with_mean,
                BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
@@ -521,7 +524,7 @@ def teacher_col_lse(x: torch.Tensor, row_offset: torch.Tensor | None, teacher_te
     col_l = torch.empty_like(col_m)
     with launch_device(x, "sinkhorn_knopp"):
         launch(_teacher_cols_kernel, (cfg["nsplit"],),
-               X=x, ROW_OFF=row_offset if row_offset is not None else col_m, COL_M=col_m, COL_L=col_l,
+               X=x, ROW_OFF=row_offset, COL_M=col_m, COL_L=col_l,
                n_rows=R, K=K, stride_x=x.stride(0), t_scale2=LOG2E / teacher_temp,
                HAS_ROW_OFFSET=row_offset is not None, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
                **launch_options(cfg))
@@ -535,8 +538,7 @@ def _pair_args(z, x, center, offset, stats_x, weights, n_s, n_t, n_diag, student
     probs = stats_x is None
     if not probs:  # [2, rows] read as one buffer (a slice of rows is not)
         stats_x = stats_x.contiguous()
-    args = dict(Z=z, X=x, C=center if center is not None else z, A=offset if offset is not None else z,
-                STATS_X=stats_x if stats_x is not None else z, n_diag=n_diag, n_s=n_s, n_t=n_t, B=B, K=K,
+    args = dict(Z=z, X=x, C=center, A=offset, STATS_X=stats_x, n_diag=n_diag, n_s=n_s, n_t=n_t, B=B, K=K,
                 stride_z=z.stride(0), stride_x=x.stride(0), chunk=cfg["chunk"], s_scale2=LOG2E / student_temp,
                 t_scale2=1.0 if probs else LOG2E / teacher_temp, TEACHER_PROBS=probs,
                 HAS_CENTER=center is not None, HAS_OFFSET=offset is not None, D_PAD=cfg["D_PAD"],
@@ -559,7 +561,9 @@ def pair_forward(z: torch.Tensor, x: torch.Tensor, center: torch.Tensor | None, 
     center, offset, weights = _vector(center), _vector(offset), _vector(weights)
     B, cfg, args = _pair_args(z, x, center, offset, stats_x, weights, n_s, n_t, n_diag, student_temp, teacher_temp)
     n_rows = n_s * B
-    part_m, part_l, part_d, part_q = torch.empty(4, n_rows, cfg["nsplit"], device=z.device, dtype=torch.float32)
+    # Four allocations, not one [4, ...] tensor: each part's address stays aligned for the loads.
+    part_m, part_l, part_d, part_q = (torch.empty(n_rows, cfg["nsplit"], device=z.device, dtype=torch.float32)
+                                      for _ in range(4))
     with launch_device(z, "dino_cross_entropy"):
         launch(_pair_fwd_kernel, (B, cfg["nsplit"]), **args,
                PART_M=part_m, PART_L=part_l, PART_D=part_d, PART_Q=part_q)
@@ -578,6 +582,6 @@ def pair_backward(grad_loss: torch.Tensor, z: torch.Tensor, x: torch.Tensor, cen
     grad = torch.empty(z.shape, device=z.device, dtype=z.dtype)
     with launch_device(z, "dino_cross_entropy"):
         launch(_pair_bwd_kernel, (B, cfg["nsplit"]), **args,
-               GRAD_LOSS=grad_loss.reshape(()), STATS_Z=stats_z, W=weights if weights is not None else stats_z,
+               GRAD_LOSS=grad_loss.reshape(()), STATS_Z=stats_z, W=weights,
                GRAD_Z=grad, stride_dz=grad.stride(0), grad_scale=scale / student_temp, HAS_WEIGHT=weights is not None)
     return grad

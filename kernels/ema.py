@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_options
+from ._launch import launch, launch_options
 
 # One compiled variant serves both kinds of momentum: LOAD_M is a run-time flag, M_PTR always an
 # fp32 pointer (a dummy for a float momentum), and neither is specialised (value, alignment), so a
@@ -155,35 +155,7 @@ class MultiTensorEma:
         t_align, s_align = (cfg["T_ALIGN"], cfg["S_ALIGN"]) if self.aligned else (0, 0)
         ctx = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
-            _ema_kernel[(self.n_blocks,)](
-                self.t_ref, self.s_ref, self.table, self.block_tensor, m_ptr, m, w, load_m,
-                T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"], **launch_options(cfg))
-
-
-# ----------------------------------------------------------------------------- ahead-of-time specs
-
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def aot_specs(teacher_dtype: str = "fp32", student_dtype: str = "fp32", aligned: bool = True):
-    """What the launcher compiles for a group (float and device momentum alike):
-    ``(kernel, signature, constexprs, options)``."""
-    cfg = ema_config(_TORCH_DTYPES[teacher_dtype], _TORCH_DTYPES[student_dtype])
-    t_align, s_align = (cfg["T_ALIGN"], cfg["S_ALIGN"]) if aligned else (0, 0)
-    yield (_ema_kernel,
-           dict(T_REF=f"*{teacher_dtype}", S_REF=f"*{student_dtype}", TABLE="*i64", BLOCK_TENSOR="*i32",
-                M_PTR="*fp32", m="fp32", w="fp32", LOAD_M="i32"),
-           dict(T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"]), cfg)
-
-
-# Every dtype pair the issue names (fp32 / bf16 either way round), fp16, and the unaligned
-# (scalar-access) variant. The AOT table's dtype column shows the first pointer that is not
-# fp32: "i64" (the address table) for the fp32 / fp32 pairs.
-AOT_PROBLEMS = [
-    dict(teacher_dtype="fp32", student_dtype="fp32"),
-    dict(teacher_dtype="bf16", student_dtype="bf16"),
-    dict(teacher_dtype="bf16", student_dtype="fp32"),
-    dict(teacher_dtype="fp32", student_dtype="bf16"),
-    dict(teacher_dtype="fp16", student_dtype="fp16"),
-    dict(teacher_dtype="fp32", student_dtype="fp32", aligned=False),
-]
+            launch(_ema_kernel, (self.n_blocks,),
+                   T_REF=self.t_ref, S_REF=self.s_ref, TABLE=self.table, BLOCK_TENSOR=self.block_tensor, M_PTR=m_ptr,
+                   m=m, w=w, LOAD_M=load_m, T_ALIGN=t_align, S_ALIGN=s_align, BLOCK=cfg["BLOCK"],
+                   **launch_options(cfg))

@@ -70,9 +70,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import aot_int, launch_device, launch_options, rows_contiguous
+from ._launch import launch, launch_device, launch_options, recording, rows_contiguous
 
-_int = aot_int  # short, for the specs at the end
+# Integer arguments that only count rows (or offset them) are not specialised (equal to 1,
+# divisible by 16): their values change nothing in the compiled code but would multiply its
+# variants. Those along a contiguous dimension (d, C, a chunk's supports) and strides are.
 
 LOG2E = 1.4426950408889634
 NORM_EPS = 1e-12  # F.normalize's default eps
@@ -148,7 +150,7 @@ def _inv_norm_rows(X, INV, block, n_rows, d, stride_x, eps, BLOCK_R: tl.constexp
     tl.store(INV + rows, 1.0 / tl.maximum(tl.sqrt(ss), eps), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_rows2", "n_blocks"])
 def _inv_norm_kernel(X, INV, n_rows, stride_x, X2, INV2, n_rows2, stride_x2, n_blocks, d, eps,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # The inverse norms of two row sets (queries and supports) in one launch: the first
@@ -220,7 +222,7 @@ def _fwd_dense_kernel(Q, S, Y, INV_Q, INV_S, L, PART_M, PART_L, PART_ACC, N, d, 
     tl.store(PART_ACC + out[:, None] + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _fwd_ids_kernel(Q, S, PERM, SORTED_IDS, CLASS_START, INV_Q, INV_S, PART_M, PART_L, ACC, N, d, C, stride_q,
                     stride_s, scale2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -258,7 +260,7 @@ def _fwd_ids_kernel(Q, S, PERM, SORTED_IDS, CLASS_START, INV_Q, INV_S, PART_M, P
     tl.store(ACC + rows.to(tl.int64)[:, None] * C + cols[None, :], acc, mask=rmask[:, None] & (cols < C)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "nparts"])
 def _combine_kernel(PART_M, PART_L, PART_ACC, P, LSE, N, C, nparts, keep, spread, DENSE: tl.constexpr,
                     TILE_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     # Merges the per-part (max, sum, accumulator) into P = keep * acc / sum + spread, and each
@@ -295,7 +297,7 @@ def _combine_kernel(PART_M, PART_L, PART_ACC, P, LSE, N, C, nparts, keep, spread
 
 # ----------------------------------------------------------------------------- backward
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "j_lo"])
 def _bwd_dc_kernel(Q, S, Y, G, INV_Q, INV_S, LSE, E, F, N, d, C, j_lo, mc, stride_q, stride_s, stride_y, stride_g,
                    stride_f, scale2, inv_tau, gscale, DENSE: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
@@ -326,7 +328,7 @@ def _bwd_dc_kernel(Q, S, Y, G, INV_Q, INV_S, LSE, E, F, N, d, C, j_lo, mc, strid
     tl.store(F + out, dc.to(F.dtype.element_ty), mask=rmask[:, None] & jmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _matmul_kernel(A, B, B_SCALE, OUT, R, K, Cn, k_split, stride_ar, stride_ak, stride_bk, stride_bc, stride_or,
                    stride_op, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr, PREC: tl.constexpr,
@@ -415,7 +417,7 @@ def _norm_bwd_rows(X, GHAT, DX, block, n_rows, d, nparts, stride_x, stride_dx, e
         tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + ks[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "nparts", "n_rows2", "nparts2", "n_blocks"])
 def _norm_bwd_kernel(X, GHAT, DX, n_rows, nparts, stride_x, stride_dx, X2, GHAT2, DX2, n_rows2, nparts2, stride_x2,
                      stride_dx2, n_blocks, d, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # Both row sets' normalisation backward in one launch: the first n_blocks programs take X's
@@ -428,7 +430,7 @@ def _norm_bwd_kernel(X, GHAT, DX, n_rows, nparts, stride_x, stride_dx, X2, GHAT2
                        BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _row_e_kernel(G, P, E, N, C, stride_g, stride_p, spread, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # E_i = sum_c G_ic (spread - P_ic): minus D_i = sum_c G_ic P_ic, plus the label smoothing's
     # eps / C sum_c G_ic for class ids (spread = 0 for dense labels).
@@ -597,14 +599,16 @@ def e_config(N: int, C: int) -> dict:
 
 
 def row_config(n_rows: int, d: int) -> dict:
+    # At most 32 rows: the fp32 normalisation backward spills at 64 rows of 64 columns (sm_80/90).
     block_d = _pow2(d, 16, 256)
-    block_r = _pow2(4096 // block_d, 1, 64)
+    block_r = _pow2(4096 // block_d, 1, 32)
     return dict(BLOCK_R=block_r, BLOCK_D=block_d, grid=(triton.cdiv(n_rows, block_r),), num_warps=4, num_stages=1)
 
 
 def _interpreted(x: torch.Tensor) -> bool:
-    """The kernels only run on CPU tensors under Triton's interpreter."""
-    return x.device.type == "cpu"
+    """The kernels only run on CPU tensors under Triton's interpreter; launches recorded for the
+    AOT build take what a GPU compiles."""
+    return x.device.type == "cpu" and not recording()
 
 
 def _inv_norms(query: torch.Tensor, supports: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -614,9 +618,10 @@ def _inv_norms(query: torch.Tensor, supports: torch.Tensor) -> tuple[torch.Tenso
     inv_s = torch.empty(M, device=query.device, dtype=torch.float32)
     rc = row_config(N, d)  # the tiles depend on d alone: one config serves both row sets
     nq = rc["grid"][0]
-    _inv_norm_kernel[(nq + triton.cdiv(M, rc["BLOCK_R"]),)](
-        query, inv_q, N, query.stride(0), supports, inv_s, M, supports.stride(0), nq, d, NORM_EPS,
-        BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
+    launch(_inv_norm_kernel, (nq + triton.cdiv(M, rc["BLOCK_R"]),),
+           X=query, INV=inv_q, n_rows=N, stride_x=query.stride(0), X2=supports, INV2=inv_s, n_rows2=M,
+           stride_x2=supports.stride(0), n_blocks=nq, d=d, eps=NORM_EPS, BLOCK_R=rc["BLOCK_R"],
+           BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
     return inv_q, inv_s
 
 
@@ -633,10 +638,12 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, mm: dict, prec:
     assert parts.shape[0] == nsplit and parts.stride(2) == 1
     k_split = triton.cdiv(triton.cdiv(K, nsplit), mm["BLOCK_K"]) * mm["BLOCK_K"]
     grid = (triton.cdiv(R, mm["BLOCK_R"]) * triton.cdiv(Cn, mm["BLOCK_C"]), nsplit)
-    _matmul_kernel[grid](a, b, scale if scale is not None else b, parts, R, K, Cn, k_split, a.stride(0), a.stride(1),
-                         b.stride(0), b.stride(1), parts.stride(1), parts.stride(0), HAS_SCALE=scale is not None,
-                         ACCUMULATE=accumulate, BLOCK_R=mm["BLOCK_R"], BLOCK_K=mm["BLOCK_K"], BLOCK_C=mm["BLOCK_C"],
-                         GROUP_R=mm["GROUP_R"], PREC=prec, UPCAST=upcast, **launch_options(mm))
+    launch(_matmul_kernel, grid,
+           A=a, B=b, B_SCALE=scale if scale is not None else b, OUT=parts, R=R, K=K, Cn=Cn, k_split=k_split,
+           stride_ar=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0), stride_bc=b.stride(1),
+           stride_or=parts.stride(1), stride_op=parts.stride(0), HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
+           BLOCK_R=mm["BLOCK_R"], BLOCK_K=mm["BLOCK_K"], BLOCK_C=mm["BLOCK_C"], GROUP_R=mm["GROUP_R"], PREC=prec,
+           UPCAST=upcast, **launch_options(mm))
 
 
 def _class_order(ids: torch.Tensor, C: int):
@@ -652,6 +659,12 @@ def _class_order(ids: torch.Tensor, C: int):
     return perm, sorted_ids, start
 
 
+def _fp32_if_fp64(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """fp64 embeddings and labels are computed in fp32: the kernels accumulate their products in
+    fp32, and an fp64 product into an fp32 accumulator does not compile for a GPU."""
+    return [t.float() if t.dtype == torch.float64 else t for t in tensors]
+
+
 def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float, num_classes: int,
                 smoothing: float):
     """Fused forward. Returns ``(probs, lse, inv_q, inv_s)``, all float32.
@@ -662,6 +675,7 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
     class ids ``[M]`` (then ``smoothing`` applies). Query and supports share a dtype;
     inputs are assumed validated by the caller.
     """
+    query, supports, labels = _fp32_if_fp64(query, supports, labels)
     query, supports = rows_contiguous(query), rows_contiguous(supports)
     N, d = query.shape
     M = supports.shape[0]
@@ -685,11 +699,12 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
             for j_lo, mc, nsplit, chunk, part_base in fc["segments"]:
                 if fc["pre"]:
                     _matmul(query, supports[j_lo:j_lo + mc].t(), dots[: N * mc].view(N, mc), fc["mm"], prec, upcast)
-                _fwd_dense_kernel[(fc["grid"][0], nsplit, fc["grid"][1])](
-                    query, supports, labels, inv_q, inv_s, dots, part_m, part_l, part_acc, N, d, C, query.stride(0),
-                    supports.stride(0), labels.stride(0), j_lo, j_lo + mc, chunk, part_base, scale2, PRE=fc["pre"],
-                    BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
-                    PREC=prec, UPCAST=upcast, **launch_options(fc))
+                launch(_fwd_dense_kernel, (fc["grid"][0], nsplit, fc["grid"][1]),
+                       Q=query, S=supports, Y=labels, INV_Q=inv_q, INV_S=inv_s, L=dots, PART_M=part_m, PART_L=part_l,
+                       PART_ACC=part_acc, N=N, d=d, C=C, stride_q=query.stride(0), stride_s=supports.stride(0),
+                       stride_y=labels.stride(0), j_lo=j_lo, j_hi=j_lo + mc, chunk=chunk, part_base=part_base,
+                       scale2=scale2, PRE=fc["pre"], BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"],
+                       BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast, **launch_options(fc))
             keep, spread, tile_c = 1.0, 0.0, 1
         else:
             perm, sorted_ids, start = _class_order(labels, C)
@@ -697,15 +712,17 @@ def snn_forward(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tenso
             nparts = fc["grid"][1]
             part_m, part_l = torch.empty(2, nparts, N, device=dev, dtype=torch.float32)
             part_acc = torch.empty(N, C, device=dev, dtype=torch.float32)
-            _fwd_ids_kernel[fc["grid"]](
-                query, supports, perm, sorted_ids, start, inv_q, inv_s, part_m, part_l, part_acc, N, d, C,
-                query.stride(0), supports.stride(0), scale2, BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"],
-                BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast, **launch_options(fc))
+            launch(_fwd_ids_kernel, fc["grid"],
+                   Q=query, S=supports, PERM=perm, SORTED_IDS=sorted_ids, CLASS_START=start, INV_Q=inv_q, INV_S=inv_s,
+                   PART_M=part_m, PART_L=part_l, ACC=part_acc, N=N, d=d, C=C, stride_q=query.stride(0),
+                   stride_s=supports.stride(0), scale2=scale2, BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"],
+                   BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=upcast, **launch_options(fc))
             keep, spread, tile_c = 1.0 - smoothing, smoothing / C, fc["BLOCK_C"]
         cc = combine_config(N, C, nparts)
-        _combine_kernel[cc["grid"]](part_m, part_l, part_acc, probs, lse, N, C, nparts, keep, spread, DENSE=dense,
-                                    TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"],
-                                    BLOCK_S=cc["BLOCK_S"], **launch_options(cc))
+        launch(_combine_kernel, cc["grid"],
+               PART_M=part_m, PART_L=part_l, PART_ACC=part_acc, P=probs, LSE=lse, N=N, C=C, nparts=nparts, keep=keep,
+               spread=spread, DENSE=dense, TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"],
+               BLOCK_S=cc["BLOCK_S"], **launch_options(cc))
     return probs, lse, inv_q, inv_s
 
 
@@ -720,9 +737,11 @@ def _normalize_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[
     rc = row_config(x.shape[0], x.shape[1])  # the tiles depend on d alone: one config serves both
     n_blocks = rc["grid"][0]
     grid = (n_blocks + (triton.cdiv(x2.shape[0], rc["BLOCK_R"]) if len(pairs) == 2 else 0),)
-    _norm_bwd_kernel[grid](x, g, dx, x.shape[0], g.shape[0], x.stride(0), dx.stride(0), x2, g2, dx2, x2.shape[0],
-                           g2.shape[0], x2.stride(0), dx2.stride(0), n_blocks, x.shape[1], NORM_EPS,
-                           BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
+    launch(_norm_bwd_kernel, grid,
+           X=x, GHAT=g, DX=dx, n_rows=x.shape[0], nparts=g.shape[0], stride_x=x.stride(0), stride_dx=dx.stride(0),
+           X2=x2, GHAT2=g2, DX2=dx2, n_rows2=x2.shape[0], nparts2=g2.shape[0], stride_x2=x2.stride(0),
+           stride_dx2=dx2.stride(0), n_blocks=n_blocks, d=x.shape[1], eps=NORM_EPS, BLOCK_R=rc["BLOCK_R"],
+           BLOCK_D=rc["BLOCK_D"], **launch_options(rc))
     return dxs
 
 
@@ -738,6 +757,8 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
     3 N M d multiply-adds (the authors' backward does 2) and N M C for dA, two thirds of
     them on 128 x 128 matmul tiles.
     """
+    dtypes = query.dtype, supports.dtype
+    query, supports, labels = _fp32_if_fp64(query, supports, labels)
     query, supports = rows_contiguous(query), rows_contiguous(supports)
     N, d = query.shape
     M = supports.shape[0]
@@ -756,15 +777,16 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
     bc = bwd_config(N, M, d, C, query.dtype)
     dc, chunk = bc["dc"], bc["chunk"]
     prec, upcast = _precision(query.dtype), _interpreted(query)
-    dq = ds = torch.empty(0, device=dev, dtype=query.dtype)
+    dq, ds = (torch.empty(0, device=dev, dtype=dt) for dt in dtypes)
     if not (need_query or need_supports) or M == 0:
         return dq, ds
     with launch_device(query, "snn"):
         # E_i: the per-row constant of dA_ij - D_i (D_i = sum_c G_ic P_ic; class ids add eps / C sum_c G_ic).
         e = torch.empty(N, device=dev, dtype=torch.float32)
         ec = e_config(N, C)
-        _row_e_kernel[ec["grid"]](g, probs, e, N, C, g.stride(0), probs.stride(0), spread, BLOCK_R=ec["BLOCK_R"],
-                                  BLOCK_C=ec["BLOCK_C"], **launch_options(ec))
+        launch(_row_e_kernel, ec["grid"],
+               G=g, P=probs, E=e, N=N, C=C, stride_g=g.stride(0), stride_p=probs.stride(0), spread=spread,
+               BLOCK_R=ec["BLOCK_R"], BLOCK_C=ec["BLOCK_C"], **launch_options(ec))
         f = torch.empty(N, chunk, device=dev, dtype=query.dtype)
         gq = torch.empty(bc["mm_q"]["nsplit"], N, d, device=dev, dtype=torch.float32) if need_query else None
         gs = torch.empty(1, M, d, device=dev, dtype=torch.float32) if need_supports else None
@@ -772,11 +794,12 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
             mc = min(chunk, M - j_lo)
             f_mc = f[:, :mc]
             grid = (triton.cdiv(mc, dc["BLOCK_M"]), triton.cdiv(N, dc["BLOCK_N"]))
-            _bwd_dc_kernel[grid](query, supports, labels, g, inv_q, inv_s, lse, e, f_mc, N, d, C, j_lo, mc,
-                                 query.stride(0), supports.stride(0), stride_y, g.stride(0), f_mc.stride(0),
-                                 LOG2E / tau, 1.0 / tau, gscale, DENSE=dense, BLOCK_N=dc["BLOCK_N"],
-                                 BLOCK_M=dc["BLOCK_M"], BLOCK_D=dc["BLOCK_D"], BLOCK_C=dc["BLOCK_C"], PREC=prec,
-                                 UPCAST=upcast, **launch_options(dc))
+            launch(_bwd_dc_kernel, grid,
+                   Q=query, S=supports, Y=labels, G=g, INV_Q=inv_q, INV_S=inv_s, LSE=lse, E=e, F=f_mc, N=N, d=d, C=C,
+                   j_lo=j_lo, mc=mc, stride_q=query.stride(0), stride_s=supports.stride(0), stride_y=stride_y,
+                   stride_g=g.stride(0), stride_f=f_mc.stride(0), scale2=LOG2E / tau, inv_tau=1.0 / tau,
+                   gscale=gscale, DENSE=dense, BLOCK_N=dc["BLOCK_N"], BLOCK_M=dc["BLOCK_M"], BLOCK_D=dc["BLOCK_D"],
+                   BLOCK_C=dc["BLOCK_C"], PREC=prec, UPCAST=upcast, **launch_options(dc))
             if need_query:
                 _matmul(f_mc, supports[j_lo:j_lo + mc], gq, bc["mm_q"], prec, upcast, scale=inv_s[j_lo:j_lo + mc],
                         accumulate=j_lo > 0)
@@ -786,103 +809,4 @@ def snn_backward(grad_probs: torch.Tensor, query: torch.Tensor, supports: torch.
         grads = iter(_normalize_backward(pairs))
         dq = next(grads) if need_query else dq
         ds = next(grads) if need_supports else ds
-    return dq, ds
-
-
-# ----------------------------------------------------------------------------- ahead-of-time specs
-
-def aot_specs(N: int, M: int, d: int, C: int, dtype: str = "fp32", dense: bool = True):
-    """What the launchers above compile for this problem: ``(kernel, signature, constexprs, options)``.
-
-    Used by ``fastssl.kernels.aot`` to build every kernel for real GPUs without one; integer
-    arguments carry the hints the JIT derives from their values (contiguous rows: stride 1).
-    """
-    f32, x = "*fp32", f"*{dtype}"
-    prec = _precision(dtype)
-    y = "*fp32" if dense else "*i64"
-    stride_y = C if dense else 1
-    rc = row_config(N, d)
-    yield (_inv_norm_kernel,
-           dict(X=x, INV=f32, n_rows=_int(N), stride_x=_int(d), X2=x, INV2=f32, n_rows2=_int(M), stride_x2=_int(d),
-                n_blocks=_int(rc["grid"][0]), d=_int(d), eps="fp32"),
-           dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
-    if dense:
-        fc = fwd_dense_config(N, M, d, C, dtype)
-        nparts, tile_c = fc["nparts"], 1
-        j_lo, mc, _, chunk, part_base = fc["segments"][-1]
-        if fc["pre"]:  # the dots of a chunk: Q @ S[chunk].T
-            yield _matmul_spec(x, fc["mm"], prec, R=N, K=d, Cn=mc, strides=(d, 1, 1, d, mc), scaled=False,
-                               accumulate=False)
-        yield (_fwd_dense_kernel,
-               dict(Q=x, S=x, Y=y, INV_Q=f32, INV_S=f32, L=f32, PART_M=f32, PART_L=f32, PART_ACC=f32, N=_int(N),
-                    d=_int(d), C=_int(C), stride_q=_int(d), stride_s=_int(d), stride_y=_int(stride_y),
-                    j_lo=_int(j_lo), j_hi=_int(j_lo + mc), chunk=_int(chunk), part_base=_int(part_base),
-                    scale2="fp32"),
-               dict(PRE=fc["pre"], BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"],
-                    BLOCK_C=fc["BLOCK_C"], PREC=prec, UPCAST=False), fc)
-    else:
-        fc = fwd_ids_config(N, M, d, C, dtype)
-        nparts, tile_c = fc["grid"][1], fc["BLOCK_C"]
-        yield (_fwd_ids_kernel,
-               dict(Q=x, S=x, PERM="*i64", SORTED_IDS="*i16" if C < 2**15 - 1 else "*i32", CLASS_START="*i32",
-                    INV_Q=f32, INV_S=f32, PART_M=f32, PART_L=f32, ACC=f32, N=_int(N), d=_int(d), C=_int(C),
-                    stride_q=_int(d), stride_s=_int(d), scale2="fp32"),
-               dict(BLOCK_N=fc["BLOCK_N"], BLOCK_M=fc["BLOCK_M"], BLOCK_D=fc["BLOCK_D"], BLOCK_C=fc["BLOCK_C"],
-                    PREC=prec, UPCAST=False), fc)
-    cc = combine_config(N, C, nparts)
-    yield (_combine_kernel,
-           dict(PART_M=f32, PART_L=f32, PART_ACC=f32, P=f32, LSE=f32, N=_int(N), C=_int(C), nparts=_int(nparts),
-                keep="fp32", spread="fp32"),
-           dict(DENSE=dense, TILE_C=tile_c, BLOCK_R=cc["BLOCK_R"], BLOCK_C=cc["BLOCK_C"], BLOCK_S=cc["BLOCK_S"]), cc)
-    ec = e_config(N, C)
-    yield (_row_e_kernel,
-           dict(G=f32, P=f32, E=f32, N=_int(N), C=_int(C), stride_g=_int(C), stride_p=_int(C), spread="fp32"),
-           dict(BLOCK_R=ec["BLOCK_R"], BLOCK_C=ec["BLOCK_C"]), ec)
-    bc = bwd_config(N, M, d, C, dtype)
-    dc, mc = bc["dc"], bc["chunk"]
-    yield (_bwd_dc_kernel,
-           dict(Q=x, S=x, Y=y, G=f32, INV_Q=f32, INV_S=f32, LSE=f32, E=f32, F=x, N=_int(N), d=_int(d), C=_int(C),
-                j_lo=_int(mc), mc=_int(mc), stride_q=_int(d), stride_s=_int(d), stride_y=_int(stride_y),
-                stride_g=_int(C), stride_f=_int(mc), scale2="fp32", inv_tau="fp32", gscale="fp32"),
-           dict(DENSE=dense, PREC=prec, UPCAST=False, **{k: v for k, v in dc.items() if k.startswith("BLOCK_")}), dc)
-    # dq^ (+)= dc @ S^ in K splits (the first chunk writes, the next ones add); ds^[chunk] = dc.T @ Q^.
-    for accumulate in (False, True):
-        yield _matmul_spec(x, bc["mm_q"], prec, R=N, K=mc, Cn=d, strides=(mc, 1, d, 1, d), scaled=True,
-                           accumulate=accumulate, parts=N * d)
-    yield _matmul_spec(x, bc["mm_s"], prec, R=mc, K=N, Cn=d, strides=(1, mc, d, 1, d), scaled=True,
-                       accumulate=False, parts=M * d)
-    yield (_norm_bwd_kernel,
-           dict(X=x, GHAT=f32, DX=x, n_rows=_int(N), nparts=_int(bc["mm_q"]["nsplit"]), stride_x=_int(d),
-                stride_dx=_int(d), X2=x, GHAT2=f32, DX2=x, n_rows2=_int(M), nparts2=_int(1), stride_x2=_int(d),
-                stride_dx2=_int(d), n_blocks=_int(rc["grid"][0]), d=_int(d), eps="fp32"),
-           dict(BLOCK_R=rc["BLOCK_R"], BLOCK_D=rc["BLOCK_D"]), rc)
-
-
-def _matmul_spec(x: str, mm: dict, prec: str, *, R: int, K: int, Cn: int, strides: tuple, scaled: bool,
-                 accumulate: bool, parts: int = 0):
-    """One _matmul_kernel variant as _matmul launches it; strides: A's (row, k), B's (k, column), OUT's row."""
-    ar, ak, bk, bc, orow = strides
-    k_split = triton.cdiv(triton.cdiv(K, mm["nsplit"]), mm["BLOCK_K"]) * mm["BLOCK_K"]
-    return (_matmul_kernel,
-            dict(A=x, B=x, B_SCALE="*fp32" if scaled else x, OUT="*fp32", R=_int(R), K=_int(K), Cn=_int(Cn),
-                 k_split=_int(k_split), stride_ar=_int(ar), stride_ak=_int(ak), stride_bk=_int(bk),
-                 stride_bc=_int(bc), stride_or=_int(orow), stride_op=_int(parts)),
-            dict(HAS_SCALE=scaled, ACCUMULATE=accumulate, PREC=prec, UPCAST=False,
-                 **{k: v for k, v in mm.items() if k.startswith(("BLOCK_", "GROUP_"))}), mm)
-
-
-# The benchmark's shapes: the paper's training shape per GPU (N = 512 anchors, M = 6720
-# supports, C = 960) at d = 256 and 2048, dense labels and class ids; the evaluation shape
-# (class ids, forward only, but every kernel is built); an odd small problem.
-AOT_PROBLEMS = [
-    dict(N=512, M=6720, d=2048, C=960, dtype="fp32", dense=True),
-    dict(N=512, M=6720, d=2048, C=960, dtype="bf16", dense=True),
-    dict(N=512, M=6720, d=256, C=960, dtype="bf16", dense=True),
-    dict(N=512, M=6720, d=256, C=960, dtype="fp32", dense=False),
-    dict(N=512, M=6720, d=2048, C=960, dtype="bf16", dense=False),
-    dict(N=4096, M=128116, d=384, C=1000, dtype="bf16", dense=False),
-    dict(N=4096, M=128116, d=384, C=1000, dtype="fp32", dense=False),
-    dict(N=4096, M=128116, d=384, C=1000, dtype="fp32", dense=True),  # fp32 without pre: 16 x 1024 tiles
-    dict(N=512, M=20000, d=128, C=200, dtype="fp32", dense=True),  # fp32 without pre: 32 x 256 tiles
-    dict(N=24, M=77, d=19, C=10, dtype="fp16", dense=True),
-]
+    return dq.to(dtypes[0]), ds.to(dtypes[1])
