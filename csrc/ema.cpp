@@ -27,6 +27,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_clones.h"
+
 namespace fastssl {
 namespace {
 
@@ -71,14 +73,6 @@ struct Momentum {
   float m, w;      // for fp32 math
   double m64, w64;  // for fp64 math
 };
-
-// The loop compiled for AVX-512 and AVX2 beside the baseline, picked at load time (GCC on x86-64):
-// the baseline build targets SSE2 only, half the width of the loops torch's own kernels run.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTSSL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTSSL_VECTOR_CLONES
-#endif
 
 template <typename T, typename S>
 FASTSSL_VECTOR_CLONES void ema_span(void* teacher, const void* student, int64_t begin, int64_t end,
