@@ -37,7 +37,7 @@ def csrc_dir() -> Path:
                             f"{Path(__file__).resolve().parent / 'csrc'}")
 
 
-CPU_SOURCES = ["resized_crops.cpp", "ema.cpp"]
+CPU_SOURCES = ["resized_crops.cpp", "ema.cpp", "dino_color.cpp"]
 CUDA_SOURCES = ["resized_crops_cuda.cu"]
 
 # GPUs the CUDA kernels are compiled for: A100 (sm_80) and H100 (sm_90), plus PTX for sm_90

@@ -164,7 +164,11 @@ def _register_fakes() -> None:
     def ema_update_(teacher, student, momentum, momentum_tensor):
         return None
 
-    fakes = {"resized_crops": crops, "_resized_crops_program": crops, "ema_update_": ema_update_}
+    def dino_color_u8(crops, order, factors, jitter, grayscale, blur, solarize, sigma, kernel_size, mean, std):
+        return torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
+
+    fakes = {"resized_crops": crops, "_resized_crops_program": crops, "ema_update_": ema_update_,
+             "dino_color_u8": dino_color_u8}
     for name, fake in fakes.items():
         if hasattr(torch.ops.fastssl, name):  # an op a stale build lacks is simply absent
             torch.library.register_fake(f"fastssl::{name}")(fake)

@@ -117,7 +117,9 @@ def reference_color(im: torch.Tensor, p, n: int, mean, std) -> torch.Tensor:
 
 
 def test_dino_augment_matches_torchvision_per_crop():
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=DEVICE) for h, w in ((40, 52), (61, 45))]
+    # Float images: the float pipeline on every device (uint8 images on a CPU take the 8-bit one,
+    # tested against PIL below).
+    images = [torch.randint(0, 256, (3, h, w), device=DEVICE).float() / 255 for h, w in ((40, 52), (61, 45))]
     aug = fastssl.DinoAugment(global_size=24, local_size=16, n_local=3)
     g, loc, params = aug(images, generator=gen(int(torch.randint(1 << 30, ()))), return_params=True)
     B = len(images)
@@ -126,7 +128,7 @@ def test_dino_augment_matches_torchvision_per_crop():
             (g, params.crops.global_boxes, params.crops.global_flips, params.global_color, 24),
             (loc, params.crops.local_boxes, params.crops.local_flips, params.local_color, 16)):
         for n, (i, top, left, h, w) in enumerate(boxes.long().tolist()):
-            im = TF.resized_crop(images[i].cpu().float() / 255, top, left, h, w, [size, size],
+            im = TF.resized_crop(images[i].cpu(), top, left, h, w, [size, size],
                                  interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
             if flips[n]:
                 im = TF.horizontal_flip(im)
@@ -175,3 +177,102 @@ def test_errors():
             fastssl.DinoAugment(**kwargs)
     with pytest.raises(ValueError, match="RGB"):
         fastssl.DinoAugment(global_size=8, local_size=8)(torch.zeros(1, 1, 10, 10, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- the 8-bit CPU pipeline
+
+_PIL_JITTER = ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")
+
+
+def pil_steps(crop: torch.Tensor, p, n: int) -> tuple[torch.Tensor, int]:
+    """The authors' per-crop colour steps on a PIL image of the uint8 crop (torchvision's PIL ops, the
+    blur as torchvision's tensor gaussian_blur of the uint8 image): the result and the steps taken."""
+    import numpy as np
+    import torchvision.transforms.functional as TF1
+    from PIL import Image, ImageOps
+
+    im, steps = Image.fromarray(crop.permute(1, 2, 0).numpy()), 0
+    if p.jitter[n]:
+        for op in p.order[n].tolist():
+            im = getattr(TF1, _PIL_JITTER[op])(im, float(getattr(p, JITTER_OPS[op])[n]))
+            steps += 1
+    if p.grayscale[n]:
+        im, steps = TF1.rgb_to_grayscale(im, num_output_channels=3), steps + 1
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
+    if p.blur[n]:
+        k = int(p.kernel_size[n])
+        x, steps = TF.gaussian_blur(x, [k, k], [float(p.sigma[n])] * 2), steps + 1
+    if p.solarize[n]:
+        x = torch.from_numpy(np.array(ImageOps.solarize(Image.fromarray(x.permute(1, 2, 0).numpy()), 128)))
+        x, steps = x.permute(2, 0, 1), steps + 1
+    return x, steps
+
+
+def _levels(out: torch.Tensor, aug) -> torch.Tensor:
+    """Normalised crops back on the 0..255 scale."""
+    mean = torch.tensor(aug.mean).view(1, 3, 1, 1)
+    std = torch.tensor(aug.std).view(1, 3, 1, 1)
+    return (out * std + mean) * 255
+
+
+def test_uint8_color_steps_match_pil():
+    # Every branch and order, hue shifts at the ends of their range and across the wrap, factors
+    # past 1 (PIL's clipped blend), gray and saturated crops: each step within one level of PIL's.
+    aug = fastssl.DinoAugment(jitter_p=0.9, grayscale_p=0.3, local_blur_p=0.6, local_solarize_p=0.5, hue=0.5,
+                              saturation=0.9, brightness=0.7, contrast=0.7)
+    N, S = 48, 19
+    crops = torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8)
+    crops[0] = crops[0, :1]  # gray
+    crops[1, :, :5] = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)  # saturated
+    crops[2] //= 8  # dark
+    p = aug._color_params(torch.full((N,), 0.6), torch.full((N,), 0.5), gen(int(torch.randint(1 << 30, ()))))
+    p.hue[:4] = torch.tensor([0.5, -0.5, 0.0, -0.004])
+    p.jitter[:4] = True
+    out = _levels(aug.color_u8(crops, p), aug)
+    assert out.dtype == torch.float32 and out.shape == crops.shape
+    assert (out - out.round()).abs().max() < 1e-3  # 8-bit values, normalised once
+    for n in range(N):
+        ref, steps = pil_steps(crops[n], p, n)
+        err = (out[n].round() - ref.float()).abs().max().item()
+        assert err <= steps, f"crop {n}: {err} levels from PIL after {steps} steps"
+
+
+@pytest.mark.parametrize("side", [7, 30])
+def test_uint8_blur_is_separable_and_sized_per_crop(side):
+    # Each crop its own kernel size (1: untouched), the largest reaching past the crop's middle.
+    N = 9
+    crops = torch.randint(0, 256, (N, 3, side, side), dtype=torch.uint8)
+    sigma = 0.1 + 1.9 * torch.rand(N)
+    k = torch.minimum(F.blur_kernel_size(sigma), torch.tensor(2 * (side // 2) - 1))
+    k[0] = 1
+    k[1] = 2 * (side // 2) - 1
+    blur = torch.ones(N, dtype=torch.bool)
+    none = torch.zeros(N, dtype=torch.bool)
+    from fastssl.ops._color import dino_color_u8
+
+    out = dino_color_u8(crops, torch.arange(4).expand(N, 4), torch.ones(N, 4), none, none, blur, none, sigma, k,
+                        (0.0,) * 3, (1 / 255,) * 3).round()
+    for n in range(N):
+        ref = TF.gaussian_blur(crops[n], [int(k[n])] * 2, [float(sigma[n])] * 2) if k[n] > 1 else crops[n]
+        assert (out[n] - ref.float()).abs().max() <= 1, f"crop {n}, kernel {int(k[n])}"
+    assert torch.equal(out[0], crops[0].float())
+
+
+def test_uint8_pipeline_on_cpu_matches_the_authors_steps():
+    # DinoAugment on uint8 CPU images: the crops are torchvision's uint8 resized_crop (the fixed-point
+    # path, as PIL's resize), the colour steps PIL's, ToTensor and Normalize once at the end.
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((40, 52), (61, 45))]
+    aug = fastssl.DinoAugment(global_size=24, local_size=16, n_local=3, jitter_p=0.9, local_solarize_p=0.5)
+    g, loc, params = aug(images, generator=gen(int(torch.randint(1 << 30, ()))), return_params=True)
+    assert g.shape == (4, 3, 24, 24) and loc.shape == (6, 3, 16, 16) and g.dtype == loc.dtype == torch.float32
+    for crops, boxes, flips, color, size in (
+            (g, params.crops.global_boxes, params.crops.global_flips, params.global_color, 24),
+            (loc, params.crops.local_boxes, params.crops.local_flips, params.local_color, 16)):
+        out = _levels(crops, aug)
+        for n, (i, top, left, h, w) in enumerate(boxes.long().tolist()):
+            crop = TF.resized_crop(images[i], top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
+                                   antialias=True)
+            crop = TF.horizontal_flip(crop) if flips[n] else crop
+            ref, steps = pil_steps(crop, color, n)
+            err = (out[n].round() - ref.float()).abs().max().item()
+            assert err <= max(steps, 0), f"crop {n} (image {i}): {err} levels after {steps} steps"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops._color import dino_color_u8
 from . import functional as F
 from .multicrop import IMAGENET_MEAN, IMAGENET_STD, CropParams, MultiCrop
 
@@ -48,6 +49,12 @@ class DinoParams:
     local_color: ColorParams
 
 
+def _uint8_on_cpu(images) -> bool:
+    """A uint8 batch (or list) on the CPU: the 8-bit pipeline takes it."""
+    first = images if isinstance(images, torch.Tensor) else images[0] if len(images) else None
+    return isinstance(first, torch.Tensor) and first.dtype == torch.uint8 and first.device.type == "cpu"
+
+
 def _probabilities(name: str, p, n: int) -> tuple[float, ...]:
     values = (float(p),) * n if isinstance(p, (int, float)) else tuple(float(v) for v in p)
     if len(values) != n or not all(0.0 <= v <= 1.0 for v in values):
@@ -67,12 +74,19 @@ class DinoAugment(torch.nn.Module):
     ``Normalize(mean, std)``. Each step is the torchvision functional op of that name on float
     images in [0, 1] (:mod:`fastssl.augment.functional`), run for all crops of a kind at once.
 
-    Differences from the authors' PIL pipeline: the crops are resampled from the (uint8) image
-    into floats and clamped to [0, 1] (PIL also rounds to 8 bits after each step); the blur is
-    the tensor definition, a Gaussian of an odd ``2 * ceil(3 * sigma) + 1`` taps (covering
-    +-3 sigma) with reflect padding, which ``torchvision.transforms.v2.functional.gaussian_blur``
-    with that kernel size reproduces; PIL's ``GaussianBlur(radius=sigma)`` approximates it with
-    box filters. ``blur_kernel_size=9`` gives DINOv2's fixed kernel.
+    On the CPU, uint8 images take an 8-bit pipeline, as the authors' PIL one (and as fast per
+    core, for ``DataLoader`` workers): the crops are resampled to uint8 (torchvision's fixed-point
+    path, as PIL's resize), and each colour step works on 8-bit values with PIL's arithmetic
+    (``Image.blend``'s truncation, PIL's luma and HSV conversions, the 8-bit hue shift), one
+    C++ pass per crop (``csrc/dino_color.cpp``), normalised once into float32. Its tests hold
+    each step within one level of PIL's. Everywhere else (GPUs, float images) every step is the
+    float definition: the crops are resampled into floats and clamped to [0, 1], with no rounding
+    to 8 bits between steps. CPU and GPU results of the same parameters may therefore differ by
+    about one level (1/255) per step. In both, the blur is the tensor definition, a Gaussian of an
+    odd ``2 * ceil(3 * sigma) + 1`` taps (covering +-3 sigma) with reflect padding, which
+    ``torchvision.transforms.v2.functional.gaussian_blur`` with that kernel size reproduces; PIL's
+    ``GaussianBlur(radius=sigma)`` approximates it with box filters. ``blur_kernel_size=9`` gives
+    DINOv2's fixed kernel.
 
     Args:
         global_size, local_size, n_local, global_scale, local_scale, ratio, flip_p, interpolation:
@@ -107,6 +121,9 @@ class DinoAugment(torch.nn.Module):
         # Crops in [0, 1]: x / 255 for uint8 images, as they are for floats.
         self.multicrop = MultiCrop(global_size, local_size, n_global, n_local, global_scale, local_scale, ratio,
                                    flip_p, interpolation=interpolation, mean=0.0, std=1.0)
+        # The same crops as uint8 (rounded and clamped, as PIL's resize), for the CPU's 8-bit pipeline.
+        self._multicrop_u8 = MultiCrop(global_size, local_size, n_global, n_local, global_scale, local_scale, ratio,
+                                       flip_p, interpolation=interpolation, mean=None, std=None, out_dtype=torch.uint8)
         for name, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if v < 0:
                 raise ValueError(f"DinoAugment: {name} must be non-negative, got {v}")
@@ -219,8 +236,18 @@ class DinoAugment(torch.nn.Module):
             x = (x - mean) / std
         return x
 
+    def color_u8(self, x: torch.Tensor, p: ColorParams) -> torch.Tensor:
+        """The colour pipeline on uint8 CPU crops ``x`` ``[N, 3, S, S]``, normalised: each step in 8 bits
+        with PIL's arithmetic, as the authors' pipeline (``fastssl.ops._color``, ``csrc/dino_color.cpp``)."""
+        factors = torch.stack([p.brightness, p.contrast, p.saturation, p.hue], dim=1)
+        return dino_color_u8(x, p.order, factors, p.jitter, p.grayscale, p.blur, p.solarize, p.sigma, p.kernel_size,
+                             self.mean, self.std)
+
     def apply(self, images, params: DinoParams) -> tuple[torch.Tensor, torch.Tensor]:
         """``(globals, locals)`` of ``images`` for given :class:`DinoParams`."""
+        if _uint8_on_cpu(images):
+            g, loc = self._multicrop_u8.apply(images, params.crops)
+            return self.color_u8(g, params.global_color), self.color_u8(loc, params.local_color)
         g, loc = self.multicrop.apply(images, params.crops)
         # Bicubic overshoots; the authors' PIL crops are clipped to 0..255.
         g, loc = g.clamp_(0.0, 1.0), loc.clamp_(0.0, 1.0)
