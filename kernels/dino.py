@@ -109,8 +109,8 @@ def _teacher_rows_kernel(
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
-        if WITH_MEAN:
-            colsum += tl.sum(x, axis=0)
+        if WITH_MEAN:  # scaled before the sum: rows near fp32's largest values must not overflow it
+            colsum += tl.sum(x * inv_rows, axis=0)
         y = _teacher_y(x, C, A, cols, cmask, mask, t_scale2, HAS_CENTER, HAS_OFFSET)
         m = tl.max(y, axis=1)
         # A block of -inf logits (masked classes) has sum 0, not 2^(-inf - -inf) = NaN.
@@ -118,7 +118,7 @@ def _teacher_rows_kernel(
         tl.store(PART_M + rows * nsplit + pid, m, mask=rmask)
         tl.store(PART_L + rows * nsplit + pid, l, mask=rmask)
     if WITH_MEAN:
-        tl.store(COL_MEAN + cols, colsum * inv_rows, mask=cmask)
+        tl.store(COL_MEAN + cols, colsum, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])

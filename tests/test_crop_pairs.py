@@ -115,6 +115,7 @@ def test_logits_across_each_dtypes_range(backend, dtype):
         (grad,) = torch.autograd.grad(loss, student)
         ref_loss, ref_grad = _reference(student, q64, S, T, True)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), f"magnitude {magnitude:.3g}"
+        assert_rel_close(targets.batch_mean, teacher.double().mean(0), 1e-6, f"batch center at {magnitude:.3g}")
         assert_rel_close(loss, ref_loss, 1e-5 if magnitude < 1e4 else 1e-4, f"loss at {magnitude:.3g}")
         assert_rel_close(grad, ref_grad, TOL[dtype] if magnitude < 1e4 else 2e-2, f"gradient at {magnitude:.3g}")
 

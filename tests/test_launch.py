@@ -72,3 +72,23 @@ def test_the_lease_workloads_cover_every_kernel_and_fp64():
     dtypes = {(launch["kernel"], v) for launch in launches for v in launch["signature"].values()}
     # fp64 reaches the DINO kernels as fp64 pointers; PAWS computes fp64 in fp32 before its kernels.
     assert ("_pair_fwd_kernel", "*fp64:16") in dtypes and ("_teacher_rows_kernel", "*fp64:16") in dtypes
+
+
+def test_kernels_that_promise_no_fused_multiply_add_are_compiled_without():
+    # Triton's interpreter never fuses, so only the compile option can show the promise is kept:
+    # the DINO family's kernels (a row's statistics and every recomputation round alike), the EMA
+    # (the authors' mul_ then add_) and PAWS's dc kernel launch with enable_fp_fusion=False. The AOT
+    # build then fails if an fma.rn.f32 appears in their PTX anyway (.rn arithmetic, which ptxas
+    # does not contract, is what Triton emits for them).
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import workloads
+
+    promised = [launch for launch in workloads.record(torch.device("cpu"))
+                if launch["module"] in ("fastssl.kernels.dino", "fastssl.kernels.ema")
+                or launch["kernel"] == "_bwd_dc_kernel"]
+    assert {launch["kernel"] for launch in promised} >= {"_pair_fwd_kernel", "_ema_kernel", "_bwd_dc_kernel"}
+    for launch in promised:
+        assert launch["options"].get("enable_fp_fusion") is False, f"{launch['kernel']} may fuse multiply-adds"

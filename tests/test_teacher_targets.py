@@ -111,3 +111,12 @@ def test_backends_agree():
 def test_bad_inputs_name_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_batch_center_of_logits_near_fp32s_largest(backend):
+    # 300 rows of logits whose scaled values (x / 0.07 * log2(e)) still fit fp32: their sum does
+    # not, their mean does. The center is the mean, finite, as the authors' formula in float64.
+    x = (torch.rand(300, 50, device=DEVICE) + 0.5) * 1.2e37
+    targets = softmax_center(x, torch.zeros(50, device=DEVICE), 0.07, backend=backend)
+    assert torch.isfinite(targets.batch_mean).all()
+    assert_rel_close(targets.batch_mean, x.double().mean(0), 1e-6, "batch center")

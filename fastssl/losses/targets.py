@@ -89,7 +89,8 @@ def _row_stats_torch(x, center, offset, teacher_temp, with_mean):
     m = y.amax(dim=1)
     # A row of -inf logits has sum 0, not 2^(-inf - -inf) = NaN.
     l = torch.exp2(y - torch.where(m == float("-inf"), 0.0, m)[:, None]).sum(dim=1)
-    mean = x.float().mean(dim=0) if with_mean else x.new_empty(0, dtype=torch.float32)
+    # Scaled before the sum, as the kernel: rows near fp32's largest values must not overflow it.
+    mean = (x.float() * (1.0 / x.shape[0])).sum(dim=0) if with_mean else x.new_empty(0, dtype=torch.float32)
     return torch.stack([m, l]), mean
 
 
