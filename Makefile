@@ -1,6 +1,7 @@
 # Two commands a newcomer runs on a fresh machine; each sets itself up first.
 #   make test   everything CI checks: ruff and mypy, the test suite (Triton kernels under the
-#               interpreter on CPU tensors), the ahead-of-time compile of every kernel
+#               interpreter on CPU tensors), the ahead-of-time compile of every kernel the GPU
+#               lease launches, and a dry run of the lease command
 #   make demo   DINO trained for real on the digits scikit-learn ships (a few minutes on a CPU),
 #               then k-NN of the trained teacher against the same network at random init
 #   make bench  the benchmark comparison, printed as a table (small shapes without a GPU)
@@ -10,7 +11,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo bench lint pytest aot clean
+.PHONY: test demo bench lint pytest aot lease-dry-run clean
 
 # Re-installed when the build inputs change (the editable install compiles csrc/ into fastssl._C).
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
@@ -35,7 +36,14 @@ aot: $(VENV)/.installed
 	rc=$$?; rm -rf $$cache; exit $$rc
 	$(PY) -m fastssl._cuda_resources --arch 80 90
 
-test: lint pytest aot
+# The GPU lease command walked on the CPU (benchmarks/lease.py --dry-run): every stage with the same
+# budgeting, the kernels under the interpreter, the benchmarks' smoke presets; its files go to a
+# throwaway folder.
+lease-dry-run: $(VENV)/.installed
+	@out=$$(mktemp -d); $(PY) -m benchmarks.lease --dry-run --out $$out; rc=$$?; cat $$out/lease.md; \
+	rm -rf $$out; exit $$rc
+
+test: lint pytest aot lease-dry-run
 
 demo: $(VENV)/.installed
 	$(PY) -m fastssl.train demo

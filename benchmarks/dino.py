@@ -113,6 +113,8 @@ PRESETS = {
     "cpu": Preset(B=(8, 16), K=(512, 2048), local=(4, 8), compile="largest", sets=3, warmup=3, reps=20,
                   note=_CPU_COMPILE_NOTE),
     "target": Preset(B=(TARGET["B"],), K=(TARGET["K"],), local=(TARGET["local"],)),
+    # The lease command's: the target problem, forward + backward only (the goals'), 2 input sets.
+    "lease": Preset(B=(TARGET["B"],), K=(TARGET["K"],), local=(TARGET["local"],), modes=("fwd+bwd",), sets=2),
     # 48 cases, each compiled for authors+compile: split it over several runs with --filter.
     "full": Preset(B=(32, 64, 128, 256), K=(4096, 65536, 131072), local=(8, 10)),
 }

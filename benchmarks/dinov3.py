@@ -87,6 +87,9 @@ PRESETS = {
                    (("cls", 16, 4096, 196), ("ibot", 8, 2048, 49)) for dtype in DTYPES], sets=2, warmup=2, reps=10),
     "target": Preset([Case("cls", 64, K, dtype) for K in (65536, 262144) for dtype in DTYPES]
                      + [Case("ibot", 64, 65536, dtype) for dtype in DTYPES], sets=2),
+    # The lease command's: the goals' cases (bf16) only.
+    "lease": Preset([Case("cls", 64, 65536, "bf16"), Case("cls", 64, 262144, "bf16"), Case("ibot", 64, 65536, "bf16")],
+                    sets=2),
 }
 
 

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, one stage per device command (each must end within
-# the 10-minute limit of one command), from the repository root:
+# What a session with a lent GPU runs, from the repository root. First, always:
+#
+#   bash benchmarks/gpu_session.sh lease [--budget SECONDS]   # every target line in one short window
+#                                                  # (benchmarks/lease.py: install, the extension built in the
+#                                                  # background, the Triton variants precompiled, kernel checks,
+#                                                  # GPU tests, the headline benchmarks, sweeps; default 300 s)
+#
+# Then, in later windows, one stage per device command (each must end within the 10-minute limit):
 #
 #   bash benchmarks/gpu_session.sh test            # install, versions, the tests that use the GPU (kernels, ops)
 #   bash benchmarks/gpu_session.sh test-train      # the trainers on CUDA (tests/test_train_gpu.py)
@@ -33,6 +39,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >"$out/wheels.log" 2>&1 || { tail -20 "$out/wheels.log"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The lease command installs, builds and budgets everything itself.
+if [ "$stage" = lease ]; then
+  shift
+  exec python3 -m benchmarks.lease --out "$out" "$@"
 fi
 # Then the package, without dependencies or build isolation (torch, triton, numpy, pytest, timm,
 # scikit-learn are there). This also compiles fastssl._C with nvcc, for this GPU's architecture
@@ -135,7 +146,7 @@ case "$stage" in
     exit "$rc"
     ;;
   *)
-    echo "unknown stage $stage (test, test-train, test-rest, bench, tune, profile or sanitize)" >&2
+    echo "unknown stage $stage (lease, test, test-train, test-rest, bench, tune, profile or sanitize)" >&2
     exit 2
     ;;
 esac

@@ -20,6 +20,14 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.f
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def gpu_only(reason: str):
+    """Marks a test only a CUDA device can run: skipped elsewhere with ``reason``, and selected by the
+    lease command's GPU stage (``pytest -m gpu``)."""
+    def mark(fn):
+        return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)(fn))
+    return mark
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (absolute error when expected is 0)."""
     actual = torch.as_tensor(actual).detach().double().cpu()

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, gpu_only
 from test_resized_crops import FLOAT_ATOL, check_crops, random_boxes, random_images, reference
 
 import fastssl
@@ -216,7 +216,7 @@ def test_program_name_is_checked():
         run("fast", images, torch.tensor([[0, 0, 0, 10, 10.0]]), 4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to run the CUDA kernels")
+@gpu_only("needs a GPU to run the CUDA kernels")
 @pytest.mark.parametrize("program", PROGRAMS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("antialias", [True, False])

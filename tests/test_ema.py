@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED
+from helpers import DEVICE, INTERPRETED, gpu_only
 from torch import nn
 
 import fastssl
@@ -494,7 +494,7 @@ def test_public_api():
 
 # ----------------------------------------------------------------------------- CUDA graphs
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@gpu_only("CUDA graphs need a CUDA device")
 def test_cuda_graph_capture_with_device_momentum(backend):
     if backend == "triton" and INTERPRETED:
         pytest.skip("CUDA graphs need compiled kernels (TRITON_INTERPRET is set)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from helpers import DEVICE
+from helpers import DEVICE, gpu_only
 from torchvision.transforms.v2 import InterpolationMode
 
 from fastssl import _build, _ext
@@ -431,7 +431,7 @@ def test_resource_report_compiles_with_torchs_cxx_standard():
     assert f"common_cflags += ['{_cuda_resources._cxx_standard()}'" in installed
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to run the CUDA kernel")
+@gpu_only("needs a GPU to run the CUDA kernel")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("antialias", [True, False])
 def test_cuda_matches_cpu(mode, antialias):

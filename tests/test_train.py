@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun
+from helpers import gpu_only, torchrun
 
 from fastssl.train import checkpoint as ckpt
 from fastssl.train.cli import parse_args
@@ -274,7 +274,7 @@ def test_knn_during_training_and_bf16(folder, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in read_log(out) if "loss" in r)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a CUDA device")
+@gpu_only("page-locked memory needs a CUDA device")
 def test_batches_are_pinned_by_the_loader(folder):
     from torch.utils.data import DataLoader
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import gpu_only
 from test_train import cfg_for, read_log, write_folder
 from test_train_paws import cfg_for as paws_cfg_for
 
@@ -21,7 +22,7 @@ from fastssl.train.data import _decode_on_cpu
 from fastssl.train.dino import build_dino_model, train_dino
 from fastssl.train.paws import train_paws
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="trains on a CUDA device: needs a GPU")
+needs_gpu = gpu_only("trains on a CUDA device: needs a GPU")
 
 
 def write_jpegs(root: Path, n_per_class: int = 12, classes: int = 2) -> Path:
