@@ -6,6 +6,7 @@ the per-crop fp32 log-softmax, and with Sinkhorn-Knopp in the log domain. Each m
 has ``teacher_targets(...)``, the fused form of its teacher probabilities.
 """
 
+from ..losses.koleo import KoLeoLoss
 from .loss import DINOLoss, iBOTPatchLoss
 
-__all__ = ["DINOLoss", "iBOTPatchLoss"]
+__all__ = ["DINOLoss", "KoLeoLoss", "iBOTPatchLoss"]

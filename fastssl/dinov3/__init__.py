@@ -7,6 +7,8 @@ one process without a process group, where the authors' iBOT all-reduces uncondi
 Each loss also has ``teacher_targets(...)``, the fused form of its teacher probabilities.
 """
 
+from ..losses.gram import GramLoss
+from ..losses.koleo import KoLeoLoss, KoLeoLossDistributed
 from .loss import DINOLoss, SinkhornKnoppTeacher, iBOTPatchLoss
 
-__all__ = ["DINOLoss", "SinkhornKnoppTeacher", "iBOTPatchLoss"]
+__all__ = ["DINOLoss", "GramLoss", "KoLeoLoss", "KoLeoLossDistributed", "SinkhornKnoppTeacher", "iBOTPatchLoss"]
