@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backend import BACKENDS, resolve_backend
+from .normalize import normalize_rows
 
 __all__ = ["GramLoss", "gram_loss"]
+
+_NORM_EPS = 1e-12  # F.normalize's default, as the authors call it
 
 
 # ----------------------------------------------------------------------------- checks
@@ -76,13 +79,14 @@ def _check_flags(op: str, remove_neg: bool, remove_only_teacher_neg: bool) -> No
 
 def _gram_torch(a: torch.Tensor, b: torch.Tensor, apply_norm: bool, remove_student: bool,
                 remove_teacher: bool) -> torch.Tensor:
-    """The authors' computation on ``[G, N, d]`` rows in fp32 (fp64 too, as the kernels); autograd
-    gives the gradient. Its matmuls follow PyTorch's TF32 settings (on a GPU with
+    """The authors' computation on ``[G, N, d]`` rows in fp32 (fp64 too, as the kernels), the rows
+    normalised without fp32's overflow (:func:`~fastssl.losses.normalize.normalize_rows`);
+    autograd gives the gradient. Its matmuls follow PyTorch's TF32 settings (on a GPU with
     ``torch.backends.cuda.matmul.allow_tf32`` they are TF32 products, as the authors')."""
     with torch.autocast(a.device.type, enabled=False):
         a, b = a.float(), b.float()
         if apply_norm:
-            a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+            a, b = normalize_rows(a, _NORM_EPS), normalize_rows(b, _NORM_EPS)
         s = torch.matmul(a, a.transpose(-1, -2))
         t = torch.matmul(b, b.transpose(-1, -2))
         if remove_teacher:
@@ -105,23 +109,24 @@ def _forward_op(student: torch.Tensor, teacher: torch.Tensor, apply_norm: bool, 
 @_forward_op.register_fake
 def _(student, teacher, apply_norm, remove_student, remove_teacher, allow_tf32):
     f32 = dict(dtype=torch.float32, device=student.device)
-    inv_shape = student.shape[:2] if apply_norm else (0,)
-    return torch.empty((), **f32), torch.empty(inv_shape, **f32), torch.empty(inv_shape, **f32)
+    factors = (2, student.shape[0] * student.shape[1]) if apply_norm else (0,)
+    return torch.empty((), **f32), torch.empty(factors, **f32), torch.empty(factors, **f32)
 
 
 @torch.library.custom_op("fastssl::gram_backward", mutates_args=())
-def _backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, inv_student: torch.Tensor,
-                 inv_teacher: torch.Tensor, apply_norm: bool, remove_student: bool, remove_teacher: bool,
-                 allow_tf32: bool, need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                 factors_student: torch.Tensor, factors_teacher: torch.Tensor, apply_norm: bool, remove_student: bool,
+                 remove_teacher: bool, allow_tf32: bool, need_student: bool, need_teacher: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.gram import gram_backward
 
-    return gram_backward(grad_loss, student, teacher, inv_student, inv_teacher, apply_norm, remove_student,
+    return gram_backward(grad_loss, student, teacher, factors_student, factors_teacher, apply_norm, remove_student,
                          remove_teacher, allow_tf32, need_student, need_teacher)
 
 
 @_backward_op.register_fake
-def _(grad_loss, student, teacher, inv_student, inv_teacher, apply_norm, remove_student, remove_teacher, allow_tf32,
-      need_student, need_teacher):
+def _(grad_loss, student, teacher, factors_student, factors_teacher, apply_norm, remove_student, remove_teacher,
+      allow_tf32, need_student, need_teacher):
     def grad_of(x, needed):
         return torch.empty(x.shape if needed else (0,), dtype=x.dtype, device=x.device)
 
@@ -130,18 +135,18 @@ def _(grad_loss, student, teacher, inv_student, inv_teacher, apply_norm, remove_
 
 def _setup_context(ctx, inputs, output):
     student, teacher, *flags = inputs
-    _, inv_student, inv_teacher = output
-    ctx.mark_non_differentiable(inv_student, inv_teacher)
-    ctx.save_for_backward(student, teacher, inv_student, inv_teacher)
+    _, factors_student, factors_teacher = output
+    ctx.mark_non_differentiable(factors_student, factors_teacher)
+    ctx.save_for_backward(student, teacher, factors_student, factors_teacher)
     ctx.flags = flags
 
 
-def _backward(ctx, grad_loss, _grad_inv_student, _grad_inv_teacher):
-    student, teacher, inv_student, inv_teacher = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_factors_student, _grad_factors_teacher):
+    student, teacher, factors_student, factors_teacher = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ds = dt = None
     if need_s or need_t:
-        ds, dt = _backward_op(grad_loss, student, teacher, inv_student, inv_teacher, *ctx.flags, need_s, need_t)
+        ds, dt = _backward_op(grad_loss, student, teacher, factors_student, factors_teacher, *ctx.flags, need_s, need_t)
     return (ds if need_s else None), (dt if need_t else None), None, None, None, None
 
 
@@ -176,7 +181,9 @@ def gram_loss(output_feats: torch.Tensor, target_feats: torch.Tensor, *, img_lev
 
     Returns:
         The float32 scalar loss. Math is fp32 (fp64 features are computed in fp32, about 1e-7
-        relative to float64): the authors' numbers to about 1e-6 relative.
+        relative to float64): the authors' numbers to about 1e-6 relative. The rows are scaled
+        by powers of two before their norms, so that features beyond fp32's squares (~1e19,
+        where the authors' ``F.normalize`` gives zeros) or below (~1e-19) are normalised too.
 
     >>> import torch
     >>> from fastssl.functional import gram_loss

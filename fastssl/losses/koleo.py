@@ -27,7 +27,10 @@ The search is the costly part, B x G x d multiply-adds; the rest is O(B k d). Ba
 settings apply to it on a GPU); ``"triton"`` runs ``fastssl.kernels.koleo``, which keeps a
 running top k per row over tiles of the set and writes only the ``[B, k]`` indices, with
 fp32-accurate products whatever the TF32 settings. Distances, loss and gradient are the same
-PyTorch code for both, fp32 whatever the input dtype (fp64 included), autocast off.
+PyTorch code for both, fp32 whatever the input dtype (fp64 included), autocast off; the rows
+are scaled by powers of two before their norms (``fastssl.losses.normalize``), so that features
+beyond ~1e19 or below ~1e-19, whose fp32 norms the authors' ``F.normalize`` loses, are
+normalised too.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch import nn
 
 from .. import distributed
 from .._backend import BACKENDS, resolve_backend
+from .normalize import normalize_rows
 
 __all__ = ["KoLeoLoss", "KoLeoLossDistributed", "koleo_loss"]
 
@@ -181,7 +185,7 @@ def koleo_loss(student_output: torch.Tensor, *, topk: int = 1, loss_group_size: 
     world, rank = (distributed.world_size(), dist.get_rank()) if gather and distributed.is_initialized() else (1, 0)
     start, size, offset = _layout("koleo_loss", student_output.shape[0], world, rank, topk, loss_group_size)
     with torch.autocast(student_output.device.type, enabled=False):
-        x = F.normalize(student_output.float(), p=2, dim=-1, eps=eps)
+        x = normalize_rows(student_output.float(), eps)
         rows = _AllGather.apply(x) if world > 1 else x
         members = rows[start:start + size]
         idx = _neighbours(x.detach(), members.detach(), offset, topk, backend)
