@@ -4,8 +4,8 @@ Notation: G matrices (the B images at image level; one at batch level, its B N r
 of N rows; the student's rows a_i (d_a wide) and the Gram teacher's rows b_i (d_b wide).
 With ``apply_norm`` (``F.normalize``, a^_i = a_i / max(|a_i|, 1e-12)) each row is first scaled
 by a power of two p_i that brings its largest entry into [0.5, 1) (exact, and fp32 sums of
-squares and dot products then neither overflow nor underflow, whose norms the authors' fp32
-``F.normalize`` loses beyond ~1e19 and below ~1e-19), and n_i = 1 / max(|p_i a_i|, p_i 1e-12),
+squares and dot products then do not overflow, where the authors' fp32 ``F.normalize`` gives
+zeros beyond ~1e19), and n_i = 1 / max(|p_i a_i|, p_i 1e-12),
 so that a^_i = (p_i a_i) n_i; likewise q_i and m_i for b. Without it p = n = 1. Per matrix g,
 
     S_ij = ((p_i a_i) . (p_j a_j)) n_i n_j          T_ij = ((q_i b_i) . (q_j b_j)) m_i m_j

@@ -182,8 +182,9 @@ def gram_loss(output_feats: torch.Tensor, target_feats: torch.Tensor, *, img_lev
     Returns:
         The float32 scalar loss. Math is fp32 (fp64 features are computed in fp32, about 1e-7
         relative to float64): the authors' numbers to about 1e-6 relative. The rows are scaled
-        by powers of two before their norms, so that features beyond fp32's squares (~1e19,
-        where the authors' ``F.normalize`` gives zeros) or below (~1e-19) are normalised too.
+        by powers of two before their norms and products, so that features beyond ~1e19 (whose
+        fp32 squares overflow: the authors' ``F.normalize`` gives zeros) are normalised too;
+        fp64 features beyond fp32's range (3.4e38) are not.
 
     >>> import torch
     >>> from fastssl.functional import gram_loss

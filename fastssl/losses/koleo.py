@@ -27,10 +27,14 @@ The search is the costly part, B x G x d multiply-adds; the rest is O(B k d). Ba
 settings apply to it on a GPU); ``"triton"`` runs ``fastssl.kernels.koleo``, which keeps a
 running top k per row over tiles of the set and writes only the ``[B, k]`` indices, with
 fp32-accurate products whatever the TF32 settings. Distances, loss and gradient are the same
-PyTorch code for both, fp32 whatever the input dtype (fp64 included), autocast off; the rows
-are scaled by powers of two before their norms (``fastssl.losses.normalize``), so that features
-beyond ~1e19 or below ~1e-19, whose fp32 norms the authors' ``F.normalize`` loses, are
-normalised too.
+PyTorch code for both, autocast off. The normalisation is fp32 whatever the input dtype (fp64
+included), each row scaled by a power of two before its norm (``fastssl.losses.normalize``),
+so that features beyond ~1e19, whose fp32 norm overflows (the authors' ``F.normalize`` gives
+zeros), are normalised too; fp64 features beyond fp32's range are not. The B x topk
+distances, their log and gradient are float64, so that the opposite gradients of rows that
+are each other's copies (~1e7 / B each) cancel, which in fp32 (the authors') leaves an error
+of ~1e-2 in those rows' gradients. Across ranks the gradient is summed in fp32, as the
+authors' all-gather does.
 """
 
 from __future__ import annotations
@@ -187,11 +191,17 @@ def koleo_loss(student_output: torch.Tensor, *, topk: int = 1, loss_group_size: 
     with torch.autocast(student_output.device.type, enabled=False):
         x = normalize_rows(student_output.float(), eps)
         rows = _AllGather.apply(x) if world > 1 else x
-        members = rows[start:start + size]
-        idx = _neighbours(x.detach(), members.detach(), offset, topk, backend)
-        mine = x.repeat_interleave(topk, dim=0) if topk > 1 else x
-        distances = F.pairwise_distance(mine, members[idx.reshape(-1)], p=2.0, eps=PDIST_EPS)
-        return -torch.log(distances + eps).mean()
+        idx = _neighbours(x.detach(), rows.detach()[start:start + size], offset, topk, backend)
+        # The distances, the log and their gradient in float64 (O(B topk D) values): two rows that are
+        # each other's nearest copies get opposite gradients of ~1 / (B sqrt(D) 1e-8) each, whose fp32
+        # sum with the rest of a row's gradient would leave ~1e-2 of it; here they cancel. One float64
+        # tensor holds both roles of a row, so that its gradients add up before the cast to fp32.
+        rows64 = rows.double()
+        mine = rows64[rank * student_output.shape[0]:(rank + 1) * student_output.shape[0]]
+        mine = mine.repeat_interleave(topk, dim=0) if topk > 1 else mine
+        neighbours = rows64[start:start + size][idx.reshape(-1)]
+        distances = F.pairwise_distance(mine, neighbours, p=2.0, eps=PDIST_EPS)
+        return (-torch.log(distances + eps).mean()).float()
 
 
 # ----------------------------------------------------------------------------- modules

@@ -1,8 +1,9 @@
 """``F.normalize`` over the last dimension without its fp32 overflow and underflow.
 
 ``F.normalize(x, eps=eps)`` is ``x / max(|x|, eps)``, and PyTorch sums the squares of ``x``
-as they are: in fp32 the norm is infinite beyond about 1e19 (the result all zeros) and loses
-its digits below about 1e-19, while bf16 features span fp32's range. Scaling each row by a
+as they are: in fp32 the norm is infinite beyond about 1e19 (the result all zeros), while bf16
+features span fp32's range (below about 1e-19 the squares underflow, but such a norm is under
+any eps the losses use, which then replaces it). Scaling each row by a
 power of two p that brings its largest entry into [0.5, 1) first changes no rounding
 (``x / max(|x|, eps) = (p x) / max(|p x|, p eps)``, p x exact) and keeps the sum of squares
 in range: the same numbers as ``F.normalize`` wherever it is finite, and the float64
