@@ -24,27 +24,36 @@ __all__ = ["attention_command", "cls_attention"]
 def cls_attention(backbone, x: torch.Tensor) -> torch.Tensor:
     """``[B, heads, h, w]``: the last block's attention of the CLS token to every patch token.
 
-    Recomputed from the input of the block's attention (timm's fused attention does not return
-    its weights): a hook on its ``qkv`` projection catches q and k.
+    The weights the block itself computes: its attention runs unfused for this call (timm's explicit
+    ``softmax(q k^T * scale)`` path, whatever comes before it: RoPE on the patches, q/k norms, biases) and
+    a hook on its ``attn_drop`` catches them. The patch tokens follow the prefix (the CLS token and any
+    storage / register tokens: ``num_prefix_tokens``).
     """
     if not hasattr(backbone, "blocks"):
         raise ValueError("attention maps need a ViT backbone (a timm VisionTransformer)")
     attn = backbone.blocks[-1].attn
-    caught: dict[str, torch.Tensor] = {}
-    hook = attn.qkv.register_forward_hook(lambda mod, inp, out: caught.__setitem__("qkv", out))
+    if not (hasattr(attn, "fused_attn") and isinstance(getattr(attn, "attn_drop", None), torch.nn.Module)):
+        raise ValueError(f"attention maps: the last block's {type(attn).__name__} has no unfused attention path "
+                         "(fused_attn / attn_drop) to read the weights from")
+    caught: list[torch.Tensor] = []
+    hook = attn.attn_drop.register_forward_hook(lambda mod, inp, out: caught.append(inp[0]))
+    fused = attn.fused_attn
+    was_training = backbone.training
+    attn.fused_attn = False
+    backbone.eval()  # no dropout, no drop path
     try:
         backbone(x)
     finally:
         hook.remove()
-    qkv = caught["qkv"]
-    B, N, _ = qkv.shape
-    q, k, _ = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]  # [B, heads, N]
+        attn.fused_attn = fused
+        backbone.train(was_training)
+    if len(caught) != 1:
+        raise ValueError(f"attention maps: the last block's attention ran {len(caught)} times in one forward")
+    weights = caught[0][:, :, 0]  # [B, heads, N]: the CLS token's row
     prefix = getattr(backbone, "num_prefix_tokens", 1)
     patch = backbone.patch_embed.patch_size
     h, w = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
-    return weights[:, :, prefix:].reshape(B, -1, h, w)
+    return weights[:, :, prefix:].reshape(x.shape[0], -1, h, w)
 
 
 def threshold_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError
 
-__all__ = ["Batch", "DataError", "DigitsImages", "ImageFolder", "LabelledSubset", "ResumableSampler", "collate",
-           "decode_batch", "labelled_subset", "load_digits_split"]
+__all__ = ["Batch", "DataError", "DigitsImages", "ImageFolder", "LabelledSubset", "ResumableSampler", "StreamSampler",
+           "collate", "decode_batch", "labelled_subset", "load_digits_split", "training_sets"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _JPEG = (".jpg", ".jpeg")
@@ -343,3 +343,50 @@ class ResumableSampler(Sampler):
         total = self.per_rank * self.world_size
         order += order[: total - len(order)]
         return iter(order[self.rank:total:self.world_size][self.start:])
+
+
+class StreamSampler(Sampler):
+    """This rank's share of an endless stream of images: permutation after permutation of the data set (pass
+    ``p``'s order depends only on ``(seed, p)``, as :class:`ResumableSampler`'s epochs), a global batch of
+    ``batch * world_size`` consecutive stream positions per step, rank ``r`` taking the ``r``-th ``batch`` of
+    them. Batches run across the end of a pass, as the DINOv2 / DINOv3 authors' infinite sampler, so an epoch
+    can be any number of iterations (their ``OFFICIAL_EPOCH_LENGTH``). Starts at step ``start_step``: a resumed
+    run sees exactly the images of the uninterrupted one."""
+
+    def __init__(self, n: int, batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0):
+        if n < 1 or batch < 1:
+            raise ValueError(f"StreamSampler: n={n} and batch={batch} must be positive")
+        self.n, self.batch, self.seed, self.rank, self.world_size = n, batch, seed, rank, world_size
+        self.start_step = start_step
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, p: int) -> list[int]:
+        if p not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k >= p - 1}  # keep the last pass or two
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
+            self._orders[p] = torch.randperm(self.n, generator=g).tolist()
+        return self._orders[p]
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            first = (step * self.world_size + self.rank) * self.batch
+            for q in range(first, first + self.batch):
+                yield self._order(q // self.n)[q % self.n]
+            step += 1
+
+
+def training_sets(data: str, *, digits_size: int = 32, knn_data: str | None = None, knn_val_data: str | None = None,
+                  raw_jpeg: bool = False) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """``(train set, k-NN bank or None, k-NN query set or None)`` of a run's ``--data`` (a folder, or 'digits':
+    the train digits, and the train / held-out digits as bank and queries); folder errors come from here,
+    before any file or GPU work."""
+    if data == "digits":
+        xtr, ytr, xte, yte = load_digits_split(digits_size)
+        train = DigitsImages(xtr, ytr)
+        return train, train, DigitsImages(xte, yte)
+    folder = ImageFolder(data, raw_jpeg=raw_jpeg)
+    bank = ImageFolder(knn_data) if knn_data else None
+    query = ImageFolder(knn_val_data) if knn_val_data else None
+    return folder, bank, query

@@ -99,11 +99,14 @@ class Logger:
         for event in events:
             self.write(event)
 
-    def print_config(self, method: str, device: torch.device, world: int, niter: int, base_lr: float) -> None:
+    def print_config(self, method: str, device: torch.device, world: int, niter: int, base_lr: float,
+                     scaling: str | None = None) -> None:
+        """The run's first lines; ``scaling`` says how the lr was scaled (default: the linear rule)."""
         if not self.main:
             return
+        scaling = scaling or f"by batch {self.cfg.batch_size_per_gpu * world}/256"
         print(f"fastssl {method} training on {device} x {world} process(es), {niter} iterations per epoch, "
-              f"lr {base_lr:.3g} after scaling by batch {self.cfg.batch_size_per_gpu * world}/256", flush=True)
+              f"lr {base_lr:.3g} after scaling {scaling}", flush=True)
         values = self.cfg.to_dict()
         width = max(map(len, values))
         for k in sorted(values):

@@ -14,8 +14,9 @@ from typing import Any
 
 from .config import RunConfig
 from .dino_config import DinoConfig
+from .dinov3_config import Dinov3Config
 from .paws_config import PawsConfig
-from .presets import DINO_PRESETS, PAWS_PRESETS
+from .presets import DINO_PRESETS, DINOV3_PRESETS, PAWS_PRESETS
 
 __all__ = ["METHODS", "Method"]
 
@@ -35,4 +36,6 @@ class Method:
 METHODS: dict[str, Method] = {
     "dino": Method("train DINO", DinoConfig, DINO_PRESETS, ".dino:train_dino"),
     "paws": Method("train PAWS (semi-supervised, a few labels)", PawsConfig, PAWS_PRESETS, ".paws:train_paws"),
+    "dinov3": Method("train DINOv3 (DINO + iBOT + KoLeo, without the Gram stage)", Dinov3Config, DINOV3_PRESETS,
+                     ".dinov3:train_dinov3"),
 }

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCH_ALIASES", "DinoHead", "MultiCropModel", "PawsModel", "build_backbone", "is_vit", "is_vit_name",
-           "unknown_arch_message"]
+__all__ = ["ARCH_ALIASES", "DinoHead", "MultiCropModel", "PawsModel", "add_mask_token", "build_backbone",
+           "features_with_masks", "is_vit", "is_vit_name", "uniform_drop_path_", "unknown_arch_message"]
 
 # Small networks that timm does not name: (timm architecture, overrides). "vit_digits" is the
 # ViT of `make demo`: 4x4 patches, so a 16x16 global crop is 4x4 tokens and an 8x8 local crop 2x2.
@@ -77,6 +77,63 @@ def build_backbone(arch: str, *, drop_path_rate: float = 0.0, img_size: int | No
     return model
 
 
+def uniform_drop_path_(backbone: nn.Module, rate: float) -> None:
+    """Every block of a timm ViT drops its residual branches with probability ``rate`` (the DINOv2 / DINOv3
+    authors' uniform stochastic depth; timm's rule rises linearly from 0 over the blocks). timm's
+    ``DropPath`` drops each sample with that probability; the authors' drop a fixed share of the batch."""
+    from timm.layers import DropPath
+
+    for block in getattr(backbone, "blocks", ()):
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(block, name):
+                setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
+
+
+def add_mask_token(backbone: nn.Module) -> nn.Parameter:
+    """Give a timm ViT a learned mask token ``backbone.mask_token`` ``[1, embed_dim]`` (zeros, as the DINOv2 /
+    DINOv3 authors'), which :func:`features_with_masks` puts in place of the masked patch embeddings, before the
+    position embedding and the prefix tokens: their ``prepare_tokens_with_masks``, by a forward hook on
+    ``patch_embed`` (timm's model code is not copied; its forward is unchanged without masks)."""
+    if not is_vit(backbone):
+        raise ValueError("a mask token needs a ViT backbone (with patch_embed and blocks)")
+    token = nn.Parameter(torch.zeros(1, cast(int, backbone.embed_dim)))
+    backbone.register_parameter("mask_token", token)
+    cast(nn.Module, backbone.patch_embed).register_forward_hook(_put_mask_token)
+    return token
+
+
+def _put_mask_token(patch_embed: nn.Module, args, out: torch.Tensor) -> torch.Tensor | None:
+    """The hook of :func:`add_mask_token`: what :func:`features_with_masks` lent the call, else nothing."""
+    lent = patch_embed.__dict__.get("_fastssl_masks")
+    if lent is None:
+        return None
+    masks, token = lent
+    if out.dim() == 4:  # NHWC (dynamic_img_size)
+        grid = out.shape[1] * out.shape[2]
+        masks = masks.view(out.shape[0], out.shape[1], out.shape[2], 1) if masks.shape == (out.shape[0], grid) \
+            else None
+    else:  # [B, N, C]
+        grid = out.shape[1]
+        masks = masks.unsqueeze(-1) if masks.shape == (out.shape[0], grid) else None
+    if masks is None:
+        raise ValueError(f"masks {tuple(lent[0].shape)} must be [crops, patches] = [{out.shape[0]}, {grid}]")
+    return torch.where(masks, token.to(out.dtype), out)
+
+
+def features_with_masks(backbone: nn.Module, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """``backbone.forward_features(x)`` (``[B, tokens, D]``, normalised) with the patches where ``masks``
+    (``[B, patches]`` bool) is set replaced by the mask token of :func:`add_mask_token` at the embedding."""
+    vit: Any = backbone  # a timm ViT: its attributes are timm's
+    if masks is None:
+        return vit.forward_features(x)
+    pe = vit.patch_embed
+    pe.__dict__["_fastssl_masks"] = (masks, vit.mask_token)
+    try:
+        return vit.forward_features(x)
+    finally:
+        pe.__dict__.pop("_fastssl_masks", None)
+
+
 def _trunc_normal_init(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
@@ -113,10 +170,12 @@ class DinoHead(nn.Module):
 
     With ``norm_last_layer`` the norms ``g`` of the last layer stay 1 (not trained), which the
     authors found makes training more stable (ViT-S: True; ViT-B: False for better results).
+    ``weight_norm=False`` makes the last layer a plain ``Linear`` without bias, initialised as the
+    MLP: the DINOv2 / DINOv3 authors' ``DINOHead`` (whose MLP is the same).
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, use_bn: bool = False, norm_last_layer: bool = True,
-                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256, weight_norm: bool = True):
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"DinoHead: nlayers must be >= 1, got {nlayers}")
@@ -132,8 +191,13 @@ class DinoHead(nn.Module):
             layers += [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
             self.mlp = nn.Sequential(*layers)
         self.apply(_trunc_normal_init)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
-        self.last_layer.weight_g.requires_grad_(not norm_last_layer)
+        self.last_layer: nn.Module
+        if weight_norm:
+            self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+            self.last_layer.weight_g.requires_grad_(not norm_last_layer)
+        else:
+            self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+            _trunc_normal_init(self.last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

@@ -9,9 +9,10 @@ runs); the type check of ``make lint`` checks every name and type here.
 from __future__ import annotations
 
 from .dino_config import DinoConfig
+from .dinov3_config import Dinov3Config
 from .paws_config import PawsConfig
 
-__all__ = ["DINO_PRESETS", "PAWS_PRESETS"]
+__all__ = ["DINOV3_PRESETS", "DINO_PRESETS", "PAWS_PRESETS"]
 
 DINO_PRESETS: dict[str, DinoConfig] = {
     # main_dino.py's defaults: the README's "vanilla" 100-epoch ViT-S/16 run (8 GPUs x 64 images).
@@ -77,4 +78,32 @@ PAWS_PRESETS: dict[str, PawsConfig] = {
         classes_per_batch=10, supervised_imgs_per_class=5, supervised_views=2, batch_size_per_gpu=64, epochs=30,
         lr=3.2, start_lr=0.8, final_lr=0.032, warmup_epochs=3, num_workers=0, eval_crop_fraction=1.0,
         output_dir="runs/paws_digits", saveckp_freq=0),
+}
+
+
+# DINOv3 (facebookresearch/dinov3; Dinov3Config's defaults are vitl_im1k_lin834.yaml's values). What each
+# needs: the global batch of the recipe (its lr and Sinkhorn-Knopp / KoLeo batch statistics assume it), in
+# per-GPU batches, not gradient accumulation; below it the lr follows the sqrt rule and KoLeo sees fewer
+# neighbours (README, "DINOv3").
+DINOV3_PRESETS: dict[str, Dinov3Config] = {
+    # The authors' ViT-L/16 on ImageNet-1k (82.2 k-NN, 83.3 linear in their comment): 100 epochs of 1250
+    # iterations at 2048 images (32 GPUs x 64), bf16, RoPE, no storage tokens, qkv bias (timm's _qkvb).
+    "dinov3_vitl16_im1k": Dinov3Config(arch="vit_large_patch16_dinov3_qkvb", n_storage_tokens=0, precision="bf16"),
+    # Derived from it, untested by the authors (they train ViT-S/B by distillation): the same recipe and
+    # schedules with the smaller backbone, and stochastic depth 0.1 (DINO's and iBOT's rate for ViT-S/B;
+    # 0.3 is for ViT-L).
+    "dinov3_vitb16_im1k": Dinov3Config(arch="vit_base_patch16_dinov3_qkvb", n_storage_tokens=0, drop_path_rate=0.1,
+                                       precision="bf16"),
+    "dinov3_vits16_im1k": Dinov3Config(arch="vit_small_patch16_dinov3_qkvb", n_storage_tokens=0, drop_path_rate=0.1,
+                                       precision="bf16"),
+    # A CPU run on the digits (see its note in the README's Training section): the demo's ViT and crops, the
+    # recipe's losses, masks and schedules at this scale.
+    "dinov3_digits": Dinov3Config(
+        data="digits", arch="vit_digits", img_size=16, global_crop_size=16, local_crop_size=8, local_crops_number=8,
+        global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0,
+        blur_sigma=(0.1, 0.3), solarize_p=0.0, dino_out_dim=256, dino_head_hidden_dim=512,
+        dino_head_bottleneck_dim=128, ibot_out_dim=256, ibot_head_hidden_dim=512, ibot_head_bottleneck_dim=128,
+        drop_path_rate=0.1, batch_size_per_gpu=64, official_epoch_length=0, epochs=50, lr=0.004, min_lr=1e-5,
+        warmup_epochs=5, warmup_teacher_temp_epochs=10, momentum_teacher=0.99, num_workers=0,
+        eval_crop_fraction=1.0, saveckp_freq=0, output_dir="runs/dinov3_digits"),
 }
