@@ -6,8 +6,8 @@ Every contender updates the same teacher tensors from the same student tensors,
 ``teacher = m * teacher + (1 - m) * student`` with m = 0.996 (DINO's first value):
 
 * ``fastssl``: ``fastssl.ema_update_(teacher, student, m)`` on the two tensor lists
-  (backend "auto": the Triton kernel on CUDA, ``torch._foreach_*`` elsewhere), its
-  plan cached by the warm-up;
+  (backend "auto": the Triton kernel on CUDA, on the CPU one call of the C++ loop of
+  ``csrc/ema.cpp``), its plan cached by the warm-up;
 * ``fastssl-graph``: the same with m in a device tensor, captured in a CUDA graph and
   timed by replaying it (CUDA only);
 * ``fastssl-torch``: backend "torch" (CUDA only: on the CPU it is what ``fastssl`` runs);
@@ -37,6 +37,7 @@ import torch
 
 import fastssl
 from benchmarks import harness
+from fastssl import _ext
 
 NAME = "ema"
 CONTENDERS = ("fastssl", "fastssl-graph", "fastssl-torch", "authors", "foreach_mul_add", "foreach_lerp",
@@ -290,6 +291,25 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
     return lines
 
 
+def cpu_target_lines(records: Sequence[dict], on_cpu: bool) -> list[str]:
+    """Issue 22's goals for the CPU path (the C++ loop): no slower than `_foreach_lerp_` or the authors'
+    loop on the same tensors, for each teacher dtype measured. Judged on a CPU run only."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in records):
+        rows = {r["contender"]: r for r in records if r["case"] == case}
+        if "fastssl" not in rows:
+            continue
+        ours = rows["fastssl"]
+        lines.append(f"CPU targets (issue 22), {case}:")
+        if "foreach_lerp" in rows:
+            lines.append(harness.cpu_goal_line(">= 1x the speed of torch._foreach_lerp_", ours["vs_lerp"], "x", 1.0,
+                                               on_cpu))
+        if "authors" in rows:
+            lines.append(harness.cpu_goal_line(">= 1x the speed of the authors' loop", ours["speedup"], "x", 1.0,
+                                               on_cpu))
+    return lines
+
+
 def columns(records: Sequence[dict]) -> list[str]:
     cols = ["case", "contender", "median_ms", "min_ms", "max_ms", "speedup", "vs_lerp", "roofline_pct",
             "peak_mem_mb", "rel_err"]
@@ -311,9 +331,10 @@ def notes(preset_name: str, preset: Preset, records: Sequence[dict], device: tor
         f"tolerance {tols} (`rel_err`).",
     ]
     if device.type != "cuda":
-        lines.append("CPU run: `fastssl` is the PyTorch path (`torch._foreach_*`; the Triton kernel needs a "
-                     "GPU); no memory column (CUDA allocator stats only); no CUDA-graph row.")
-    target = target_lines(records, device.type == "cuda")
+        lines.append("CPU run: `fastssl` is the PyTorch path, one call of the C++ loop of `csrc/ema.cpp` "
+                     f"({'loaded' if _ext.loaded() else 'NOT loaded: torch._foreach_* instead'}; the Triton kernel "
+                     "needs a GPU); no memory column (CUDA allocator stats only); no CUDA-graph row.")
+    target = target_lines(records, device.type == "cuda") + cpu_target_lines(records, device.type == "cpu")
     return "\n".join(f"- {line}" for line in lines) + ("\n\n" + "\n".join(target) if target else "")
 
 

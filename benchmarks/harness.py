@@ -373,6 +373,16 @@ def goal_line(text: str, value: float | None, unit: str, goal: float, on_cuda: b
     return f"- {text}: {value:.2f}{unit} {verdict}"
 
 
+def cpu_goal_line(text: str, value: float | None, unit: str, goal: float, on_cpu: bool, *, higher: bool = True) -> str:
+    """A goal of the PyTorch / C++ paths on a CPU (issue 22: never slower than what users would write
+    instead) as a markdown bullet, judged PASS / FAIL on a CPU run only."""
+    if value is None:
+        return f"- {text}: not measured on this device"
+    verdict = ("PASS" if (value >= goal if higher else value <= goal) else "FAIL") if on_cpu else \
+        "not judged (GPU run; the goal is for the CPU)"
+    return f"- {text}: {value:.2f}{unit} {verdict}"
+
+
 def results_dir(info: dict, root: str | os.PathLike | None = None) -> Path:
     """``<root>/<device slug>/``, root defaulting to ``benchmarks/results``."""
     return Path(root if root is not None else RESULTS_ROOT) / info["slug"]

@@ -351,6 +351,21 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
     return lines
 
 
+def cpu_target_lines(records: Sequence[dict], on_cpu: bool) -> list[str]:
+    """Issue 22's goal for the PyTorch path: at least the authors' speed, forward + backward, in every
+    training case (each dtype, d and kind of labels) the run measured. Judged on a CPU run only."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in records if r["train"] and r["mode"] == "fwd+bwd"):
+        rows = {r["contender"]: r for r in records if r["case"] == case and r["mode"] == "fwd+bwd"}
+        if "fastssl" in rows and "authors" in rows:
+            if not lines:
+                lines.append("CPU targets (issue 22), snn forward + backward, the PyTorch path against the authors':")
+            lines.append(harness.cpu_goal_line(f"{case}: >= 1x the authors' speed",
+                                               rows["authors"]["median_ms"] / rows["fastssl"]["median_ms"], "x",
+                                               1.0, on_cpu))
+    return lines
+
+
 def columns(records: Sequence[dict]) -> list[str]:
     cols = ["case", "mode", "contender", "median_ms", "min_ms", "max_ms", "speedup", "tflops", "peak_mem_mb",
             "mem_over_nm", "mem_over_bound", "max_rel_err"]
@@ -376,12 +391,13 @@ def notes(preset_name: str, preset: Preset, records: Sequence[dict], device: tor
         f"fp32 size of [N, C] + [N, d] + [M, d] (the issue's O(N*C + M*d), goal <= {MEM_BOUND_FACTOR:g}).",
     ]
     if device.type != "cuda":
-        lines.append("CPU run: `fastssl` is the PyTorch path (the Triton kernels need a GPU); no memory column.")
+        lines.append("CPU run: `fastssl` is the PyTorch path (the Triton kernels need a GPU): bf16 embeddings "
+                     "multiply in bf16 with fp32 accumulation, as the authors' autocast; no memory column.")
     if preset.note:
         lines.append(preset.note)
     if compiled:
         lines.append(f"`authors+compile` compile time (forward + backward, untimed): {', '.join(compiled)}.")
-    target = target_lines(records, device.type == "cuda")
+    target = target_lines(records, device.type == "cuda") + cpu_target_lines(records, device.type == "cpu")
     return "\n".join(f"- {line}" for line in lines) + ("\n\n" + "\n".join(target) if target else "")
 
 

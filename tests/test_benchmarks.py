@@ -191,6 +191,28 @@ def test_goal_line_judges_on_cuda_only():
     assert goal_line("fast", None, "x", 10, True) == "- fast: not measured on this device"
 
 
+def test_cpu_goal_line_judges_on_cpu_only():
+    from benchmarks.harness import cpu_goal_line
+
+    assert cpu_goal_line("fast", 1.234, "x", 1.0, True).endswith("1.23x PASS")
+    assert cpu_goal_line("fast", 0.97, "x", 1.0, True).endswith("0.97x FAIL")
+    assert "not judged" in cpu_goal_line("fast", 0.5, "x", 1.0, False)
+
+
+def test_cpu_results_go_where_the_readme_says_and_git_ignores_them():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    folder = harness.results_dir({"slug": "cpu"}).relative_to(root).as_posix()
+    assert f"`{folder}/<name>-cpu.{{json,md,png}}`" in (root / "benchmarks" / "README.md").read_text()
+    for name in ("ema-cpu.md", "paws-cpu.json", "multicrop-cpu.png"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/{name}"], cwd=root)
+        assert ignored.returncode == 0, f"{folder}/{name} is not ignored by git"
+    gpu = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/nvidia-h100-80gb-hbm3/ema-target.md"],
+                         cwd=root)
+    assert gpu.returncode == 1, "GPU results must stay committable"
+
+
 @pytest.mark.parametrize("name", ["dino", "paws", "ema"])
 def test_tune_candidates_set_real_constants(name):
     # A candidate that named a constant its module no longer has would silently time shipped again.

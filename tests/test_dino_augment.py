@@ -9,6 +9,7 @@ from helpers import DEVICE
 from torchvision.transforms.v2 import InterpolationMode
 
 import fastssl
+from fastssl.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastssl.augment import functional as F
 from fastssl.augment.dino import JITTER_OPS
 
@@ -276,3 +277,15 @@ def test_uint8_pipeline_on_cpu_matches_the_authors_steps():
             ref, steps = pil_steps(crop, color, n)
             err = (out[n].round() - ref.float()).abs().max().item()
             assert err <= max(steps, 0), f"crop {n} (image {i}): {err} levels after {steps} steps"
+
+
+def test_color_op_opcheck():
+    from fastssl import _ext
+
+    _ext.load_extension()
+    N, S = 3, 11
+    args = (torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8), torch.argsort(torch.rand(N, 4), dim=1),
+            torch.rand(N, 4) * 0.2 + 0.9, torch.tensor([True, False, True]), torch.tensor([False, True, False]),
+            torch.tensor([True, True, False]), torch.tensor([False, False, True]), torch.rand(N) + 0.5,
+            torch.tensor([3, 5, 1]), torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD))
+    torch.library.opcheck(torch.ops.fastssl.dino_color_u8.default, args)

@@ -162,50 +162,34 @@ def test_cpu_loop_runs_one_call_for_every_tensor(monkeypatch):
     assert calls == ([4] if DEVICE.type == "cpu" else [])
 
 
-def test_cuda_graph_capture_never_compiles_a_new_variant(monkeypatch):
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ loop is the CPU's (CUDA runs the Triton kernel)")
+def test_cpu_loop_opcheck():
+    teacher, student = _pair([(3, 4), (7,)], BF16, F32)
+    for m, m_tensor in ((0.9, None), (0.0, torch.tensor(0.7))):
+        torch.library.opcheck(torch.ops.fastssl.ema_update_.default, (teacher, student, m, m_tensor))
+
+
+def test_cuda_graph_capture_never_compiles_a_new_variant():
     # Issue 16: a float warm-up then a capture with a device momentum compiled a second kernel
     # variant (another constexpr, another pointer type) inside the capture. Every launch of a tensor
     # set must compile the same variant, whatever the momentum: a float, an fp32 or fp64 tensor, a
-    # tensor at an address that is not 16-byte aligned. Recorded here as Triton's JIT keys them.
-    kernel = ema_kernels._ema_kernel
-    names = list(kernel.arg_names)
-    no_spec = getattr(kernel, "do_not_specialize", None)
-    if no_spec is None:  # Triton's interpreter keeps the decorator's arguments instead
-        no_spec = getattr(kernel, "kwargs", {}).get("do_not_specialize", ())
-    no_spec = {names[i] if isinstance(i, int) else i for i in no_spec or ()}
-    variants = []
+    # tensor at an address that is not 16-byte aligned (recorded as Triton's JIT keys launches).
+    from fastssl.kernels._launch import record_launches
 
-    def variant(args, kwargs):
-        key = []
-        for name, value in zip(names, args, strict=False):  # the constexprs come as keywords
-            if isinstance(value, torch.Tensor):
-                key.append((name, value.dtype, None if name in no_spec else value.data_ptr() % 16 == 0))
-            elif isinstance(value, bool) or not isinstance(value, int):
-                key.append((name, type(value)))
-            else:
-                key.append((name, int, None if name in no_spec else (value == 1, value % 16 == 0)))
-        options = ("num_warps", "num_stages", "enable_fp_fusion")
-        return tuple(key), tuple(sorted((k, v) for k, v in kwargs.items() if k not in options))
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                variants.append(variant(args, kwargs))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(ema_kernels, "_ema_kernel", Recorder())
     teacher, student = _pair([(4097,), (3, 5)])
     odd = torch.zeros(8, device=DEVICE)[1]  # 4 bytes past an aligned address
-    results = []
-    for m in (0.9, torch.tensor(0.8, device=DEVICE), odd.fill_(0.7),
-              torch.tensor(0.6, dtype=torch.float64, device=DEVICE)):
-        results.append((authors_update(teacher, student, m), m))
+    momenta = (0.9, torch.tensor(0.8, device=DEVICE), odd.fill_(0.7),
+               torch.tensor(0.6, dtype=torch.float64, device=DEVICE))
+    with record_launches() as launches:
+        for m in momenta:
+            ema_update_(teacher, student, m, backend="triton")
+    variants = {json.dumps([launch["signature"], launch["constexprs"], launch["options"]], sort_keys=True)
+                for launch in launches}
+    assert len(launches) == len(momenta) and len(variants) == 1, variants
+    for m in momenta:  # and each is the authors' update (1 - m computed in the momentum's own dtype)
+        expected = authors_update(teacher, student, m)
         ema_update_(teacher, student, m, backend="triton")
-        results[-1] += ([t.clone() for t in teacher],)
-    assert len(variants) == 4 and len(set(variants)) == 1, set(variants)
-    for expected, m, got in results:  # 1 - m in the momentum's dtype (fp64 here) too
-        assert_updated(got, expected, "triton", f"teacher at momentum {m!r}")
+        assert_updated(teacher, expected, "triton", f"teacher at momentum {m!r}")
 
 
 def test_more_than_1000_tensors_one_launch_per_dtype_pair(backend, monkeypatch):
