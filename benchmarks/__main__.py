@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 # Every benchmark module, in the order they run (see benchmarks/__init__.py for the contract).
-BENCHMARKS = ["dino", "dinov3", "ema", "multicrop", "paws", "train_step"]
+BENCHMARKS = ["dino", "dinov3", "ema", "gram", "koleo", "multicrop", "paws", "train_step"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Path]]:

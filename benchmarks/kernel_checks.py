@@ -1,6 +1,6 @@
 """The GPU stage's kernel checks: every Triton op at fixed sizes against its float64 reference.
 
-    python -m benchmarks.kernel_checks [--device cuda] [--only dino ema snn] [--json PATH]
+    python -m benchmarks.kernel_checks [--device cuda] [--only dino ema snn gram koleo] [--json PATH]
 
 The test suite draws its sizes at random and sweeps many of them, which on a GPU means
 hundreds of compiled variants. These checks use fixed sizes instead, chosen to reach each
@@ -24,9 +24,10 @@ import torch
 
 import fastssl
 from fastssl import dinov3
-from fastssl.functional import dino_cross_entropy, dino_loss, sinkhorn_knopp, snn
+from fastssl.functional import dino_cross_entropy, dino_loss, gram_loss, koleo_loss, sinkhorn_knopp, snn
 from fastssl.reference import dino_loss_pairwise, snn_reference
 from fastssl.reference import dinov2 as ref
+from fastssl.reference import dinov3 as ref3
 
 TRITON = dict(backend="triton")
 # Relative tolerance of a gradient returned in each dtype (fp32 math inside); losses and
@@ -172,7 +173,56 @@ def paws(device: torch.device) -> list[dict]:
     return out
 
 
-CHECKS = {"dino": dino_family, "ema": ema, "snn": paws}
+# ----------------------------------------------------------------------------- Gram anchoring, KoLeo
+
+def gram(device: torch.device) -> list[dict]:
+    """The Gram loss and both gradients at odd sizes (partial tiles, odd and even block counts) per image and
+    over the batch, every negative-removal mode, with and without normalisation, each dtype, and TF32
+    products (fp32 features, allow_tf32: tolerance 5e-3)."""
+    out = []
+    for B, N, ds, dt, img_level, norm, mode, dtype, tf32 in (
+            (2, 77, 40, 24, True, True, "remove_neg", torch.bfloat16, False),
+            (1, 130, 64, 64, False, True, "only_teacher_neg", torch.float32, False),
+            (3, 65, 33, 33, True, False, "keep_neg", torch.float16, False),
+            (2, 50, 20, 20, False, True, "keep_neg", torch.float64, False),
+            (2, 70, 32, 32, True, True, "keep_neg", torch.float32, True)):
+        s = torch.randn(B, N, ds, device=device).to(dtype).requires_grad_()
+        t = torch.randn(B, N, dt, device=device).to(dtype).requires_grad_()
+        flags = dict(img_level=img_level, apply_norm=norm, remove_neg=mode == "remove_neg",
+                     remove_only_teacher_neg=mode == "only_teacher_neg")
+        loss = gram_loss(s, t, allow_tf32=tf32, **flags, **TRITON)
+        gs, gt = torch.autograd.grad(loss * N * N, (s, t))  # N^2: 16-bit gradients not subnormal
+        s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
+        expected = ref3.gram_loss(s64, t64, img_level, norm, flags["remove_neg"], flags["remove_only_teacher_neg"])
+        es, et = torch.autograd.grad(expected * N * N, (s64, t64))
+        case = (f"gram_loss B={B} N={N} d={ds}/{dt} {'image' if img_level else 'batch'} "
+                f"{'normalised ' if norm else ''}{mode} {dtype}{' tf32' if tf32 else ''}")
+        tol, grad_tol = (5e-3, 5e-3) if tf32 else (1e-5, GRAD_TOL[dtype])
+        out += [_record("gram", case, "loss", loss, expected, tol),
+                _record("gram", case, "student gradient", gs, es, grad_tol),
+                _record("gram", case, "teacher gradient", gt, et, grad_tol)]
+    return out
+
+
+def koleo(device: torch.device) -> list[dict]:
+    """KoLeo through the Triton top-k search: one neighbour and several (up to the kernel's 16), each dtype,
+    rows in several tiles; with two exact copies (the copies' distance, ties to the lowest index)."""
+    out = []
+    for B, D, topk, dtype in ((100, 48, 1, torch.float32), (70, 33, 3, torch.bfloat16), (40, 20, 16, torch.float16),
+                              (30, 24, 1, torch.float64)):
+        x = torch.randn(B, D, device=device)
+        x[B // 2] = x[1] * 2
+        x = x.to(dtype).requires_grad_()
+        loss = koleo_loss(x, topk=topk, loss_group_size=B, **TRITON)
+        x64 = x.detach().double().requires_grad_()
+        expected = ref3.koleo_loss_distributed(x64, 1, topk, B)[0]
+        case = f"koleo_loss B={B} D={D} topk={topk} {dtype}"
+        out += [_record("koleo", case, "loss", loss, expected, 1e-5),
+                _record("koleo", case, "gradient", _grad(loss, x), _grad(expected, x64), GRAD_TOL[dtype])]
+    return out
+
+
+CHECKS = {"dino": dino_family, "ema": ema, "snn": paws, "gram": gram, "koleo": koleo}
 
 
 def run(device: torch.device, only=None) -> list[dict]:

@@ -84,6 +84,29 @@ def _paws_targets(device: torch.device) -> None:
             torch.autograd.grad(probs, (query, supports), torch.empty_like(probs))
 
 
+def _gram_targets(device: torch.device) -> None:
+    """The Gram loss at benchmarks.gram's targets, forward and backward to the student."""
+    from benchmarks import gram
+    from fastssl.functional import gram_loss
+
+    for case in gram.PRESETS["target"].cases:
+        dtype = gram.DTYPES[case.dtype]
+        student = _empty(case.B, case.N, case.d, dtype=dtype, device=device, grad=True)
+        teacher = _empty(case.B, case.N, case.d, dtype=dtype, device=device)
+        loss = gram_loss(student, teacher, img_level=case.img_level, remove_neg=False, backend="triton")
+        torch.autograd.grad(loss, student)
+
+
+def _koleo_targets(device: torch.device) -> None:
+    """KoLeo's top-k search at benchmarks.koleo's targets."""
+    from benchmarks import koleo
+    from fastssl.functional import koleo_loss
+
+    for case in koleo.PRESETS["target"].cases:
+        x = _empty(case.B, case.D, dtype=koleo.DTYPES[case.dtype], device=device, grad=True)
+        torch.autograd.grad(koleo_loss(x, backend="triton"), x)
+
+
 # The most variants the workloads may record. The lease compiles them in parallel on the GPU
 # machine's 16 cores before timing anything: at about 0.4 s a variant and architecture (the AOT
 # build here, one core), 200 take ~80 s of CPU, about 6 s there, and CI's AOT build (sm_80 and
@@ -96,6 +119,8 @@ WORKLOADS = {
     "dino": lambda device: (kernel_checks.dino_family(device), _dino_targets(device)),
     "ema": lambda device: (kernel_checks.ema(device), _ema_targets(device)),
     "snn": lambda device: (kernel_checks.paws(device), _paws_targets(device)),
+    "gram": lambda device: (kernel_checks.gram(device), _gram_targets(device)),
+    "koleo": lambda device: (kernel_checks.koleo(device), _koleo_targets(device)),
 }
 
 

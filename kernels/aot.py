@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from ._launch import launch_options
 
 # The kernel modules of the package, each with its workload in benchmarks.workloads.
-MODULES = ["dino", "ema", "snn"]
+MODULES = ["dino", "ema", "snn", "gram", "koleo"]
 
 
 def _resource_usage(cubin: bytes) -> dict:

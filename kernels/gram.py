@@ -23,8 +23,8 @@ are computed, the tiles off the diagonal counted twice.
 
 Forward (``_gram_fwd_kernel``): a program owns the row blocks q and nb - 1 - q of one matrix
 (nb + 1 tiles in all, so every program has the same work) and, for each tile (I, J >= I),
-accumulates both tiles' dot products over d, then the squared differences in an fp32
-[BLOCK, BLOCK] accumulator; it writes one partial sum (already divided by G N^2), which the
+accumulates both tiles' dot products over d, then the squared differences, summed per row
+of the tile into an fp32 accumulator; it writes one partial sum (already divided by G N^2), which the
 launcher sums in a fixed order: deterministic.
 
 Backward. With D_ij = S'_ij - T'_ij, the gradient to the normalised student rows is
@@ -48,8 +48,9 @@ Precision: 16-bit rows are multiplied in their dtype on the tensor cores, whose 
 16-bit values are exact, with fp32 accumulation: S and T are fp32-accurate. fp32 rows use
 ``tf32x3`` (three TF32 products, about fp32's accuracy) by default, plain TF32 products
 (about 10 bits, ~5e-4 relative) with ``allow_tf32``. The backward's products of the fp32
-coefficients W with the rows are ``tf32x3`` (TF32 with ``allow_tf32``). fp64 rows are
-computed in fp32.
+coefficients W with the rows are, for bf16 rows, two bf16 products of W's high and low bf16
+parts (16 bits of W, ~1.5e-5 relative, 250 times below the returned bf16 gradient's
+rounding), else ``tf32x3`` (TF32 with ``allow_tf32``). fp64 rows are computed in fp32.
 
 Memory beyond inputs and outputs: the row factors (2 G N floats each), one partial sum per
 forward program, and the backward's fp32 accumulator of the gradient (G N d): O(G N d),
@@ -77,6 +78,19 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _coef_dot(w, x, acc, PREC_BWD: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + w @ x for fp32 coefficients w and rows x: "bf16x2", two bf16 products of w's high and low
+    bf16 parts with bf16 rows (16 bits of w, ~1.5e-5); else tl.dot in fp32 at that input precision."""
+    if PREC_BWD == "bf16x2":
+        hi = w.to(tl.bfloat16)
+        acc = _mma(hi, x, acc, "ieee", UPCAST)
+        acc = _mma((w - hi.to(tl.float32)).to(tl.bfloat16), x, acc, "ieee", UPCAST)
+    else:
+        acc = tl.dot(w, x.to(tl.float32), acc, input_precision=PREC_BWD)
+    return acc
 
 
 @triton.jit
@@ -159,7 +173,8 @@ def _row_scales_kernel(
 def _row_block_loss(acc, bi, XS, XT, P_S, INV_S, P_T, INV_T, N, ds, dt, stride_sn, stride_tn, nb,
                     NORM: tl.constexpr, REMOVE_S: tl.constexpr, REMOVE_T: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc plus the squared differences of the tiles (bi, bj >= bi), those off the diagonal twice."""
+    """acc (per row of a tile) plus the squared differences of the tiles (bi, bj >= bi), those off the
+    diagonal twice."""
     offs = tl.arange(0, BLOCK)
     rows_i = bi * BLOCK + offs
     mask_i = rows_i < N
@@ -183,7 +198,7 @@ def _row_block_loss(acc, bi, XS, XT, P_S, INV_S, P_T, INV_T, N, ds, dt, stride_s
             t = tl.where(t < 0, 0.0, t)
         diff = s - t
         sq = tl.where(mask_i[:, None] & mask_j[None, :], diff * diff, 0.0)
-        acc += sq * tl.where(bj == bi, 1.0, 2.0)  # a tile off the diagonal stands for its mirror too
+        acc += tl.sum(sq, axis=1) * tl.where(bj == bi, 1.0, 2.0)  # a tile off the diagonal stands for its mirror
     return acc
 
 
@@ -223,14 +238,14 @@ def _gram_fwd_kernel(
         P_T += g * N
         INV_T += g * N
     # Row block q, then row block nb - 1 - q (unless it is q): nb + 1 tiles together.
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
     acc = _row_block_loss(acc, q, XS, XT, P_S, INV_S, P_T, INV_T, N, ds, dt, stride_sn, stride_tn, nb, NORM,
                           REMOVE_S, REMOVE_T, PREC, UPCAST, BLOCK, BLOCK_K)
     mirror = nb - 1 - q
     if mirror != q:
         acc = _row_block_loss(acc, mirror, XS, XT, P_S, INV_S, P_T, INV_T, N, ds, dt, stride_sn, stride_tn, nb,
                               NORM, REMOVE_S, REMOVE_T, PREC, UPCAST, BLOCK, BLOCK_K)
-    tl.store(PART + g * tl.num_programs(0) + q, tl.sum(tl.sum(acc, axis=1), axis=0) * scale)
+    tl.store(PART + g * tl.num_programs(0) + q, tl.sum(acc, axis=0) * scale)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -259,7 +274,7 @@ def _gram_bwd_kernel(
     REMOVE_A: tl.constexpr,  # XA's negative similarities were zeroed (no gradient through them)
     REMOVE_B: tl.constexpr,  # XB's negative similarities were zeroed
     PREC: tl.constexpr,  # tl.dot input precision of the similarity products for fp32 rows
-    PREC_BWD: tl.constexpr,  # tl.dot input precision of the coefficients' products with the rows
+    PREC_BWD: tl.constexpr,  # the coefficients' products with the rows: "bf16x2" (bf16 rows) or a tl.dot precision
     UPCAST: tl.constexpr,  # interpreter: 16-bit dots in fp32
     BLOCK: tl.constexpr,  # rows of a tile side
     BLOCK_K: tl.constexpr,  # columns of d per step of the similarity products
@@ -312,24 +327,36 @@ def _gram_bwd_kernel(
         kmask = ks < da
         mik = mask_i[:, None] & kmask[None, :]
         mjk = mask_j[:, None] & kmask[None, :]
-        xj = _scaled_rows(XA, off_j, ks, mjk, p_aj, NORM).to(tl.float32)
+        xj = _scaled_rows(XA, off_j, ks, mjk, p_aj, NORM)
         acc_i = tl.load(GA + out_i[:, None] + ks[None, :], mask=mik, other=0.0)
-        acc_i = tl.dot(w_i, xj, acc_i, input_precision=PREC_BWD)
+        acc_i = _coef_dot(w_i, xj, acc_i, PREC_BWD, UPCAST)
         tl.store(GA + out_i[:, None] + ks[None, :], acc_i, mask=mik)
         if rnd != last:
-            xi = _scaled_rows(XA, off_i, ks, mik, p_ai, NORM).to(tl.float32)
+            xi = _scaled_rows(XA, off_i, ks, mik, p_ai, NORM)
             acc_j = tl.load(GA + out_j[:, None] + ks[None, :], mask=mjk, other=0.0)
-            acc_j = tl.dot(w_jt, xi, acc_j, input_precision=PREC_BWD)
+            acc_j = _coef_dot(w_jt, xi, acc_j, PREC_BWD, UPCAST)
             tl.store(GA + out_j[:, None] + ks[None, :], acc_j, mask=mjk)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def gram_config(dtype: torch.dtype) -> dict:
-    """Tiles of 64 x 64 entries; d in steps of 32 (fp32, whose tf32x3 products take three
-    registers' worth of each operand) or 64 (16-bit)."""
+def gram_config(dtype: torch.dtype, allow_tf32: bool) -> dict:
+    """The forward's and the backward's tiles: 64 x 64 entries, 32 x 32 where the products are
+    ``tf32x3`` (fp32 rows; fp16 rows' coefficient products), whose split operands take the
+    registers of three; the largest steps along d that compile without a spill on sm_80 and
+    sm_90 (the AOT build checks it)."""
     fp32 = dtype == torch.float32
-    return dict(BLOCK=64, BLOCK_K=32 if fp32 else 64, BLOCK_D=32, num_warps=4, num_stages=2)
+    if fp32:
+        fwd = dict(BLOCK=64, BLOCK_K=16, num_warps=8) if allow_tf32 else dict(BLOCK=32, BLOCK_K=16, num_warps=4)
+    else:
+        fwd = dict(BLOCK=64, BLOCK_K=32, num_warps=8)
+    if dtype == torch.bfloat16:
+        bwd = dict(BLOCK=64, BLOCK_K=32, BLOCK_D=32, num_warps=8)
+    elif fp32 and allow_tf32:
+        bwd = dict(BLOCK=64, BLOCK_K=16, BLOCK_D=16, num_warps=8)
+    else:
+        bwd = dict(BLOCK=32, BLOCK_K=16 if fp32 else 32, BLOCK_D=16, num_warps=4)
+    return dict(fwd=dict(fwd, num_stages=1), bwd=dict(bwd, num_stages=1))
 
 
 def _interpreted(x: torch.Tensor) -> bool:
@@ -367,9 +394,10 @@ def row_factors(x: torch.Tensor, apply_norm: bool) -> torch.Tensor:
 
 
 def _precisions(dtype: torch.dtype, allow_tf32: bool) -> tuple[str, str]:
-    """The similarity products' and the backward's coefficient products' input precisions."""
+    """The similarity products' input precision (fp32 rows), and the backward's coefficient products':
+    two bf16 parts with bf16 rows, else fp32 products as the similarities' (fp16 rows exact in fp32)."""
     prec = "tf32" if allow_tf32 else "tf32x3"
-    return prec, prec
+    return prec, "bf16x2" if dtype == torch.bfloat16 else prec
 
 
 def gram_forward(student: torch.Tensor, teacher: torch.Tensor, apply_norm: bool, remove_student: bool,
@@ -380,7 +408,7 @@ def gram_forward(student: torch.Tensor, teacher: torch.Tensor, apply_norm: bool,
     a, b = _operands(student, teacher)
     G, N, da = a.shape
     db = b.shape[2]
-    cfg = gram_config(a.dtype)
+    cfg = gram_config(a.dtype, allow_tf32)["fwd"]
     prec, _ = _precisions(a.dtype, allow_tf32)
     nb = triton.cdiv(N, cfg["BLOCK"])
     programs = triton.cdiv(nb, 2)
@@ -409,14 +437,24 @@ def _normalize_backward(x: torch.Tensor, ghat: torch.Tensor, factors: torch.Tens
     return ghat.sub_(xhat.mul_(coef)).mul_(p * inv)
 
 
+def _finish(x: torch.Tensor, operand: torch.Tensor, ghat: torch.Tensor, factors: torch.Tensor,
+            apply_norm: bool) -> torch.Tensor:
+    """The gradient to ``x`` (in its dtype) from dL / d(normalised rows), ``operand`` being x as the
+    kernels read it; while launches are recorded, an unwritten tensor of its shape."""
+    if recording():
+        return torch.empty_like(x)
+    return (_normalize_backward(operand, ghat, factors) if apply_norm else ghat).to(x.dtype)
+
+
 def _accumulate(xa, xb, fa, fb, grad_loss, apply_norm, remove_a, remove_b, allow_tf32) -> torch.Tensor:
     """dL / d(normalised xa rows), fp32 ``[G, N, da]``, over the rounds of tiles."""
     G, N, da = xa.shape
-    cfg = gram_config(xa.dtype)
+    cfg = gram_config(xa.dtype, allow_tf32)["bwd"]
     prec, prec_bwd = _precisions(xa.dtype, allow_tf32)
     nb = triton.cdiv(N, cfg["BLOCK"])
     teams = nb + nb % 2
-    ga = torch.zeros(G, N, da, device=xa.device, dtype=torch.float32)
+    # Recorded launches (the AOT build) write nothing: no need to clear gigabytes.
+    ga = (torch.empty if recording() else torch.zeros)(G, N, da, device=xa.device, dtype=torch.float32)
     pa, inv_a = (fa[0], fa[1]) if apply_norm else (fa, fa)
     pb, inv_b = (fb[0], fb[1]) if apply_norm else (fb, fb)
     args = dict(XA=xa, XB=xb, P_A=pa, INV_A=inv_a, P_B=pb, INV_B=inv_b, GA=ga,
@@ -443,9 +481,9 @@ def gram_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch
         if need_student:
             ga = _accumulate(a, b, factors_student, factors_teacher, g, apply_norm, remove_student, remove_teacher,
                              allow_tf32)
-            ds = (_normalize_backward(a, ga, factors_student) if apply_norm else ga).to(student.dtype)
+            ds = _finish(student, a, ga, factors_student, apply_norm)
         if need_teacher:  # the roles swapped: the difference's sign flips, as the gradient's must
             gb = _accumulate(b, a, factors_teacher, factors_student, g, apply_norm, remove_teacher, remove_student,
                              allow_tf32)
-            dt = (_normalize_backward(b, gb, factors_teacher) if apply_norm else gb).to(teacher.dtype)
+            dt = _finish(teacher, b, gb, factors_teacher, apply_norm)
     return ds, dt

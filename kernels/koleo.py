@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, launch_device, launch_options, rows_contiguous
+from ._launch import launch, launch_device, launch_options, recording, rows_contiguous
 
 # The most neighbours a row keeps in registers (KoLeoLossDistributed's topk is 1 in every
 # configuration the DINOv3 authors ship); the Python layer searches more with PyTorch.
@@ -103,7 +103,7 @@ def _knn_kernel(
 
 
 def knn_config(k: int) -> dict:
-    return dict(K_PAD=triton.next_power_of_2(k), BLOCK_R=64, BLOCK_C=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    return dict(K_PAD=triton.next_power_of_2(k), BLOCK_R=64, BLOCK_C=64, BLOCK_K=16, num_warps=8, num_stages=1)
 
 
 def nearest_neighbours(x: torch.Tensor, y: torch.Tensor, offset: int, k: int) -> torch.Tensor:
@@ -114,7 +114,8 @@ def nearest_neighbours(x: torch.Tensor, y: torch.Tensor, offset: int, k: int) ->
     B, d = x.shape
     G = y.shape[0]
     cfg = knn_config(k)
-    idx = torch.empty(B, k, device=x.device, dtype=torch.int64)
+    # Recorded launches (the AOT build) leave it unwritten: zeros keep the caller's indexing in bounds.
+    idx = (torch.zeros if recording() else torch.empty)(B, k, device=x.device, dtype=torch.int64)
     with launch_device(x, "koleo_loss"):
         launch(_knn_kernel, (triton.cdiv(B, cfg["BLOCK_R"]),),
                X=x, Y=y, IDX=idx, B=B, G=G, d=d, offset=offset, k=k, stride_x=x.stride(0), stride_y=y.stride(0),

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["fastssl.losses.targets", "fastssl.losses.crop_pairs", "fastssl.losses.ibot", "fastssl.dinov2.loss",
-           "fastssl.dinov3.loss"]
+           "fastssl.dinov3.loss", "fastssl.losses.gram", "fastssl.losses.koleo"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -52,6 +52,8 @@ def test_matches_the_authors(backend, img_level, mode, apply_norm):
     if N == 1 and apply_norm:  # one normalised row: the loss is 0 (test_one_normalised_row)
         N = 70
     B = int(torch.randint(1, 4, ()))
+    if not img_level:  # one matrix of B N rows: at most ~300 (the interpreter's time grows as its square)
+        B = max(1, min(B, 300 // N))
     ds, dt = (int(v) for v in torch.randint(3, 48, (2,)))
     remove_neg, only_teacher = MODES[mode]
     student, teacher = _features(B, N, ds, torch.float32), _features(B, N, dt, torch.float32)
@@ -168,8 +170,8 @@ def test_compiles_fullgraph(backend):
 
 
 def test_custom_ops_opcheck():
-    s = torch.randn(2, 70, 12, device=DEVICE, requires_grad=True)
-    t = torch.randn(2, 70, 9, device=DEVICE, requires_grad=True)
+    s = torch.randn(2, 40, 12, device=DEVICE, requires_grad=True)
+    t = torch.randn(2, 40, 9, device=DEVICE, requires_grad=True)
     for flags in ((True, True, True, False), (False, False, True, False)):
         torch.library.opcheck(gram_module._forward_op, (s, t, *flags))
     loss, inv_s, inv_t = gram_module._forward_op(s, t, True, False, True, False)
@@ -203,7 +205,7 @@ def test_saved_for_backward_is_the_inputs_and_the_norms():
 
 
 def test_backward_is_deterministic():
-    s, t = torch.randn(2, 200, 16, device=DEVICE, requires_grad=True), torch.randn(2, 200, 16, device=DEVICE)
+    s, t = torch.randn(2, 70, 16, device=DEVICE, requires_grad=True), torch.randn(2, 70, 16, device=DEVICE)
     grads = [torch.autograd.grad(gram_loss(s, t, img_level=False, backend="triton"), s)[0] for _ in range(2)]
     assert torch.equal(grads[0], grads[1])
 
