@@ -379,9 +379,9 @@ def row_config(d: int) -> dict:
     return dict(BLOCK_R=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
 
 
-def row_factors(x: torch.Tensor, apply_norm: bool) -> torch.Tensor:
+def row_factors(x: torch.Tensor, apply_norm: bool, eps: float = NORM_EPS) -> torch.Tensor:
     """``[2, G * N]`` fp32: each row's power of two p and ``1 / max(|p x|, p eps)`` (an empty tensor
-    without normalisation)."""
+    without normalisation). Also KoLeo's search's (``fastssl.kernels.koleo``)."""
     if not apply_norm:
         return torch.empty(0, device=x.device, dtype=torch.float32)
     G, N, d = x.shape
@@ -389,7 +389,7 @@ def row_factors(x: torch.Tensor, apply_norm: bool) -> torch.Tensor:
     cfg = row_config(d)
     launch(_row_scales_kernel, (triton.cdiv(G * N, cfg["BLOCK_R"]),),
            X=x, P=factors[0], INV=factors[1], n_rows=G * N, N=N, d=d, stride_g=x.stride(0), stride_n=x.stride(1),
-           eps=NORM_EPS, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], **launch_options(cfg))
+           eps=eps, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], **launch_options(cfg))
     return factors
 
 

@@ -23,18 +23,21 @@ has no neighbour: a ``ValueError`` (the authors' code returns -log(sqrt(d) 1e-8 
 with a zero gradient).
 
 The search is the costly part, B x G x d multiply-adds; the rest is O(B k d). Backends:
-``"torch"`` forms the ``[B, G]`` inner products with a matmul (as the authors; PyTorch's TF32
-settings apply to it on a GPU); ``"triton"`` runs ``fastssl.kernels.koleo``, which keeps a
-running top k per row over tiles of the set and writes only the ``[B, k]`` indices, with
-fp32-accurate products whatever the TF32 settings. Distances, loss and gradient are the same
-PyTorch code for both, autocast off. The normalisation is fp32 whatever the input dtype (fp64
-included), each row scaled by a power of two before its norm (``fastssl.losses.normalize``),
-so that features beyond ~1e19, whose fp32 norm overflows (the authors' ``F.normalize`` gives
-zeros), are normalised too; fp64 features beyond fp32's range are not. The B x topk
-distances, their log and gradient are float64, so that the opposite gradients of rows that
-are each other's copies (~1e7 / B each) cancel, which in fp32 (the authors') leaves an error
-of ~1e-2 in those rows' gradients. Across ranks the gradient is summed in fp32, as the
-authors' all-gather does.
+``"torch"`` forms the ``[B, G]`` inner products of the normalised rows with a matmul (as the
+authors; PyTorch's TF32 settings apply to it on a GPU); ``"triton"`` runs
+``fastssl.kernels.koleo``, which keeps a running top k per row over tiles of the set and writes
+only the ``[B, k]`` indices, multiplying the rows as they come (16-bit rows exactly on the
+tensor cores, as the authors' bf16 matmul but with fp32 sums; fp32 rows as three TF32
+products) and scaling by the inverse norms: fp32-accurate whatever the dtype and TF32
+settings. Distances, loss and gradient are the same PyTorch code for both, autocast off. The
+normalisation is fp32 whatever the input dtype (fp64 included), each row scaled by a power of
+two before its norm (``fastssl.losses.normalize``), so that features beyond ~1e19, whose fp32
+norm overflows (the authors' ``F.normalize`` gives zeros), are normalised too; fp64 features
+beyond fp32's range are not. The B x topk distances, their log and gradient are float64, so
+that the opposite gradients of rows that are each other's copies (~1e7 / B each) cancel, which
+in fp32 (the authors') leaves an error of ~1e-2 in those rows' gradients. Across ranks the
+rows are all-gathered in fp32 (the authors' normalised rows in the input's dtype) and their
+gradient summed in fp32; each rank normalises its group's rows.
 """
 
 from __future__ import annotations
@@ -111,25 +114,29 @@ def _neighbours_torch(x: torch.Tensor, members: torch.Tensor, offset: int, k: in
 
 
 @torch.library.custom_op("fastssl::koleo_neighbours", mutates_args=())
-def _neighbours_op(x: torch.Tensor, members: torch.Tensor, offset: int, k: int) -> torch.Tensor:
+def _neighbours_op(members: torch.Tensor, offset: int, rows: int, k: int, eps: float) -> torch.Tensor:
     from ..kernels.koleo import nearest_neighbours
 
-    return nearest_neighbours(x, members, offset, k)
+    return nearest_neighbours(members, offset, rows, k, eps)
 
 
 @_neighbours_op.register_fake
-def _(x, members, offset, k):
-    return x.new_empty(x.shape[0], k, dtype=torch.int64)
+def _(members, offset, rows, k, eps):
+    return members.new_empty(rows, k, dtype=torch.int64)
 
 
 _MAX_KERNEL_TOPK = 16  # fastssl.kernels.koleo.MAX_TOPK (not imported here: importing fastssl never imports triton)
 
 
 @torch.no_grad()
-def _neighbours(x: torch.Tensor, members: torch.Tensor, offset: int, k: int, backend: str) -> torch.Tensor:
-    if resolve_backend(backend, x.device, "koleo_loss") == "triton" and k <= _MAX_KERNEL_TOPK:
-        return _neighbours_op(x, members, offset, k)
-    return _neighbours_torch(x, members, offset, k)
+def _neighbours(raw: torch.Tensor, normalised: torch.Tensor, offset: int, rows: int, k: int, eps: float,
+                backend: str) -> torch.Tensor:
+    """``[rows, k]`` neighbour indices of the set's rows ``offset ..`` among the set: ``raw`` its rows as
+    the features come (the kernel's, which normalises them itself), ``normalised`` them normalised in fp32
+    (PyTorch's search)."""
+    if resolve_backend(backend, raw.device, "koleo_loss") == "triton" and k <= _MAX_KERNEL_TOPK:
+        return _neighbours_op(raw, offset, rows, k, eps)
+    return _neighbours_torch(normalised[offset:offset + rows], normalised, offset, k)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -189,19 +196,25 @@ def koleo_loss(student_output: torch.Tensor, *, topk: int = 1, loss_group_size: 
     _check_input("koleo_loss", student_output)
     world, rank = (distributed.world_size(), dist.get_rank()) if gather and distributed.is_initialized() else (1, 0)
     start, size, offset = _layout("koleo_loss", student_output.shape[0], world, rank, topk, loss_group_size)
+    B = student_output.shape[0]
     with torch.autocast(student_output.device.type, enabled=False):
-        x = normalize_rows(student_output.float(), eps)
-        rows = _AllGather.apply(x) if world > 1 else x
-        idx = _neighbours(x.detach(), rows.detach()[start:start + size], offset, topk, backend)
+        # The rows are gathered as they come (in fp32), and each rank normalises its group's: the
+        # all-gather's backward then sums fp32 gradients, and the search reads the rows in their dtype.
+        x = student_output.float()
+        group = (_AllGather.apply(x) if world > 1 else x)[start:start + size]
+        normalised = normalize_rows(group, eps)
+        raw = student_output.detach() if world == 1 else group.detach()
+        if student_output.dtype in (torch.float16, torch.bfloat16):
+            raw = raw.to(student_output.dtype)  # exact: they are the rows' own values
+        idx = _neighbours(raw, normalised.detach(), offset, B, topk, eps, backend)
         # The distances, the log and their gradient in float64 (O(B topk D) values): two rows that are
         # each other's nearest copies get opposite gradients of ~1 / (B sqrt(D) 1e-8) each, whose fp32
         # sum with the rest of a row's gradient would leave ~1e-2 of it; here they cancel. One float64
         # tensor holds both roles of a row, so that its gradients add up before the cast to fp32.
-        rows64 = rows.double()
-        mine = rows64[rank * student_output.shape[0]:(rank + 1) * student_output.shape[0]]
+        rows64 = normalised.double()
+        mine = rows64[offset:offset + B]
         mine = mine.repeat_interleave(topk, dim=0) if topk > 1 else mine
-        neighbours = rows64[start:start + size][idx.reshape(-1)]
-        distances = F.pairwise_distance(mine, neighbours, p=2.0, eps=PDIST_EPS)
+        distances = F.pairwise_distance(mine, rows64[idx.reshape(-1)], p=2.0, eps=PDIST_EPS)
         return (-torch.log(distances + eps).mean()).float()
 
 
@@ -228,7 +241,7 @@ class KoLeoLoss(nn.Module):
     def pairwise_NNs_inner(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802 (the authors' name)
         _check_input("KoLeoLoss", x)
         _layout("KoLeoLoss", x.shape[0], 1, 0, 1, None)
-        return _neighbours(x.float(), x.float(), 0, 1, self.backend).squeeze(1)
+        return _neighbours(x.detach(), x.detach().float(), 0, x.shape[0], 1, 1e-8, self.backend).squeeze(1)
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         return koleo_loss(student_output, eps=eps, backend=self.backend)
@@ -263,7 +276,7 @@ class KoLeoLossDistributed(nn.Module):
             raise ValueError(f"KoLeoLossDistributed: x {tuple(x.shape)} are not the rows of rank {rank} in all_x "
                              f"{tuple(all_x.shape)}")
         _layout("KoLeoLossDistributed", all_x.shape[0], 1, 0, self.topk, None)
-        return _neighbours(x.float(), all_x.float(), rank * B, self.topk, self.backend)
+        return _neighbours(all_x.detach(), all_x.detach().float(), rank * B, B, self.topk, 1e-8, self.backend)
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         return koleo_loss(student_output, topk=self.topk, loss_group_size=self.loss_group_size, gather=True,
