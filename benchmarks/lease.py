@@ -25,7 +25,9 @@ gpu-tests             120 / 30   the tests only a GPU runs (``pytest -m gpu``): 
                                  CUDA graph, the trainers on CUDA in bf16 with nvJPEG
 bench-dino             60 / 20   the headline benchmarks at the issues' target shapes (their
 bench-dinov3           75 / 25   ``lease`` presets: fwd+bwd, 2 input sets), each ending with
-bench-ema              30 / 10   its target lines judged PASS / FAIL
+bench-gram             60 / 20   its target lines judged PASS / FAIL
+bench-koleo            30 / 10
+bench-ema              30 / 10
 bench-paws             60 / 20
 bench-multicrop        45 / 15
 bench-train_step       75 / 30
@@ -103,6 +105,8 @@ def stages() -> list[Stage]:
               needs_extension=True),
         _bench("dino", 60, 20),
         _bench("dinov3", 75, 25),
+        _bench("gram", 60, 20),
+        _bench("koleo", 30, 10),
         _bench("ema", 30, 10),
         _bench("paws", 60, 20),
         _bench("multicrop", 45, 15, needs_extension=True),
