@@ -216,3 +216,16 @@ def test_tf32_products_run():
     s, t = _features(2, 70, 16, torch.float32), _features(2, 70, 16, torch.float32)
     expected = ref.gram_loss(s.double(), t.double())
     assert rel_err(gram_loss(s, t, allow_tf32=True, backend="triton"), expected) <= 2e-3
+
+
+@pytest.mark.parametrize("img_level", [True, False])
+def test_mixed_dtypes_and_strided_features(backend, img_level):
+    # The authors cast both to fp32: a bf16 student and an fp32 teacher, the teacher a transposed view and
+    # the student every other patch of a larger tensor.
+    student = _features(2, 2 * 45, 16, torch.bfloat16)[:, ::2]
+    teacher = torch.randn(2, 24, 45, device=DEVICE).transpose(1, 2)
+    got, expected = _run(student, teacher, backend, img_level=img_level, remove_neg=True)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    assert rel_err(got[0], expected[0]) <= 1e-5
+    assert rel_err(got[1], expected[1]) <= GRAD_TOL[torch.bfloat16]
+    assert rel_err(got[2], expected[2]) <= 1e-5
