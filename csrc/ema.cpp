@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/rsub.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -205,6 +206,9 @@ void ema_update_cpu(at::TensorList teacher, at::TensorList student, double momen
     const at::Tensor& t = teacher[i];
     const at::Tensor& s = student[i];
     TORCH_CHECK(t.device().is_cpu() && s.device().is_cpu(), "ema_update_: tensor ", i, " is not on the CPU");
+    // Before anything is written: its version counter is bumped at the end, as an in-place op's.
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "ema_update_: teacher tensor ", i,
+                " is an inference tensor: update it inside torch.inference_mode()");
     TORCH_CHECK(t.sizes() == s.sizes(), "ema_update_: tensor ", i, " has shape ", t.sizes(), " in the teacher but ",
                 s.sizes(), " in the student");
     Pair& p = pairs[i];

@@ -42,7 +42,6 @@ __all__ = ["MomentumTeacher", "cosine_momentum_schedule", "ema_update_"]
 
 BUFFER_MODES = ("leave", "copy", "average")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LOOP_DTYPES = (*_TRITON_DTYPES, torch.float64)  # what the C++ loop takes
 
 
 # ----------------------------------------------------------------------------- collecting tensors
@@ -136,14 +135,17 @@ def _dense(t: torch.Tensor) -> bool:
 class _Plan:
     """One tensor set, validated once: its dtype groups and, for Triton, their device tables.
 
-    Holds no tensors (only addresses, in the tables): ``run`` gets the tensors each time. On the
-    CPU the PyTorch path is one call of the C++ loop of ``csrc/ema.cpp`` over every tensor (when
-    the extension is loaded; never built for this), else ``torch._foreach_*`` per dtype group: the
-    same numbers either way.
+    Holds no tensors (only addresses, in the tables): ``run`` gets the tensors each time. (The C++
+    loop of the CPU needs no plan: :func:`_cpu_loop`.)
     """
 
     def __init__(self, t_list, s_list, names, backend: str):
         _check_shapes_devices(t_list, s_list, names, "tensor")
+        if not torch.is_inference_mode_enabled():  # refused before anything is written
+            bad = next((i for i, t in enumerate(t_list) if t.is_inference()), None)
+            if bad is not None:
+                raise RuntimeError(f"ema_update_: teacher tensor {_label(names, bad)} is an inference tensor: "
+                                   "update it inside torch.inference_mode()")
         groups: dict = {}
         for i, (t, s) in enumerate(zip(t_list, s_list, strict=True)):
             for role, x in (("teacher", t), ("student", s)):
@@ -154,10 +156,6 @@ class _Plan:
                 groups.setdefault((t.dtype, s.dtype), []).append(i)
         _check_overlap(t_list, names)
         self.captured = False  # a CUDA graph launched its tables: they must outlive the graph
-        self.native = backend == "torch" and bool(t_list) and t_list[0].device.type == "cpu" and \
-            all(dtype in _LOOP_DTYPES for pair in groups for dtype in pair)
-        if self.native:
-            _ext.load_installed_extension()  # an import at most: the EMA never starts a build
         if backend == "triton":
             self.groups = [(idx, _tables(idx, t_list, s_list, names)) for idx in groups.values()]
         else:
@@ -165,11 +163,6 @@ class _Plan:
 
     def run(self, t_list, s_list, momentum) -> None:
         """Update; ``momentum`` is a checked float or 0-dim tensor on the tensors' device."""
-        if self.native and _ext.loaded() is not None:
-            tensor = isinstance(momentum, torch.Tensor)
-            # (It bumps the teacher's version counters, as an in-place op does.)
-            torch.ops.fastssl.ema_update_(t_list, s_list, 0.0 if tensor else momentum, momentum if tensor else None)
-            return
         launched = False
         for idx, launch in self.groups:
             if launch is None:
@@ -278,21 +271,17 @@ _CACHE_SIZE = 8
 
 
 _data_ptr, _stride = torch.Tensor.data_ptr, torch.Tensor.stride
-_dtype, _shape = operator.attrgetter("dtype"), operator.attrgetter("shape")
+_dtype, _shape, _is_cpu = operator.attrgetter("dtype"), operator.attrgetter("shape"), operator.attrgetter("is_cpu")
 
 
-def _signature(t_list, s_list, backend: str) -> tuple:
-    """What a plan of a tensor set was validated on: addresses, dtypes, shapes and strides. Where
-    the C++ loop runs (the PyTorch path on the CPU), the addresses alone: reading 600 attributes
-    of a ViT's tensors would cost a third of the update, and the loop checks the rest on every call."""
-    if backend == "torch" and t_list and t_list[0].device.type == "cpu" and _ext.load_installed_extension():
-        return tuple(map(_data_ptr, t_list)), tuple(map(_data_ptr, s_list))
+def _signature(t_list, s_list) -> tuple:
+    """Addresses, dtypes, shapes and strides of a tensor set: everything its plan was validated on."""
     return tuple(tuple(map(f, x)) for x in (t_list, s_list) for f in (_data_ptr, _dtype, _shape, _stride))
 
 
 def _cached_plan(t_list, s_list, names, backend: str) -> _Plan:
     """The plan of this tensor set, built (and validated) the first time its signature is seen."""
-    key = (backend, t_list[0].device, _signature(t_list, s_list, backend))
+    key = (backend, t_list[0].device, _signature(t_list, s_list))
     plan = _CACHE.get(key)
     if plan is not None:
         _CACHE.move_to_end(key)
@@ -362,9 +351,9 @@ def ema_update_(teacher: nn.Module | Sequence[torch.Tensor], student: nn.Module 
     takes them).
 
     A tensor set is validated once: its plan (and device tables) is cached, keyed
-    by the addresses, dtypes, shapes and strides of its tensors (on the CPU by
-    the addresses: the C++ loop checks the rest, aliasing included, on every
-    call). Run one update before capturing it in a CUDA graph; float and tensor
+    by the addresses, dtypes, shapes and strides of its tensors (the C++ loop of
+    the CPU keeps no plan: it checks what it relies on, aliasing included, on
+    every call). Run one update before capturing it in a CUDA graph; float and tensor
     momenta share one compiled kernel, so the warm-up may use either. Raises
     ``ValueError`` naming the first mismatch (counts, names, shapes, devices,
     dtypes, shared memory) or a momentum outside [0, 1].
@@ -380,10 +369,30 @@ def ema_update_(teacher: nn.Module | Sequence[torch.Tensor], student: nn.Module 
     _check_shapes_devices(t_copy, s_copy, copy_names, "buffer")
     momentum = _check_momentum(momentum, t_list[0].device if t_list else None)
     if t_list:
-        plan = _cached_plan(t_list, s_list, names, resolve_backend(backend, t_list[0].device, "ema_update_"))
-        plan.run(t_list, s_list, momentum)
+        resolved = resolve_backend(backend, t_list[0].device, "ema_update_")
+        if not _cpu_loop(t_list, s_list, momentum, resolved):
+            _cached_plan(t_list, s_list, names, resolved).run(t_list, s_list, momentum)
     for t, s in zip(t_copy, s_copy, strict=True):
         t.copy_(s)
+
+
+def _cpu_loop(t_list, s_list, momentum, backend: str) -> bool:
+    """The PyTorch path on the CPU: one call of the C++ loop of ``csrc/ema.cpp`` (when the extension
+    is loaded: never built for this), which checks everything it relies on (devices, shapes,
+    dtypes, layouts, aliasing) on every call before it writes anything, so no plan is kept; it
+    bumps the teacher's version counters as an in-place op does. False where it does not run or
+    refuses the tensors: the validated path then updates them (``torch._foreach_*``, the same
+    bits) or raises the error that names the tensor."""
+    if backend != "torch" or not _ext.load_installed_extension():
+        return False
+    if not (all(map(_is_cpu, t_list)) and all(map(_is_cpu, s_list))):  # a meta tensor would reach the fake
+        return False
+    tensor = isinstance(momentum, torch.Tensor)
+    try:
+        torch.ops.fastssl.ema_update_(t_list, s_list, 0.0 if tensor else momentum, momentum if tensor else None)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -514,10 +523,11 @@ class MomentumTeacher(nn.Module):
         momentum = _check_momentum(momentum, device, "MomentumTeacher.update")
         if self._t:
             backend = resolve_backend(self.backend, device, "MomentumTeacher")
-            signature = _signature(self._t, self._s, backend)
-            if signature != self._signature:  # first update, or parameters moved (.to(), .half())
-                self._plan, self._signature = _Plan(self._t, self._s, self._names, backend), signature
-            self._plan.run(self._t, self._s, momentum)
+            if not _cpu_loop(self._t, self._s, momentum, backend):
+                signature = _signature(self._t, self._s)
+                if signature != self._signature:  # first update, or parameters moved (.to(), .half())
+                    self._plan, self._signature = _Plan(self._t, self._s, self._names, backend), signature
+                self._plan.run(self._t, self._s, momentum)
         for t, s in zip(self._t_copy, self._s_copy, strict=True):
             t.copy_(s)
         return momentum

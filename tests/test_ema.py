@@ -130,7 +130,7 @@ def test_cpu_loop_and_foreach_give_the_authors_bits(monkeypatch, path, t_dtype, 
     if path == "loop":
         monkeypatch.setattr(fastssl.ema, "_ema_torch", lambda *a: pytest.fail("the foreach path ran"))
     else:
-        monkeypatch.setattr(_ext, "loaded", lambda: None)
+        monkeypatch.setattr(_ext, "load_installed_extension", lambda: False)
     teacher, student = _pair(ODD_SHAPES + [(70001,)], t_dtype, s_dtype)
     cl = torch.randn(3, 5, 4, 6).to(t_dtype)
     teacher += [cl.to(memory_format=torch.channels_last), torch.randn(6, 10).to(t_dtype)[:, ::2],
@@ -160,6 +160,21 @@ def test_cpu_loop_runs_one_call_for_every_tensor(monkeypatch):
     student.append(torch.randn(5, device=DEVICE).to(F16))
     ema_update_(teacher, student, 0.9, backend="torch")
     assert calls == ([4] if DEVICE.type == "cpu" else [])
+
+
+def test_inference_tensors_are_refused_before_anything_is_written():
+    # As for any in-place op: not outside inference mode, where the C++ loop refuses them before it
+    # writes (the foreach path then raises torch's error); inside it the update runs.
+    with torch.inference_mode():
+        teacher, student = _pair([(5,), (3, 4)])
+    before = [t.clone() for t in teacher]
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        ema_update_(teacher, student, 0.9, backend="torch")
+    assert all(torch.equal(t, b) for t, b in zip(teacher, before, strict=True))
+    with torch.inference_mode():
+        expected = authors_update(teacher, student, 0.9)
+        ema_update_(teacher, student, 0.9, backend="torch")
+    assert_updated(teacher, expected, "torch")
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ loop is the CPU's (CUDA runs the Triton kernel)")
@@ -244,7 +259,13 @@ def test_plans_are_cached_per_tensor_set(backend, monkeypatch):
         expected = authors_update(teacher, student, m)
         ema_update_(teacher, student, m, backend=backend)
         assert_updated(teacher, expected, backend)
-    assert built == [backend] * 3
+    # The C++ loop of the CPU keeps no plan (it checks its tensors on every call).
+    assert built == ([] if backend == "torch" and DEVICE.type == "cpu" else [backend] * 3)
+    if backend == "torch" and DEVICE.type == "cpu":  # the foreach path (no extension) keeps them
+        monkeypatch.setattr(_ext, "load_installed_extension", lambda: False)
+        for teacher, student in sets + sets[:2]:
+            ema_update_(teacher, student, _momentum(), backend=backend)
+        assert built == ["torch"] * 3
 
 
 def test_dense_layouts_and_non_contiguous_tensors(backend):
