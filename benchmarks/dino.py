@@ -360,6 +360,19 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
     return lines
 
 
+def cpu_target_lines(records: Sequence[dict], on_cpu: bool) -> list[str]:
+    """Issue 22's goal for the PyTorch path (``fastssl`` on a CPU, compiled once per shape family):
+    forward + backward no slower than ``torch.compile`` of the authors' loop. Judged on a CPU run only."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in records if r["mode"] == "fwd+bwd"):
+        rows = {r["contender"]: r for r in records if r["case"] == case and r["mode"] == "fwd+bwd"}
+        if "fastssl" in rows and "authors+compile" in rows:
+            lines.append(harness.cpu_goal_line(
+                f"CPU target (issue 22), {case} fwd+bwd: >= 1x the speed of authors+compile",
+                rows["authors+compile"]["median_ms"] / rows["fastssl"]["median_ms"], "x", 1.0, on_cpu))
+    return lines
+
+
 def columns(records: Sequence[dict]) -> list[str]:
     cols = ["case", "mode", "contender", "median_ms", "min_ms", "max_ms", "speedup", "peak_mem_mb",
             "mem_over_grad", "roofline_pct", "roofline_pct_issue", "max_rel_err"]
@@ -387,14 +400,15 @@ def notes(preset_name: str, preset: Preset, records: Sequence[dict], device: tor
         "both against the measured copy bandwidth.",
     ]
     if device.type != "cuda":
-        lines.append("CPU run: `fastssl` is the fused PyTorch closed form (the Triton kernels need a GPU); "
-                     "no memory column (CUDA allocator stats only).")
+        lines.append("CPU run: `fastssl` is the fused PyTorch closed form, compiled once per shape family "
+                     "(FASTSSL_COMPILE=0: eager; the Triton kernels need a GPU); no memory column (CUDA "
+                     "allocator stats only).")
     if preset.note:
         lines.append(preset.note)
     if compiled:
         lines.append(f"`authors+compile` cases (compile time of forward + backward, untimed): "
                      f"{', '.join(compiled)}.")
-    target = target_lines(records, device.type == "cuda")
+    target = target_lines(records, device.type == "cuda") + cpu_target_lines(records, device.type == "cpu")
     return "\n".join(f"- {line}" for line in lines) + ("\n\n" + "\n".join(target) if target else "")
 
 

@@ -15,6 +15,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The PyTorch paths that compile themselves (the DINO family's loss) run eagerly here: compiling them
+# for each of the suite's shapes would take minutes. Their compiled form has tests of its own.
+os.environ.setdefault("FASTSSL_COMPILE", "0")
 
 import pytest  # noqa: E402
 

@@ -265,3 +265,47 @@ def test_scale_default_is_the_mean_over_pairs_and_samples(backend):
     mean = dino_cross_entropy(student, probs, ignore_diagonal=True, backend=backend)
     total = dino_cross_entropy(student, probs, ignore_diagonal=True, scale=1.0, backend=backend)
     assert math.isclose(total.item(), mean.item() * (S * T - 2) * B, rel_tol=1e-6)
+
+
+@pytest.fixture
+def compile_state(monkeypatch):
+    """The PyTorch path's compile state, empty, with compiling on (as outside the test suite)."""
+    from fastssl.losses import crop_pairs
+
+    monkeypatch.setenv("FASTSSL_COMPILE", "1")
+    state = crop_pairs._torch_path.compile_state
+    saved = dict(state)
+    state.clear()
+    yield state
+    state.clear()
+    state.update(saved)
+
+
+def test_torch_path_compiles_once_per_shape_family(compile_state):
+    # Outside the test suite the PyTorch path is compiled (FASTSSL_COMPILE unset): the same numbers
+    # as the reference, for two shapes.
+    torch._dynamo.reset()
+    for B in (3, 5):
+        x = torch.randn(2 * B, 300, device=DEVICE)
+        student = torch.randn(10, B, 300, device=DEVICE, requires_grad=True)
+        loss = dino_cross_entropy(student, sinkhorn_knopp(x, 0.07, backend="torch"), ignore_diagonal=True,
+                                  backend="torch")
+        (grad,) = torch.autograd.grad(loss, student)
+        ref_loss, ref_grad = _reference(student, ref.sinkhorn_knopp(x.double(), 0.07), 10, 2, True)
+        assert_rel_close(loss, ref_loss, 1e-5, f"compiled loss, B={B}")
+        assert_rel_close(grad, ref_grad, 1e-5, f"compiled gradient, B={B}")
+    assert "compiled" in compile_state and not compile_state.get("failed")
+
+
+def test_torch_path_falls_back_to_eager_when_compiling_fails(compile_state):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    compile_state["compiled"] = broken
+    probs = torch.softmax(torch.randn(2, 3, 40, device=DEVICE), -1)
+    student = torch.randn(4, 3, 40, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
+        loss = dino_cross_entropy(student, probs, backend="torch")
+    ref_loss, _ = _reference(student, probs.double(), 4, 2, False)
+    assert_rel_close(loss, ref_loss, 1e-5, "eager loss after a failed compile")
+    assert compile_state["failed"]

@@ -361,3 +361,28 @@ def test_masked_teacher_classes(backend):
     ref_loss, ref_grad, _ = _reference(student, teacher, center, ncrops, 0.04)
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     assert_rel_close(grad, ref_grad, 1e-5, "gradient")
+
+
+def test_torch_path_compiled_matches_authors(monkeypatch):
+    # Outside the test suite (FASTSSL_COMPILE unset) the PyTorch path is one compiled function:
+    # teacher softmax, the closed form and the batch center fused; the same numbers.
+    from fastssl.losses import dino as dino_module
+
+    monkeypatch.setenv("FASTSSL_COMPILE", "1")
+    state = dino_module._torch_path.compile_state
+    saved = dict(state)
+    state.clear()
+    torch._dynamo.reset()
+    try:
+        student, teacher, center = _logits(10, 3, 500)
+        student.requires_grad_()
+        loss, batch_center = dino_loss(student, teacher, center, 10, 0.04, backend="torch")
+        (grad,) = torch.autograd.grad(loss, student)
+        assert "compiled" in state and not state.get("failed")
+    finally:
+        state.clear()
+        state.update(saved)
+    ref_loss, ref_grad, ref_center = _reference(student, teacher, center, 10, 0.04)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    assert_rel_close(grad, ref_grad, 1e-5, "gradient")
+    assert_rel_close(batch_center, ref_center, 1e-6, "batch center")

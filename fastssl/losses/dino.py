@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import distributed
 from .._backend import BACKENDS, resolve_backend
+from .._compile import compiled_when_possible
 from .crop_pairs import dino_cross_entropy
 from .targets import softmax_center
 
@@ -69,6 +70,30 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
     return B
 
 
+# ----------------------------------------------------------------------------- PyTorch path
+
+def _dino_loss_torch(student, teacher, center, ncrops, student_temp, teacher_temp):
+    """The closed form in plain PyTorch, teacher and student in one function (so that a compile
+    fuses them), fp32 math; autograd gives the gradient. With log_softmax,
+    -<Q_v, log_softmax(z_v)> = n(v) lse(z_v) - <Q_v, z_v> stays exact for huge logits."""
+    B, K = teacher.shape[0] // 2, student.shape[1]
+    # Elementwise products, not matmuls: exact under autocast and with TF32 enabled.
+    with torch.autocast(student.device.type, enabled=False):
+        logp = torch.log_softmax(student.float().view(ncrops, B, K) / student_temp, dim=-1)
+        t = teacher.float()
+        q0, q1 = torch.softmax((t - center.float().view(1, K)) / teacher_temp, dim=-1).view(2, B, K)
+        # Scaled before the sum: rows near fp32's largest values must not overflow it.
+        batch_center = (t * (1.0 / t.shape[0])).sum(dim=0, keepdim=True)
+        # sum_v <Q_v, logp_v> = <q0 + q1, sum_v logp_v> - <q0, logp_0> - <q1, logp_1>
+        dots = ((q0 + q1) * logp.sum(0)).sum() - (q0 * logp[0]).sum() - (q1 * logp[1]).sum()
+        loss = -dots / ((2 * ncrops - 2) * B)
+    return loss, batch_center
+
+
+# Compiled once per shape family where torch.compile works (fastssl._compile).
+_torch_path = compiled_when_possible(_dino_loss_torch)
+
+
 # ----------------------------------------------------------------------------- functional API
 
 def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor, ncrops: int,
@@ -98,6 +123,9 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     teacher_temp, student_temp = float(teacher_temp), float(student_temp)
     B = _check_inputs(student_output, teacher_output, center, ncrops, student_temp, teacher_temp)
     backend = resolve_backend(backend, student_output.device, "dino_loss")
+    if backend == "torch":
+        return _torch_path(student_output, teacher_output.detach(), center.detach(), ncrops, student_temp,
+                           teacher_temp)
     targets = softmax_center(teacher_output, center, teacher_temp, backend=backend)
     # Student crop v against teacher crop i != v: the 2 global crops are the diagonal.
     loss = dino_cross_entropy(student_output.view(ncrops, B, -1), targets, student_temp=student_temp,
