@@ -162,6 +162,10 @@ def _register_fakes() -> None:
                            memory_format=fmt)
 
     def ema_update_(teacher, student, momentum, momentum_tensor):
+        # Fake tensors report their real device; a genuine meta tensor means mixed devices (the
+        # dispatcher picks this over the CPU kernel): refused, not skipped in silence.
+        if any(t.device.type == "meta" for t in (*teacher, *student)):
+            raise ValueError("ema_update_: a tensor is on the meta device; all must be on one device")
         return None
 
     def dino_color_u8(crops, order, factors, jitter, grayscale, blur, solarize, sigma, kernel_size, mean, std):

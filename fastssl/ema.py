@@ -271,7 +271,7 @@ _CACHE_SIZE = 8
 
 
 _data_ptr, _stride = torch.Tensor.data_ptr, torch.Tensor.stride
-_dtype, _shape, _is_cpu = operator.attrgetter("dtype"), operator.attrgetter("shape"), operator.attrgetter("is_cpu")
+_dtype, _shape = operator.attrgetter("dtype"), operator.attrgetter("shape")
 
 
 def _signature(t_list, s_list) -> tuple:
@@ -383,9 +383,7 @@ def _cpu_loop(t_list, s_list, momentum, backend: str) -> bool:
     bumps the teacher's version counters as an in-place op does. False where it does not run or
     refuses the tensors: the validated path then updates them (``torch._foreach_*``, the same
     bits) or raises the error that names the tensor."""
-    if backend != "torch" or not _ext.load_installed_extension():
-        return False
-    if not (all(map(_is_cpu, t_list)) and all(map(_is_cpu, s_list))):  # a meta tensor would reach the fake
+    if backend != "torch" or not t_list[0].is_cpu or not _ext.load_installed_extension():
         return False
     tensor = isinstance(momentum, torch.Tensor)
     try:
