@@ -354,11 +354,13 @@ def authors_lr_decay_rate(name, lr_decay_rate, num_layers, force_is_backbone):
     return lr_decay_rate ** (num_layers + 1 - layer_id)
 
 
-@pytest.mark.parametrize("arch", ["vit_pico", "vit_pico_dinov3"])
-def test_param_groups_are_the_authors(arch, pico_dinov3):
+@pytest.mark.parametrize("arch,head", [("vit_pico", "dinov3"), ("vit_pico_dinov3", "dinov3"),
+                                       ("vit_pico", "dinov2_bn")])
+def test_param_groups_are_the_authors(arch, head, pico_dinov3):
     cfg = Dinov3Config(data="x", arch=arch, img_size=16 if arch == "vit_pico" else None, patch_size=4,
                        dino_out_dim=8, ibot_out_dim=8, dino_head_hidden_dim=8, dino_head_bottleneck_dim=8,
-                       ibot_head_hidden_dim=8, ibot_head_bottleneck_dim=8)
+                       ibot_head_hidden_dim=8, ibot_head_bottleneck_dim=8, head_weight_norm=head == "dinov2_bn",
+                       head_use_bn=head == "dinov2_bn")
     model = build_dinov3_model(cfg)
     groups = dinov3_param_groups(model, 0.7, 0.2)
     where = {id(p): g for g in groups for p in g["params"]}
@@ -374,6 +376,9 @@ def test_param_groups_are_the_authors(arch, pico_dinov3):
             wd = 0.0 if name.endswith("bias") or "norm" in name or "gamma" in name else 1.0
             assert (g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) == \
                 (pytest.approx(lr), wd, "last_layer" in name), f"{part}.{name}"
+    last = dict(model.dino_head.named_parameters())
+    assert set(n for n in last if "last_layer" in n) == ({"last_layer.weight_g", "last_layer.weight_v"}
+                                                         if head == "dinov2_bn" else {"last_layer.weight"})
     names = dict(model.backbone.named_parameters())
     assert where[id(names["blocks.1.attn.qkv.weight"])]["lr_multiplier"] == pytest.approx(0.7)  # 2 blocks
     assert where[id(names["mask_token"])]["lr_multiplier"] == pytest.approx(0.7 ** 3)

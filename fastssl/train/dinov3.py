@@ -117,7 +117,8 @@ def build_dinov3_model(cfg: Dinov3Config | Mapping[str, Any], *, drop_path_rate:
     dim = cast(int, backbone.num_features)
 
     def head(out_dim: int, layers: int, hidden: int, bottleneck: int) -> DinoHead:
-        return DinoHead(dim, out_dim, nlayers=layers, hidden_dim=hidden, bottleneck_dim=bottleneck, weight_norm=False)
+        return DinoHead(dim, out_dim, use_bn=cfg.head_use_bn, nlayers=layers, hidden_dim=hidden,
+                        bottleneck_dim=bottleneck, weight_norm=cfg.head_weight_norm, norm_last_layer=False)
 
     dino_head = head(cfg.dino_out_dim, cfg.dino_head_layers, cfg.dino_head_hidden_dim, cfg.dino_head_bottleneck_dim)
     ibot_head = head(cfg.ibot_out_dim, cfg.ibot_head_layers, cfg.ibot_head_hidden_dim,
@@ -300,15 +301,23 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
         # Every rank builds the same weights (the teacher is loaded from the student before DDP broadcasts it).
         seed_all(cfg.seed)
         student = build_dinov3_model(cfg).to(device)
+        # The teacher stays in train mode, as DINO's: the authors' eval mode computes the same (no dropout, no drop
+        # path), except with --head-use-bn, whose BatchNorm then uses the batch's statistics (theirs would use
+        # running statistics that their EMA never updates).
         teacher_net = build_dinov3_model(cfg, drop_path_rate=0.0).to(device)
         seed_all(cfg.seed + rank)  # then each rank its own randomness (drop path)
+        # As DINO's trainer: any BatchNorm (the heads', with --head-use-bn) syncs across GPUs; gloo keeps its own.
+        if world > 1 and device.type == "cuda":
+            student = cast(Dinov3Model, nn.SyncBatchNorm.convert_sync_batchnorm(student))
+            teacher_net = cast(Dinov3Model, nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net))
         teacher_net.load_state_dict(student.state_dict())
         epochs = cfg.epochs
         momentum = cosine_momentum_schedule(cfg.momentum_teacher, cfg.final_momentum_teacher, epochs, niter)
         teacher = MomentumTeacher(student, momentum.tolist(), teacher=teacher_net)
-        if cfg.compile:
-            student.backbone.compile()
-            teacher_net.backbone.compile()
+        if cfg.compile:  # the backbones' forward_features, which every caller goes through (state dict unchanged)
+            for net in (student, teacher_net):
+                vit = cast(Any, net.backbone)
+                vit.forward_features = torch.compile(vit.forward_features)
         student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                           else None) if world > 1 else student
 

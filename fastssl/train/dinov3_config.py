@@ -83,6 +83,10 @@ class Dinov3Config(KnnOptions, RunConfig):
                                        checks=[at_least(1)])
     dino_head_bottleneck_dim: int = option(256, "bottleneck width (L2-normalised) of the DINO head "
                                            "[dino.head_bottleneck_dim]", group=MODEL, checks=[at_least(1)])
+    head_use_bn: bool = option(False, "BatchNorm in the heads' MLPs (the authors' DINOHead(use_bn=True); off in "
+                               "their configs; synchronised across processes on GPUs)", group=MODEL)
+    head_weight_norm: bool = option(False, "the heads' last layers weight-normalised (norms trained from 1): "
+                                    "DINOv2's DINOHead; DINOv3's is a plain Linear", group=MODEL)
     ibot_separate_head: bool = option(True, "a head of its own for iBOT (DINOv3; false: iBOT shares the DINO head, "
                                       "as DINOv2's default) [ibot.separate_head]", group=MODEL)
     ibot_out_dim: int = option(65536, "prototypes of the iBOT head [ibot.head_n_prototypes]", group=MODEL,

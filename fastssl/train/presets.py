@@ -96,14 +96,20 @@ DINOV3_PRESETS: dict[str, Dinov3Config] = {
                                        precision="bf16"),
     "dinov3_vits16_im1k": Dinov3Config(arch="vit_small_patch16_dinov3_qkvb", n_storage_tokens=0, drop_path_rate=0.1,
                                        precision="bf16"),
-    # A CPU run on the digits (see its note in the README's Training section): the demo's ViT and crops, the
-    # recipe's losses, masks and schedules at this scale.
+    # A CPU run on the digits: the demo's ViT (vit_digits), crops and batch, 50 passes over the 1437 training
+    # digits (22 iterations each), the recipe's losses, masks, param groups and schedules. Two departures
+    # from the authors' values, measured (README, "DINOv3"): with DINOv3's own head (a plain last layer
+    # initialised at std 0.02, no BatchNorm) and the teacher temperature 0.04 -> 0.07, the DINO and iBOT losses
+    # stay at ln(256) here and KoLeo alone moves the backbone (k-NN 66% after 10 epochs, 32% after 50); with
+    # DINOv2's weight-normalised last layer, BatchNorm in the heads and the teacher at 0.04 (DINO's demo too)
+    # both losses fall and the k-NN climbs to 89%.
     "dinov3_digits": Dinov3Config(
         data="digits", arch="vit_digits", img_size=16, global_crop_size=16, local_crop_size=8, local_crops_number=8,
         global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0,
         blur_sigma=(0.1, 0.3), solarize_p=0.0, dino_out_dim=256, dino_head_hidden_dim=512,
         dino_head_bottleneck_dim=128, ibot_out_dim=256, ibot_head_hidden_dim=512, ibot_head_bottleneck_dim=128,
+        head_weight_norm=True, head_use_bn=True, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
         drop_path_rate=0.1, batch_size_per_gpu=64, official_epoch_length=0, epochs=50, lr=0.004, min_lr=1e-5,
-        warmup_epochs=5, warmup_teacher_temp_epochs=10, momentum_teacher=0.99, num_workers=0,
+        warmup_epochs=5, momentum_teacher=0.99, num_workers=0,
         eval_crop_fraction=1.0, saveckp_freq=0, output_dir="runs/dinov3_digits"),
 }
