@@ -12,6 +12,7 @@ import math
 import os
 import random
 import signal
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -656,6 +657,59 @@ def test_a_bad_option_is_refused_by_name_before_any_file(tmp_path, monkeypatch, 
     assert err.startswith(f"fastssl-train dinov3: error: {message}"), err
     assert "Traceback" not in err and err.count("\n") == 1
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no file, no folder
+
+
+CANDIDATES = (-1, 0, 1.5, 2, 4, 1.0, "", (0.9, 0.2), (0.0, 2.0), (-1.0, -1.0), (0, 0))
+
+
+def test_every_option_has_a_bad_value_refused_by_name(tmp_path, monkeypatch, capsys):
+    """For every option a value it refuses (found among a few candidates for the checked ones; a word for the
+    choices and booleans, which argparse refuses): the command line exits with 2 naming the option, before any
+    file."""
+    import typing
+
+    from fastssl.train.config import shown, split_optional
+
+    monkeypatch.chdir(tmp_path)
+    hints = Dinov3Config.hints()
+    tried = []
+    for f in dataclasses.fields(Dinov3Config):
+        kind, _ = split_optional(hints[f.name])
+        flag = Dinov3Config.flag(f.name)
+        by_argparse = typing.get_origin(kind) is Literal or kind is bool or f.name == "preset"
+        if by_argparse:
+            bad = "nonesuch"
+        elif f.metadata["checks"]:
+            def refused(value, name=f.name, flag=flag):
+                try:
+                    Dinov3Config(**{"data": "x", name: value}).validate()
+                except (ConfigError, TypeError) as e:
+                    return str(e).startswith(flag)
+                return False
+
+            fits = [c for c in CANDIDATES if isinstance(c, tuple) == (typing.get_origin(kind) is tuple)
+                    and (kind is not int or isinstance(c, int)) and (kind is not str or isinstance(c, str))
+                    and (kind not in (int, float) or not isinstance(c, str)) and refused(c)]
+            assert fits, f"no candidate value is refused for {flag}"
+            bad = fits[0]
+        else:
+            continue
+        argv = ["dinov3", "--data", "x", "--output-dir", str(tmp_path / "out"), flag,
+                *(shown(bad).split() if shown(bad) != "''" else [""])]
+        if f.name == "data":
+            argv = ["dinov3", "--output-dir", str(tmp_path / "out"), flag, ""]
+        if by_argparse:  # argparse's own error, naming the option
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            assert exit_.value.code == 2
+            assert f"argument {flag}: " in capsys.readouterr().err
+        else:
+            assert main(argv) == 2, flag
+            err = capsys.readouterr().err
+            assert err.startswith(f"fastssl-train dinov3: error: {flag} "), err
+        assert not any(tmp_path.iterdir())  # nothing written
+        tried.append(f.name)
+    assert set(tried) == {f.name for f in dataclasses.fields(Dinov3Config)}  # every option
 
 
 def test_config_error_class():
