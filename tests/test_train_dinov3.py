@@ -54,9 +54,13 @@ def folder(tmp_path):
 
 @pytest.fixture
 def pico_dinov3(monkeypatch):
-    """A DINOv3 ViT of vit_pico's size (timm's Eva: RoPE, 4 storage tokens, layer scale, qkv bias) by name."""
+    """A DINOv3 ViT of vit_pico's size (timm's Eva: RoPE, 4 storage tokens, layer scale, qkv bias) by name, and
+    a DINOv2 one with registers (timm's VisionTransformer: 4 register tokens, position embeddings for the
+    patches only, layer scale)."""
     monkeypatch.setitem(ARCH_ALIASES, "vit_pico_dinov3", (
         "vit_small_patch16_dinov3_qkvb", dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)))
+    monkeypatch.setitem(ARCH_ALIASES, "vit_pico_reg4", (
+        "vit_small_patch14_reg4_dinov2", dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)))
     return "vit_pico_dinov3"
 
 
@@ -298,9 +302,9 @@ def test_masking_generator_statistics():
 
 # ----------------------------------------------------------------------------- the networks
 
-@pytest.mark.parametrize("arch", ["vit_pico", "vit_pico_dinov3"])
+@pytest.mark.parametrize("arch", ["vit_pico", "vit_pico_dinov3", "vit_pico_reg4"])
 def test_mask_token_replaces_exactly_the_masked_patch_embeddings(arch, pico_dinov3):
-    cfg = Dinov3Config(data="x", arch=arch, img_size=16 if arch == "vit_pico" else None, patch_size=4,
+    cfg = Dinov3Config(data="x", arch=arch, img_size=None if arch == "vit_pico_dinov3" else 16, patch_size=4,
                        dino_out_dim=8, ibot_out_dim=8, dino_head_hidden_dim=8, dino_head_bottleneck_dim=8,
                        ibot_head_hidden_dim=8, ibot_head_bottleneck_dim=8, drop_path_rate=0.0)
     backbone = build_dinov3_model(cfg).backbone.eval()
@@ -323,7 +327,7 @@ def test_mask_token_replaces_exactly_the_masked_patch_embeddings(arch, pico_dino
     patches_before, patches_after = before[:, prefix:], after[:, prefix:]
     assert torch.equal(patches_after[~masks], patches_before[~masks])  # unmasked patches untouched
     # Masked: the token in place of the patch embedding, then the position embedding (RoPE models: none).
-    pos = backbone.pos_embed[:, prefix:].expand(3, -1, -1)[masks] if backbone.pos_embed is not None else 0
+    pos = backbone.pos_embed[:, -16:].expand(3, -1, -1)[masks] if backbone.pos_embed is not None else 0
     torch.testing.assert_close(patches_after[masks], backbone.mask_token.expand(int(masks.sum()), -1) + pos)
     assert not torch.equal(masked, plain) and torch.equal(none, plain)
     assert torch.equal(backbone(x), plain[:, 0])  # without masks the forward is timm's
@@ -356,9 +360,9 @@ def authors_lr_decay_rate(name, lr_decay_rate, num_layers, force_is_backbone):
 
 
 @pytest.mark.parametrize("arch,head", [("vit_pico", "dinov3"), ("vit_pico_dinov3", "dinov3"),
-                                       ("vit_pico", "dinov2_bn")])
+                                       ("vit_pico_reg4", "dinov2_bn")])
 def test_param_groups_are_the_authors(arch, head, pico_dinov3):
-    cfg = Dinov3Config(data="x", arch=arch, img_size=16 if arch == "vit_pico" else None, patch_size=4,
+    cfg = Dinov3Config(data="x", arch=arch, img_size=None if arch == "vit_pico_dinov3" else 16, patch_size=4,
                        dino_out_dim=8, ibot_out_dim=8, dino_head_hidden_dim=8, dino_head_bottleneck_dim=8,
                        ibot_head_hidden_dim=8, ibot_head_bottleneck_dim=8, head_weight_norm=head == "dinov2_bn",
                        head_use_bn=head == "dinov2_bn")
