@@ -389,6 +389,32 @@ def test_param_groups_are_the_authors(arch, head, pico_dinov3):
     assert where[id(names["mask_token"])]["lr_multiplier"] == pytest.approx(0.7 ** 3)
 
 
+def test_uniform_drop_path_and_clipping_per_module(pico_dinov3):
+    from timm.layers import DropPath
+
+    from fastssl.train.dinov3 import clip_each_
+
+    cfg = Dinov3Config(data="x", arch=pico_dinov3, patch_size=4, drop_path_rate=0.3, dino_out_dim=8, ibot_out_dim=8,
+                       dino_head_hidden_dim=8, dino_head_bottleneck_dim=8, ibot_head_hidden_dim=8,
+                       ibot_head_bottleneck_dim=8)
+    model = build_dinov3_model(cfg)
+    rates = [getattr(b, n).drop_prob for b in model.backbone.blocks for n in ("drop_path1", "drop_path2")]
+    assert rates == [0.3] * 4  # every block the same rate (timm's rule would give block 0 none)
+    assert all(isinstance(b.drop_path1, DropPath) for b in model.backbone.blocks)
+    teacher = build_dinov3_model(cfg, drop_path_rate=0.0)
+    assert not any(isinstance(m, DropPath) for m in teacher.modules())
+    parts = [model.backbone, model.dino_head, model.ibot_head]
+    for scale, part in zip((10.0, 0.001, 5.0), parts, strict=True):
+        for p in part.parameters():
+            p.grad = torch.randn_like(p) * scale
+    before = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()])) for m in parts]
+    norms = clip_each_(model, 3.0)
+    for got, want, part in zip(norms, before, parts, strict=True):
+        assert float(got) == pytest.approx(float(want), rel=1e-5)  # each module's own norm
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in part.parameters()]))
+        assert float(after) == pytest.approx(min(3.0, float(want)), rel=1e-4)
+
+
 def test_attention_maps_of_a_rope_model_with_storage_tokens(pico_dinov3):
     """The CLS row of the last block's softmax, with RoPE on the patches and the 4 storage tokens left out:
     the weights that, applied to the block's values, give its attention output."""
