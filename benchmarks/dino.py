@@ -400,7 +400,7 @@ def notes(preset_name: str, preset: Preset, records: Sequence[dict], device: tor
         "both against the measured copy bandwidth.",
     ]
     if device.type != "cuda":
-        lines.append("CPU run: `fastssl` is the fused PyTorch closed form, compiled once per shape family "
+        lines.append("CPU run: `fastssl` is the fused PyTorch closed form, compiled once per shape "
                      "(FASTSSL_COMPILE=0: eager; the Triton kernels need a GPU); no memory column (CUDA "
                      "allocator stats only).")
     if preset.note:

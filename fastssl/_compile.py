@@ -1,4 +1,4 @@
-"""The PyTorch paths that compile themselves: once per shape family, where ``torch.compile`` works.
+"""The PyTorch paths that compile themselves: once per shape, where ``torch.compile`` works.
 
 An eager PyTorch closed form makes one pass over its tensors per op, where ``torch.compile`` of
 the authors' code fuses them; a PyTorch path wrapped here is compiled the same way (Inductor: a
@@ -19,8 +19,11 @@ __all__ = ["compiled_when_possible"]
 
 
 def compiled_when_possible(fn):
-    """``fn``, compiled on its first call (``dynamic=None``: a new shape recompiles once, then
-    shapes are symbolic), else eager."""
+    """``fn``, compiled on its first call, else eager. Static shapes (``dynamic=False``): a new shape
+    compiles again, and past torch's recompile limit that shape runs eagerly; symbolic shapes are
+    not used because Inductor's backward fails on some of them (a batch of 8, 8 then 7 rows of
+    ``view(n, B, K)``: "expected [s] to have been codegen-ed", torch 2.14), an error that would come
+    out of ``backward()``, where nothing here could catch it."""
     state: dict = {}
 
     @functools.wraps(fn)
@@ -28,7 +31,7 @@ def compiled_when_possible(fn):
         if os.environ.get("FASTSSL_COMPILE", "1") == "0" or state.get("failed") or torch.compiler.is_compiling():
             return fn(*args)
         if "compiled" not in state:
-            state["compiled"] = torch.compile(fn, dynamic=None)
+            state["compiled"] = torch.compile(fn, dynamic=False)
         try:
             return state["compiled"](*args)
         except Exception as exc:  # no C++ compiler, an Inductor bug: the eager path gives the same numbers

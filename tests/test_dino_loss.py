@@ -386,3 +386,38 @@ def test_torch_path_compiled_matches_authors(monkeypatch):
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     assert_rel_close(grad, ref_grad, 1e-5, "gradient")
     assert_rel_close(batch_center, ref_center, 1e-6, "batch center")
+
+
+def test_compiled_torch_path_with_changing_batches_and_a_failed_compile(monkeypatch):
+    # Static shapes: a new batch size compiles again (8, 8, then 7 rows a crop, each with its
+    # backward); a compile that fails leaves the eager path, said once, with the same numbers.
+    from fastssl.losses import dino as dino_module
+
+    monkeypatch.setenv("FASTSSL_COMPILE", "1")
+    state = dino_module._torch_path.compile_state
+    saved = dict(state)
+    state.clear()
+    torch._dynamo.reset()
+    try:
+        for B in (8, 8, 7):
+            student, teacher, center = _logits(4, B, 64)
+            student.requires_grad_()
+            loss, _ = dino_loss(student, teacher, center, 4, 0.04, backend="torch")
+            loss.backward()
+            ref_loss, ref_grad, _ = _reference(student, teacher, center, 4, 0.04)
+            assert_rel_close(loss, ref_loss, 1e-5, f"loss, B={B}")
+            assert_rel_close(student.grad, ref_grad, 1e-5, f"gradient, B={B}")
+        assert not state.get("failed")
+
+        def broken(*args):
+            raise RuntimeError("no C++ compiler")
+
+        state["compiled"] = broken
+        student, teacher, center = _logits(4, 3, 40)
+        with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
+            loss, _ = dino_loss(student, teacher, center, 4, 0.04, backend="torch")
+        assert_rel_close(loss, _reference(student, teacher, center, 4, 0.04)[0], 1e-5, "eager loss")
+        assert state["failed"]
+    finally:
+        state.clear()
+        state.update(saved)

@@ -26,7 +26,6 @@ import math
 import torch
 
 from .._backend import resolve_backend
-from .._compile import compiled_when_possible
 from .targets import TeacherTargets
 
 __all__ = ["dino_cross_entropy"]
@@ -57,11 +56,6 @@ def _dino_ce_torch(student, teacher, weights, n_s, n_t, n_diag, student_temp, sc
             dots = dots * weights.float()
         # Scaled before the sum: rows whose logits span most of fp32's range would overflow it.
         return -(dots * scale).sum()
-
-
-# The PyTorch path, compiled once per shape family where torch.compile works (fastssl._compile):
-# eager, the closed form takes ~8 passes over the [S, B, K] logits where the compiled one fuses them.
-_torch_path = compiled_when_possible(_dino_ce_torch)
 
 
 # ----------------------------------------------------------------------------- Triton path (custom ops)
@@ -225,7 +219,7 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher: torch.Tensor | Tea
     else:
         rows, center, offset, stats, temp = x.detach().reshape(T * B, K), None, None, None, 1.0
     if backend == "torch":
-        return _torch_path(z, teacher if stats is not None else rows, weights, S, T, D, student_temp, scale)
+        return _dino_ce_torch(z, teacher if stats is not None else rows, weights, S, T, D, student_temp, scale)
     if weights is not None:
         weights = weights.detach().float()
     loss, _ = _forward_op(z, rows, center, offset, stats, weights, S, T, D, student_temp, temp, scale)

@@ -72,25 +72,49 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, center: torch.Te
 
 # ----------------------------------------------------------------------------- PyTorch path
 
+class _ClosedForm(torch.autograd.Function):
+    """``scale * sum_v [n(v) * lse(z_v) - <Q_v, z_v>]`` over rows of scaled logits ``z``, written as
+    ``n * log(L) - <Q, z - M>`` (no cancellation for huge logits), the softmax kept for the
+    backward: one exponential an element in all, where autograd through a log-softmax takes two
+    (on a CPU the exponentials are most of the time)."""
+
+    @staticmethod
+    def forward(ctx, z, Q, n, scale):
+        m = z.amax(dim=-1, keepdim=True)
+        e = torch.exp(z - m)
+        total = e.sum(dim=-1, keepdim=True)
+        loss = ((n * torch.log(total)).sum() - (Q * (z - m)).sum()) * scale
+        ctx.save_for_backward(e / total, Q, n)
+        ctx.scale = scale
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, Q, n = ctx.saved_tensors
+        return (n * p - Q) * (grad * ctx.scale), None, None, None
+
+
 def _dino_loss_torch(student, teacher, center, ncrops, student_temp, teacher_temp):
     """The closed form in plain PyTorch, teacher and student in one function (so that a compile
-    fuses them), fp32 math; autograd gives the gradient. With log_softmax,
-    -<Q_v, log_softmax(z_v)> = n(v) lse(z_v) - <Q_v, z_v> stays exact for huge logits."""
+    fuses them), fp32 math. Student crop v is scored against Q_v: the other global crop's
+    probabilities for the 2 global crops, the sum of both for the local ones."""
     B, K = teacher.shape[0] // 2, student.shape[1]
     # Elementwise products, not matmuls: exact under autocast and with TF32 enabled.
     with torch.autocast(student.device.type, enabled=False):
-        logp = torch.log_softmax(student.float().view(ncrops, B, K) / student_temp, dim=-1)
+        z = student.float().view(ncrops, B, K) / student_temp
         t = teacher.float()
-        q0, q1 = torch.softmax((t - center.float().view(1, K)) / teacher_temp, dim=-1).view(2, B, K)
+        q = torch.softmax((t - center.float().view(1, K)) / teacher_temp, dim=-1).view(2, B, K)
         # Scaled before the sum: rows near fp32's largest values must not overflow it.
         batch_center = (t * (1.0 / t.shape[0])).sum(dim=0, keepdim=True)
-        # sum_v <Q_v, logp_v> = <q0 + q1, sum_v logp_v> - <q0, logp_0> - <q1, logp_1>
-        dots = ((q0 + q1) * logp.sum(0)).sum() - (q0 * logp[0]).sum() - (q1 * logp[1]).sum()
-        loss = -dots / ((2 * ncrops - 2) * B)
+        Q = torch.cat([q.flip(0), (q[0] + q[1]).expand(ncrops - 2, B, K)])
+        n = torch.cat([z.new_ones(2, 1, 1), z.new_full((ncrops - 2, 1, 1), 2.0)])
+        loss = _ClosedForm.apply(z, Q, n, 1.0 / ((2 * ncrops - 2) * B))
     return loss, batch_center
 
 
-# Compiled once per shape family where torch.compile works (fastssl._compile).
+# Compiled once per shape where torch.compile works (fastssl._compile): eager, the closed form makes
+# ~10 passes over the [ncrops * B, K] logits, which the compile fuses; DinoLoss's shapes stay fixed
+# over a run (the trainer drops the last partial batch).
 _torch_path = compiled_when_possible(_dino_loss_torch)
 
 
