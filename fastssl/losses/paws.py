@@ -190,35 +190,42 @@ _EPS = 1e-12  # F.normalize's
 
 def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x / max(|x|, eps), 1 / max(|x|, eps), |x| < eps)`` row by row, in fp32 (one copy of
-    16-bit rows: mixed-dtype ops on the CPU would copy them on every op instead)."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+    16-bit rows: mixed-dtype ops, and vector_norm's dtype=, copy them on every op instead)."""
+    xf = x.float()
+    norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
     inv = norm.clamp_min(_EPS).reciprocal_()
-    x_hat = x * inv if x.dtype == torch.float32 else x.float().mul_(inv)
+    x_hat = xf * inv if xf is x else xf.mul_(inv)
     return x_hat, inv, norm < _EPS
 
 
-def _unit_rows_backward(grad: torch.Tensor, x_hat: torch.Tensor, inv: torch.Tensor, small: torch.Tensor,
-                        scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """The gradient to ``x`` of ``scale * x / max(|x|, eps)`` given ``grad`` to it (a fresh tensor,
-    updated in place): ``scale * (grad - x^ <x^, grad>) / |x|``, and ``scale * grad / eps`` in the
-    rows below eps (where the norm is the constant eps); returned in ``dtype``."""
-    g = grad.float()
-    proj = torch.linalg.vecdot(g, x_hat, dim=1).unsqueeze(1).masked_fill_(small, 0.0)
-    return g.addcmul_(x_hat, proj, value=-1.0).mul_(inv * scale if scale != 1.0 else inv).to(dtype)
+def _unit_rows_backward(grad: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, inv: torch.Tensor,
+                        small: torch.Tensor, proj: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient to ``x`` of ``x^ = x / max(|x|, eps)``, given ``grad * scale``, the gradient to
+    ``x^`` (``grad`` a fresh tensor, updated in place), and ``proj = <x^, grad * scale>`` per row:
+    ``(grad * scale - x^ proj) / |x| = grad * scale / |x| - x * proj / |x|^2``; below eps the norm
+    is the constant eps, so no projection. In x's dtype: for fp32 and bf16 rows two in-place ops on
+    ``grad`` (no copy of a [rows, d] tensor: on a CPU those are what cost)."""
+    proj = proj.unsqueeze(1).masked_fill_(small, 0.0)
+    if grad.dtype == x.dtype:
+        return grad.mul_((inv * scale).to(x.dtype)).addcmul_(x, (proj * inv * inv).to(x.dtype), value=-1.0)
+    # fp16 rows, whose products ran in fp32
+    return grad.mul_(inv * scale).addcmul_(x_hat, proj * inv, value=-1.0).to(x.dtype)
 
 
 class _SnnTorch(torch.autograd.Function):
     """The definition in plain PyTorch with a hand-written backward: fewer and lighter passes than
     autograd's (1 / tau folded into the query rows, the softmax's backward through ``<g, probs>``
-    per row, the normalisations' backwards in place, no mixed-dtype op on a large tensor), so that
-    it is at least the authors' speed in every dtype.
+    per row, both normalisations' projections from one N x M product, their backwards in place, no
+    mixed-dtype op on a large tensor: on a CPU those copy their operands), so that it is at least
+    the authors' speed in every dtype.
 
     Precision: fp32 (and fp16) inputs in fp32 throughout. For bf16 inputs the similarities and
     their softmax are fp32 (of the bf16 values), and the products with dense labels Y (forward and
     backward) and with the unit rows (backward) multiply in bf16 with fp32 accumulation, as the
-    authors' autocast does, rounded to bf16; class ids' sums and every normalisation are fp32. A
-    PAWS loss gradient lands 5e-3 to 1e-2 from float64 (the authors' own bf16 formulation about
-    2e-2). Materialises the N x M similarities (as the authors do)."""
+    authors' autocast does, rounded to bf16; class ids' sums, the norms and the normalisations'
+    projections are fp32, their backward's last two steps bf16 (the gradients' dtype). A PAWS loss
+    gradient lands 4e-3 to 1e-2 from float64 (the authors' own bf16 formulation about 2e-2).
+    Materialises the N x M similarities (as the authors do)."""
 
     @staticmethod
     def forward(ctx, query, supports, labels, tau, num_classes, smoothing):
@@ -226,7 +233,8 @@ class _SnnTorch(torch.autograd.Function):
         s_hat, s_inv, s_small = _unit_rows(supports)
         low = torch.bfloat16 if torch.bfloat16 in (query.dtype, supports.dtype) else torch.float32
         q_tau = q_hat * (1.0 / tau)
-        a = torch.softmax(q_tau @ s_hat.T, dim=1)
+        logits = q_tau @ s_hat.T
+        a = torch.softmax(logits, dim=1)
         if labels.is_floating_point():
             y = labels.float()
             raw = (a.to(low) @ y.to(low)).float()  # a product in the authors' autocast precision
@@ -234,27 +242,33 @@ class _SnnTorch(torch.autograd.Function):
             # Class sums of A by an index_add over the columns: no [M, C] matrix.
             y = None
             raw = a.new_zeros(a.shape[0], num_classes).index_add_(1, labels, a)
-        ctx.save_for_backward(q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, a, labels, raw, y)
-        ctx.tau, ctx.smoothing, ctx.dtypes = tau, smoothing, (query.dtype, supports.dtype)
+        ctx.save_for_backward(query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, logits, a, labels,
+                              raw, y)
+        ctx.tau, ctx.smoothing, ctx.low = tau, smoothing, low
         return raw * (1.0 - smoothing) + smoothing / num_classes if smoothing else raw
 
     @staticmethod
     def backward(ctx, grad):
-        q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, a, labels, raw, y = ctx.saved_tensors
+        query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, logits, a, labels, raw, y = \
+            ctx.saved_tensors
         need_q, need_s = ctx.needs_input_grad[:2]
         if not (need_q or need_s):
             return None, None, None, None, None, None
-        low = torch.bfloat16 if torch.bfloat16 in ctx.dtypes else torch.float32  # the products' dtype
+        low = ctx.low  # the products' dtype
         if ctx.smoothing:  # the smoothing's constant adds the same to every column: the softmax drops it
             grad = grad * (1.0 - ctx.smoothing)
         # d/dA = grad @ Y^T; the softmax's backward subtracts <A_i, d/dA_i> = <grad_i, probs_i>.
         da = (grad.to(low) @ y.to(low).T).float() if y is not None else grad.index_select(1, labels)
-        dl = da.sub_(torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)).mul_(a).to(low)
+        dl = da.sub_(torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)).mul_(a)
+        # The normalisations' projections <x^, d/dx^> from the similarities: for a support
+        # sum_i dl_ij l_ij, for a query the same over j (1 / tau cancels): one N x M product.
+        dl_l = dl * logits
+        dl = dl.to(low)
         dq = ds = None
-        if need_q:  # the similarities are q^ / tau . s^
-            dq = _unit_rows_backward(dl @ s_hat.to(low), q_hat, q_inv, q_small, 1.0 / ctx.tau, ctx.dtypes[0])
+        if need_q:  # the similarities are q_tau . s^, q_tau = q^ / tau
+            dq = _unit_rows_backward(dl @ s_hat.to(low), query, q_hat, q_inv, q_small, dl_l.sum(1), 1.0 / ctx.tau)
         if need_s:
-            ds = _unit_rows_backward(dl.T @ q_tau.to(low), s_hat, s_inv, s_small, 1.0, ctx.dtypes[1])
+            ds = _unit_rows_backward(dl.T @ q_tau.to(low), supports, s_hat, s_inv, s_small, dl_l.sum(0), 1.0)
         return dq, ds, None, None, None, None
 
 
