@@ -98,3 +98,22 @@ def test_attention_command_writes_the_maps(data, tmp_path):
     assert main(["attention", "--checkpoint", str(tmp_path / "paws" / "checkpoint.pth"), "--image", str(image),
                  "--output-dir", str(tmp_path / "png2")]) == 0
     assert len(list((tmp_path / "png2").iterdir())) == len(names)
+
+
+def test_knn_and_attention_read_dinov3_checkpoints(data, tmp_path):
+    # A fastssl-train dinov3 run's teacher (its backbone carries the mask token; the heads are
+    # DINO's and iBOT's) feeds the k-NN and the attention maps as a DINO run's does; --which student too.
+    from test_train_dinov3 import TINY as DINOV3_TINY
+
+    from fastssl.train.dinov3 import train_dinov3
+
+    out = tmp_path / "v3"
+    train_dinov3(parse_args(["dinov3", "--data", str(data[0]), "--output-dir", str(out), *DINOV3_TINY,
+                             "--stop-after-steps", "1"]))
+    for which in ("teacher", "student"):
+        result = knn_command(knn_cfg(out / "checkpoint.pth", data, "--which", which))
+        assert 0 <= result["top1"] <= result["top5"] <= 100
+    image = sorted((data[1] / "class0").iterdir())[0]
+    assert main(["attention", "--checkpoint", str(out / "checkpoint.pth"), "--image", str(image), "--output-dir",
+                 str(tmp_path / "png")]) == 0
+    assert (tmp_path / "png" / "attn-mean.png").exists()

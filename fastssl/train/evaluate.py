@@ -1,16 +1,22 @@
-"""``fastssl-train knn``: the k-NN accuracy of a checkpoint's network (DINO or PAWS) on a labelled folder."""
+"""``fastssl-train knn``: the k-NN accuracy of a checkpoint's network (DINO, DINOv3 or PAWS) on a labelled folder."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_pretrained
 from .data import DataError, DigitsImages, ImageFolder, load_digits_split
 from .dino_config import DinoConfig
+from .dinov3_config import Dinov3Config
 from .errors import ConfigError
 from .eval_config import AttentionConfig, KnnCommandConfig
 from .knn import knn_eval
 from .models import MultiCropModel, PawsModel
+
+if TYPE_CHECKING:
+    from .dinov3 import Dinov3Model
 from .paws_config import PawsConfig
 
 __all__ = ["knn_command", "model_from_checkpoint"]
@@ -41,12 +47,27 @@ def _paws_model_from_checkpoint(cfg: EvalConfig, state: dict) -> tuple[PawsModel
     return model, train_cfg
 
 
+def _dinov3_model_from_checkpoint(cfg: EvalConfig, state: dict, saved: dict) -> tuple[Dinov3Model, Dinov3Config]:
+    """A ``fastssl-train dinov3`` run's teacher or student (``--which``): backbone with its mask token,
+    DINO and iBOT heads."""
+    from .dinov3 import build_dinov3_model
+
+    train_cfg = Dinov3Config.from_dict(saved, strict=False)
+    if cfg.which not in state:
+        raise CheckpointError(f"checkpoint {cfg.checkpoint!r} has no {cfg.which!r} entry (keys: {sorted(state)})")
+    weights = {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state[cfg.which].items()}
+    model = build_dinov3_model(train_cfg, drop_path_rate=0.0)
+    check_state_dict(model, weights, cfg.which, cfg.checkpoint)
+    model.load_state_dict(weights)
+    return model, train_cfg
+
+
 def model_from_checkpoint(cfg: EvalConfig, device: torch.device
-                          ) -> tuple[MultiCropModel | PawsModel, DinoConfig | PawsConfig]:
+                          ) -> tuple[MultiCropModel | PawsModel | Dinov3Model, DinoConfig | PawsConfig | Dinov3Config]:
     """``(network, its training config)`` of ``cfg.checkpoint``: the config saved in a fastssl
-    checkpoint, else ``--arch`` / ``--patch-size`` (the authors' checkpoints). DINO checkpoints give
-    their teacher or student (``--which``), PAWS ones their encoder; either way ``network.backbone``
-    holds the features."""
+    checkpoint, else ``--arch`` / ``--patch-size`` (the authors' checkpoints). DINO and DINOv3
+    checkpoints give their teacher or student (``--which``), PAWS ones their encoder; either way
+    ``network.backbone`` holds the features."""
     from .dino import build_dino_model
 
     state = load_checkpoint(cfg.checkpoint)
@@ -54,6 +75,9 @@ def model_from_checkpoint(cfg: EvalConfig, device: torch.device
     if "encoder" in state or (isinstance(saved, dict) and saved.get("command") == "paws"):
         paws_model, paws_cfg = _paws_model_from_checkpoint(cfg, state)
         return paws_model.to(device).eval(), paws_cfg
+    if isinstance(saved, dict) and saved.get("command") == "dinov3":
+        v3_model, v3_cfg = _dinov3_model_from_checkpoint(cfg, state, saved)
+        return v3_model.to(device).eval(), v3_cfg
     if isinstance(saved, dict):
         train_cfg = DinoConfig.from_dict(saved, strict=False)
         if train_cfg.head_layers < 1:  # the trainer before 0.2 built one layer for --head-layers 0
