@@ -361,7 +361,7 @@ def target_lines(records: Sequence[dict], on_cuda: bool) -> list[str]:
 
 
 def cpu_target_lines(records: Sequence[dict], on_cpu: bool) -> list[str]:
-    """Issue 22's goal for the PyTorch path (``fastssl`` on a CPU, compiled once per shape family):
+    """Issue 22's goal for the PyTorch path (``fastssl`` on a CPU, compiled once per shape):
     forward + backward no slower than ``torch.compile`` of the authors' loop. Judged on a CPU run only."""
     lines = []
     for case in dict.fromkeys(r["case"] for r in records if r["mode"] == "fwd+bwd"):
