@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, TOL, assert_rel_close
+from helpers import DEVICE, TOL, assert_rel_close, rel_err
 
 import fastssl
 from fastssl.functional import paws_loss, snn
@@ -18,6 +18,18 @@ from fastssl.reference import init_paws_loss as authors_init_paws_loss
 from fastssl.reference import make_labels_matrix, snn_reference
 
 FP32_TOL = 1e-4  # the issue's bound on fp32 results (the kernels land near 1e-6)
+# The PyTorch path multiplies bf16 embeddings in bf16 with fp32 accumulation, as the authors'
+# autocast (issue 22): its similarities and products are rounded to bf16, so its bf16 results are
+# held to that formulation's precision (the authors' own bf16 run of these tests lands at 1.2e-2 to
+# 3.6e-2, this path at 0.9e-2 to 1.7e-2), and test_torch_bf16_at_least_as_precise_as_the_authors
+# compares the two on the same inputs.
+TORCH_BF16_TOL = 2.5e-2
+
+
+def _tol(dtype, backend):
+    if dtype == torch.float32:
+        return FP32_TOL
+    return TORCH_BF16_TOL if backend == "torch" and dtype == torch.bfloat16 else TOL[dtype]
 
 
 def _emb(rows, d, dtype=torch.float32):
@@ -94,7 +106,7 @@ def test_snn_backward_over_support_chunks(backend, kind, dtype):
     labels = _soft_labels(M, C) if kind == "dense" else torch.randint(0, C, (M,), device=DEVICE)
     got, want = _snn_vs_reference(query, supports, labels, 0.1, backend, num_classes=C, smoothing=0.1 * (kind == "ids"))
     assert got[1].dtype == got[2].dtype == dtype
-    _assert_snn_close(got, want, FP32_TOL if dtype == torch.float32 else TOL[dtype])
+    _assert_snn_close(got, want, _tol(dtype, backend))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -110,7 +122,7 @@ def test_dense_forward_with_dots_from_a_matmul(backend, monkeypatch, N, M, d, ch
     assert cfg["pre"] and cfg["nparts"] <= 8 and len(cfg["segments"]) == chunks
     query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
     got, want = _snn_vs_reference(query, supports, _soft_labels(M, C), tau, backend)
-    _assert_snn_close(got, want, FP32_TOL if dtype == torch.float32 else TOL[dtype])
+    _assert_snn_close(got, want, _tol(dtype, backend))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -158,7 +170,7 @@ def test_snn_16bit_embeddings_of_any_norm(backend, dtype, norm):
     supports = (_emb(M, d) * norm / math.sqrt(d)).to(dtype).requires_grad_()
     labels = torch.randint(0, C, (M,), device=DEVICE)
     got, want = _snn_vs_reference(query, supports, labels, tau, backend, num_classes=C, smoothing=0.1)
-    _assert_snn_close(got, want, TOL[dtype])
+    _assert_snn_close(got, want, _tol(dtype, backend))
 
 
 def test_snn_rows_below_the_normalisation_eps(backend):
@@ -252,8 +264,32 @@ def test_paws_loss_bf16_embeddings(backend, kind):
     assert loss.dtype == torch.float32 and ga.dtype == gs.dtype == torch.bfloat16
     assert_rel_close(loss, ref_loss, 5e-3, "loss")
     assert_rel_close(rloss, ref_rloss, 5e-3, "me-max regulariser")
-    assert_rel_close(ga, ref_ga, TOL[torch.bfloat16], "gradient to the anchor views")
-    assert_rel_close(gs, ref_gs, TOL[torch.bfloat16], "gradient to the anchor supports")
+    assert_rel_close(ga, ref_ga, _tol(torch.bfloat16, backend), "gradient to the anchor views")
+    assert_rel_close(gs, ref_gs, _tol(torch.bfloat16, backend), "gradient to the anchor supports")
+
+
+@pytest.mark.parametrize("kind", ["dense", "ids"])
+def test_torch_bf16_at_least_as_precise_as_the_authors(kind):
+    # The PyTorch path's bf16 numbers (bf16 products, fp32 softmax, sums and norms) and those of the
+    # authors' formulation run in bf16 on the same inputs, both against float64, probabilities and
+    # both gradients, over several draws: ours land at about two thirds of their error.
+    ours, theirs = [], []
+    N, M, d, C = 60, 200, 16, 9
+    for _ in range(6):
+        query, supports = _emb(N, d, torch.bfloat16), _emb(M, d, torch.bfloat16)
+        labels = _soft_labels(M, C) if kind == "dense" else torch.randint(0, C, (M,), device=DEVICE)
+        dense = labels.double() if kind == "dense" else _dense_of(labels, C, 0.0)
+        weight = torch.randn(N, C, device=DEVICE)
+        q64, s64 = query.double().requires_grad_(), supports.double().requires_grad_()
+        ref = snn_reference(q64, s64, dense, 0.1)
+        want = (ref, *_snn_grads(ref, q64, s64, weight.double()))
+        for errors, authors in ((ours, False), (theirs, True)):
+            q, s = query.clone().requires_grad_(), supports.clone().requires_grad_()
+            probs = snn_reference(q, s, dense.to(torch.bfloat16), 0.1) if authors else \
+                snn(q, s, labels, 0.1, num_classes=C, backend="torch")
+            got = (probs, *_snn_grads(probs.float(), q, s, weight))
+            errors.append(max(rel_err(g, w) for g, w in zip(got, want, strict=True)))
+    assert sum(ours) < sum(theirs), (ours, theirs)
 
 
 def test_drop_in_closure_module_and_overrides(backend):

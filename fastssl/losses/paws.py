@@ -219,22 +219,23 @@ class _SnnTorch(torch.autograd.Function):
     mixed-dtype op on a large tensor: on a CPU those copy their operands), so that it is at least
     the authors' speed in every dtype.
 
-    Precision: fp32 (and fp16) inputs in fp32 throughout. For bf16 inputs the similarities and
-    their softmax are fp32 (of the bf16 values), and the products with dense labels Y (forward and
-    backward) and with the unit rows (backward) multiply in bf16 with fp32 accumulation, as the
-    authors' autocast does, rounded to bf16; class ids' sums, the norms and the normalisations'
-    projections are fp32, their backward's last two steps bf16 (the gradients' dtype). A PAWS loss
-    gradient lands 4e-3 to 1e-2 from float64 (the authors' own bf16 formulation about 2e-2).
-    Materialises the N x M similarities (as the authors do)."""
+    Precision: fp32 (and fp16) inputs in fp32 throughout. bf16 inputs multiply in bf16 with fp32
+    accumulation, as the authors' autocast does: the similarities, the products with dense labels
+    Y and the backward's products are rounded to bf16; the softmax, class ids' sums, the norms and
+    the normalisations' projections are fp32, the normalisations' last backward steps bf16 (the
+    gradients' dtype). Results land about two thirds as far from float64 as the authors' own bf16
+    formulation (a PAWS loss gradient ~1e-2 against their ~2e-2). Materialises the N x M
+    similarities (as the authors do)."""
 
     @staticmethod
     def forward(ctx, query, supports, labels, tau, num_classes, smoothing):
         q_hat, q_inv, q_small = _unit_rows(query)
         s_hat, s_inv, s_small = _unit_rows(supports)
         low = torch.bfloat16 if torch.bfloat16 in (query.dtype, supports.dtype) else torch.float32
-        q_tau = q_hat * (1.0 / tau)
-        logits = q_tau @ s_hat.T
-        a = torch.softmax(logits, dim=1)
+        q_tau = (q_hat * (1.0 / tau)).to(low)
+        s_low = s_hat.to(low)
+        logits = q_tau @ s_low.T  # bf16 products with fp32 accumulation for bf16 rows, as autocast
+        a = torch.softmax(logits, dim=1, dtype=torch.float32)
         if labels.is_floating_point():
             y = labels.float()
             raw = (a.to(low) @ y.to(low)).float()  # a product in the authors' autocast precision
@@ -242,14 +243,14 @@ class _SnnTorch(torch.autograd.Function):
             # Class sums of A by an index_add over the columns: no [M, C] matrix.
             y = None
             raw = a.new_zeros(a.shape[0], num_classes).index_add_(1, labels, a)
-        ctx.save_for_backward(query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, logits, a, labels,
-                              raw, y)
+        ctx.save_for_backward(query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, s_low, logits, a,
+                              labels, raw, y)
         ctx.tau, ctx.smoothing, ctx.low = tau, smoothing, low
         return raw * (1.0 - smoothing) + smoothing / num_classes if smoothing else raw
 
     @staticmethod
     def backward(ctx, grad):
-        query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, logits, a, labels, raw, y = \
+        query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, s_low, logits, a, labels, raw, y = \
             ctx.saved_tensors
         need_q, need_s = ctx.needs_input_grad[:2]
         if not (need_q or need_s):
@@ -266,9 +267,9 @@ class _SnnTorch(torch.autograd.Function):
         dl = dl.to(low)
         dq = ds = None
         if need_q:  # the similarities are q_tau . s^, q_tau = q^ / tau
-            dq = _unit_rows_backward(dl @ s_hat.to(low), query, q_hat, q_inv, q_small, dl_l.sum(1), 1.0 / ctx.tau)
+            dq = _unit_rows_backward(dl @ s_low, query, q_hat, q_inv, q_small, dl_l.sum(1), 1.0 / ctx.tau)
         if need_s:
-            ds = _unit_rows_backward(dl.T @ q_tau.to(low), supports, s_hat, s_inv, s_small, dl_l.sum(0), 1.0)
+            ds = _unit_rows_backward(dl.T @ q_tau, supports, s_hat, s_inv, s_small, dl_l.sum(0), 1.0)
         return dq, ds, None, None, None, None
 
 
@@ -396,10 +397,9 @@ def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: 
         float32 ``[N, C]`` probabilities (rows sum to the label rows' mass). Math is fp32
         for fp32 inputs; for 16-bit ones the kernels multiply in that dtype with fp32
         accumulation. The PyTorch path (CPU, MPS, ``backend="torch"``) computes fp16 inputs
-        in fp32; for bf16 inputs its similarities and softmax are fp32, and the products with
-        dense labels and the backward's products with the unit rows multiply in bf16 with
-        fp32 accumulation, as the authors' autocast does. Gradients come back in the inputs'
-        dtypes.
+        in fp32, and multiplies bf16 inputs in bf16 with fp32 accumulation as the authors'
+        autocast does (the similarities and products rounded to bf16; softmax, class sums
+        and norms in fp32). Gradients come back in the inputs' dtypes.
     """
     tau, smoothing = float(tau), float(smoothing)
     _check_embeddings("snn", query=query, supports=supports)
