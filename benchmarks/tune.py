@@ -3,7 +3,7 @@
     python -m benchmarks.tune dino|paws|ema [--smoke] [--out DIR]
 
 The launchers read their block sizes, warps and split counts from module constants of
-``fastssl.kernels.<module>`` (``_STUDENT_BWD_TILE``, ``_MAX_BLOCK_C``, ``_BLOCK``, ...). They were
+``fastssl.kernels.<module>`` (``_TILE``, ``_MAX_BLOCK_C``, ``_BLOCK``, ...). They were
 chosen from a static model of the compiled code, with no GPU to time them on. Each candidate
 here sets some of those constants for the duration of its run; ``shipped`` is the committed
 values. Every candidate's outputs are first compared with shipped's on the same inputs (the
@@ -33,16 +33,13 @@ from benchmarks import harness
 CANDIDATES: dict[str, list[tuple[str, dict]]] = {
     "dino": [
         ("shipped", {}),
-        ("fwd tile 2048", {"_STUDENT_FWD_TILE": 2048}),
-        ("fwd tile 8192", {"_STUDENT_FWD_TILE": 8192}),
-        ("bwd tile 2048", {"_STUDENT_BWD_TILE": 2048}),
-        ("bwd tile 8192", {"_STUDENT_BWD_TILE": 8192}),
+        ("tile 2048", {"_TILE": 2048}),
+        ("tile 8192", {"_TILE": 8192}),
         ("4 warps", {"_OPTIONS": {"num_warps": 4}}),
         ("16 warps", {"_OPTIONS": {"num_warps": 16}}),
         ("2 stages", {"_OPTIONS": {"num_stages": 2}}),
         ("512 programs", {"_TARGET_PROGRAMS": 512}),
         ("2048 programs", {"_TARGET_PROGRAMS": 2048}),
-        ("teacher tile 8192", {"_TILE": 8192}),
     ],
     "paws": [
         ("shipped", {}),

@@ -230,12 +230,12 @@ def test_tune_patched_restores_the_constants():
     from benchmarks import tune
     from fastssl.kernels import dino as kernels
 
-    before = (kernels._STUDENT_BWD_TILE, dict(kernels._OPTIONS))
-    with pytest.raises(RuntimeError), tune.patched(kernels, {"_STUDENT_BWD_TILE": 8, "_OPTIONS": {"num_warps": 2}}):
-        assert kernels.student_config(10, 4, 4096, backward=True)["BLOCK_K"] == 16
+    before = (kernels._TILE, dict(kernels._OPTIONS))
+    with pytest.raises(RuntimeError), tune.patched(kernels, {"_TILE": 64, "_OPTIONS": {"num_warps": 2}}):
+        assert kernels.teacher_config(10, 4096)["BLOCK_R"] == 1  # 64 elements of 64 columns
         assert kernels._OPTIONS["num_warps"] == 2 and kernels._OPTIONS["enable_fp_fusion"] is False
         raise RuntimeError("a candidate failed")
-    assert (kernels._STUDENT_BWD_TILE, kernels._OPTIONS) == before
+    assert (kernels._TILE, kernels._OPTIONS) == before
     with pytest.raises(AttributeError):
         with tune.patched(kernels, {"_NO_SUCH_CONSTANT": 1}):
             pass

@@ -42,7 +42,10 @@ def _compare(x, backend, tol=1e-5, grad_tol=1e-5, **kw):
     else:
         expected = ref.koleo_loss(x64)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    assert rel_err(loss, expected) <= tol, f"loss {loss.item()} vs {expected.item()}"
+    # The terms are logs of distances between unit rows (order 1) whose mean can cancel to near 0: the
+    # error is judged against the terms' scale, not the mean's.
+    scale = max(abs(expected.item()), 1.0)
+    assert abs(loss.item() - expected.item()) <= tol * scale, f"loss {loss.item()} vs {expected.item()}"
     got, want = _grad(loss, xg), _grad(expected, x64)
     assert got.dtype == x.dtype
     assert rel_err(got, want) <= grad_tol, f"gradient: {rel_err(got, want):.2e}"

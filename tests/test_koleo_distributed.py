@@ -63,7 +63,11 @@ def test_two_gloo_processes_match_the_gathered_batch(tmp_path, fresh_seed, backe
         for r in range(WORLD):
             loss, g = ranks[r][(size, topk)]
             what = f"rank {r}, loss_group_size={size}, topk={topk}"
-            assert rel_err(loss, losses[r]) <= 1e-5, f"{what}: loss {loss.item()} vs {losses[r].item()}"
+            # The terms are logs of distances between unit rows (order 1 here) and their mean can cancel to
+            # near 0 (-0.0018 on one seed): the error is judged against the terms' scale, not the mean's.
+            scale = max(abs(losses[r].item()), 1.0)
+            assert abs(loss.item() - losses[r].item()) <= 1e-5 * scale, \
+                f"{what}: loss {loss.item()} vs {losses[r].item()}"
             assert rel_err(g, grad[r * B:(r + 1) * B]) <= 1e-5, f"{what}: gradient"
     for key, message in ERRORS.items():
         for r in range(WORLD):
