@@ -221,11 +221,12 @@ class _SnnTorch(torch.autograd.Function):
 
     Precision: fp32 (and fp16) inputs in fp32 throughout. bf16 inputs multiply in bf16 with fp32
     accumulation, as the authors' autocast does: the similarities, the products with dense labels
-    Y and the backward's products are rounded to bf16; the softmax, class ids' sums, the norms and
-    the normalisations' projections are fp32, the normalisations' last backward steps bf16 (the
-    gradients' dtype). Results land about two thirds as far from float64 as the authors' own bf16
-    formulation (a PAWS loss gradient ~1e-2 against their ~2e-2). Materialises the N x M
-    similarities (as the authors do)."""
+    Y and the backward's products are rounded to bf16; the softmax is computed in fp32 and, with
+    dense labels, rounded to bf16 (what autocast's cast before the product gives; the backward uses
+    the rounded probabilities); class ids' sums, the norms and the normalisations' projections are
+    fp32, the normalisations' last backward steps bf16 (the gradients' dtype). Results land about
+    two thirds as far from float64 as the authors' own bf16 formulation (a PAWS loss gradient ~1e-2
+    against their ~2e-2). Materialises the N x M similarities (as the authors do)."""
 
     @staticmethod
     def forward(ctx, query, supports, labels, tau, num_classes, smoothing):
@@ -235,12 +236,15 @@ class _SnnTorch(torch.autograd.Function):
         q_tau = (q_hat * (1.0 / tau)).to(low)
         s_low = s_hat.to(low)
         logits = q_tau @ s_low.T  # bf16 products with fp32 accumulation for bf16 rows, as autocast
-        a = torch.softmax(logits, dim=1, dtype=torch.float32)
         if labels.is_floating_point():
-            y = labels.float()
-            raw = (a.to(low) @ y.to(low)).float()  # a product in the authors' autocast precision
+            # The softmax in fp32, its output rounded to the products' dtype: what autocast's cast of an
+            # fp32 softmax before the product gives, without an fp32 copy of the similarities and one back.
+            a = torch.softmax(logits, dim=1)
+            y = labels.to(low)  # kept for the backward in the products' dtype: one copy of [M, C] at most
+            raw = (a @ y).float()  # a product in the authors' autocast precision
         else:
             # Class sums of A by an index_add over the columns: no [M, C] matrix.
+            a = torch.softmax(logits, dim=1, dtype=torch.float32)
             y = None
             raw = a.new_zeros(a.shape[0], num_classes).index_add_(1, labels, a)
         ctx.save_for_backward(query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, s_low, logits, a,
@@ -259,8 +263,8 @@ class _SnnTorch(torch.autograd.Function):
         if ctx.smoothing:  # the smoothing's constant adds the same to every column: the softmax drops it
             grad = grad * (1.0 - ctx.smoothing)
         # d/dA = grad @ Y^T; the softmax's backward subtracts <A_i, d/dA_i> = <grad_i, probs_i>.
-        da = (grad.to(low) @ y.to(low).T).float() if y is not None else grad.index_select(1, labels)
-        dl = da.sub_(torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)).mul_(a)
+        da = (grad.to(low) @ y.T).float() if y is not None else grad.index_select(1, labels)
+        dl = da.sub_(torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)).mul_(a.float())
         # The normalisations' projections <x^, d/dx^> from the similarities: for a support
         # sum_i dl_ij l_ij, for a query the same over j (1 / tau cancels): one N x M product.
         dl_l = dl * logits
