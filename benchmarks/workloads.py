@@ -107,6 +107,49 @@ def _koleo_targets(device: torch.device) -> None:
         torch.autograd.grad(koleo_loss(x, backend="triton"), x)
 
 
+def _dinov3_step_targets(device: torch.device) -> None:
+    """benchmarks.dinov3_step's training step at its target: the trainer's losses (``Dinov3Loss``'s
+    modules) on the bf16 head outputs, the masked patches of every iteration (their count is an
+    integer the launches specialise on), KoLeo on the pre-head CLS tokens, and the teacher's
+    EMA of the ViT-S/16 with its heads (uninitialised parameters). Under the "dino" workload, its
+    EMA and KoLeo launches included."""
+    from benchmarks import dinov3_step
+    from fastssl.dinov3 import DINOLoss, KoLeoLoss, iBOTPatchLoss
+    from fastssl.ema import MomentumTeacher
+    from fastssl.train.dinov3 import build_dinov3_model
+
+    for case in dinov3_step.PRESETS["target"].cases:
+        cfg, B, dtype = case.config(), case.batch, torch.bfloat16
+        with torch.device("meta"):
+            student = build_dinov3_model(cfg)
+            teacher = build_dinov3_model(cfg, drop_path_rate=0.0)
+        student.to_empty(device=device), teacher.to_empty(device=device)
+        MomentumTeacher(student, 0.994, teacher=teacher, backend="triton").update(0)
+        dino = DINOLoss(cfg.dino_out_dim, student_temp=cfg.student_temp, backend="triton").to(device)
+        ibot = iBOTPatchLoss(cfg.ibot_out_dim, student_temp=cfg.student_temp, backend="triton").to(device)
+        dino.init_weights(), ibot.init_weights()
+        K, K_ibot, n_local = cfg.dino_out_dim, cfg.ibot_out_dim, cfg.local_crops_number
+        targets = dino.teacher_targets(_empty(2 * B, K, dtype=dtype, device=device), cfg.teacher_temp,
+                                       centering=cfg.centering)
+        local = _empty(n_local, B, K, dtype=dtype, device=device, grad=True)
+        glob = _empty(2, B, K, dtype=dtype, device=device, grad=True)
+        loss = dino(local, targets) + dino(glob, targets, ignore_diagonal=cfg.global_ignore_diagonal)
+        torch.autograd.grad(loss, (local, glob))
+        for cls_dtype in (torch.float32, dtype):  # the final norm's output: fp32 under autocast, else bf16
+            cls = _empty(B, int(student.backbone.embed_dim), dtype=cls_dtype, device=device, grad=True)
+            torch.autograd.grad(KoLeoLoss(backend="triton")(cls), cls)
+        patches = (cfg.global_crop_size // int(student.backbone.patch_embed.patch_size[0])) ** 2
+        masks = torch.zeros(2 * B, patches, dtype=torch.bool, device=device)
+        target = dinov3_step.PRESETS["target"]
+        for n in sorted(set(dinov3_step.masked_counts(case, target, int(student.backbone.patch_embed.patch_size[0]),
+                                                      seed=1000 * list(target.cases).index(case)))):
+            ibot_targets = ibot.teacher_targets(_empty(n, K_ibot, dtype=dtype, device=device), cfg.teacher_temp,
+                                                centering=cfg.centering)
+            masked = _empty(n, K_ibot, dtype=dtype, device=device, grad=True)
+            torch.autograd.grad(ibot.forward_masked(masked, ibot_targets, masks, n_masked_patches=n,
+                                                    masks_weight=_empty(n, device=device)), masked)
+
+
 # The most variants the workloads may record. The lease compiles them in parallel on the GPU
 # machine's 16 cores before timing anything: at about 0.4 s a variant and architecture (the AOT
 # build here, one core), 200 take ~80 s of CPU, about 6 s there, and CI's AOT build (sm_80 and
@@ -116,7 +159,7 @@ VARIANT_CAP = 200
 
 # Per kernel module: the kernel checks, then the benchmarks' target shapes.
 WORKLOADS = {
-    "dino": lambda device: (kernel_checks.dino_family(device), _dino_targets(device)),
+    "dino": lambda device: (kernel_checks.dino_family(device), _dino_targets(device), _dinov3_step_targets(device)),
     "ema": lambda device: (kernel_checks.ema(device), _ema_targets(device)),
     "snn": lambda device: (kernel_checks.paws(device), _paws_targets(device)),
     "gram": lambda device: (kernel_checks.gram(device), _gram_targets(device)),

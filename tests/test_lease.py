@@ -80,5 +80,10 @@ def test_every_stage_has_a_budget_and_the_headline_benchmarks_follow_the_checks(
     names = [s.name for s in lease.stages()]
     assert names[:6] == ["install", "extension", "precompile", "info", "kernel-checks", "gpu-tests"]
     assert {f"bench-{b}" for b in ("dino", "dinov3", "ema", "paws", "multicrop", "train_step")} <= set(names)
+    # Issue 20's DINOv3 step after the op headlines (its model builds and torch.compile take most of its
+    # budget), on its lease preset, with the extension (DinoAugment on the device), before the sweeps.
+    step = next(s for s in lease.stages() if s.name == "bench-dinov3_step")
+    assert names.index("bench-train_step") < names.index("bench-dinov3_step") < names.index("sweep-dino")
+    assert step.preset == "lease" and step.needs_extension and step.budget <= 120
     assert all(s.budget > 0 and s.minimum <= s.budget for s in lease.stages())
     assert all(s.budget <= 600 for s in lease.stages())  # a device command runs 10 minutes at most
