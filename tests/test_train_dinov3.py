@@ -631,6 +631,26 @@ def test_presets():
     assert digits.data == "digits" and digits.epochs == 17
 
 
+def test_the_vitl16_preset_builds_the_authors_model():
+    # The ViT-L/16 recipe's model, on the meta device (shapes only, no memory): a ViT-L backbone (24 blocks
+    # of 1024, 16 x 16 patches, about 300M parameters, no storage tokens) with the mask token, and the DINO
+    # and separate iBOT heads (2048 hidden, 256 bottleneck) onto K = 65,536 prototypes each.
+    cfg = parse_args(["dinov3", "--data", "x", "--preset", "dinov3_vitl16_im1k"])
+    with torch.device("meta"):
+        model = build_dinov3_model(cfg)
+    backbone = model.backbone
+    assert (backbone.embed_dim, len(backbone.blocks), tuple(backbone.patch_embed.patch_size)) == (1024, 24, (16, 16))
+    n_backbone = sum(p.numel() for p in backbone.parameters())
+    assert 300e6 < n_backbone < 305e6, n_backbone
+    assert tuple(backbone.mask_token.shape) == (1, 1024) and backbone.num_prefix_tokens == 1
+    assert cfg.ibot_separate_head and model.ibot_head is not None and model.ibot_head is not model.dino_head
+    for head in (model.dino_head, model.ibot_head):
+        assert head.mlp[0].in_features == 1024 and head.mlp[0].out_features == 2048
+        assert head.mlp[-1].out_features == 256
+        assert (head.last_layer.in_features, head.last_layer.out_features) == (256, 65536)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
 def test_digits_end_with_a_knn_line_against_random_init(tmp_path, capsys):
     out = tmp_path / "digits"
     result = train_dinov3(parse_args(["dinov3", "--preset", "dinov3_digits", "--output-dir", str(out), "--epochs", "1",
