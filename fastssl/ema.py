@@ -38,6 +38,11 @@ from torch import nn
 from . import _ext
 from ._backend import BACKENDS, interpreter_enabled, resolve_backend
 
+try:  # FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed
+    DTensor = None
+
 __all__ = ["MomentumTeacher", "cosine_momentum_schedule", "ema_update_"]
 
 BUFFER_MODES = ("leave", "copy", "average")
@@ -118,6 +123,31 @@ def _check_shapes_devices(t_list, s_list, names, what: str) -> None:
             if x.device != device:
                 raise ValueError(f"ema_update_: {what} {_label(names, i)} of the {role} is on {x.device} but "
                                  f"the first teacher {what} is on {device}; all must be on one device")
+
+
+def _has_shards(t_list, s_list) -> bool:
+    return DTensor is not None and any(isinstance(x, DTensor) for x in itertools.chain(t_list, s_list))
+
+
+def _local_shards(t_list, s_list, names, what: str) -> tuple[list, list]:
+    """Sharded tensors (DTensors: FSDP2's parameters) replaced by this rank's shards, which the update
+    averages in place: each rank updates its own shards, nothing is gathered. A pair must be sharded
+    alike (the same mesh and placements; global shapes are checked with the others)."""
+    for i, (t, s) in enumerate(zip(t_list, s_list, strict=True)):
+        t_sharded, s_sharded = isinstance(t, DTensor), isinstance(s, DTensor)
+        if t_sharded != s_sharded:
+            one, other = ("teacher", "student") if t_sharded else ("student", "teacher")
+            raise ValueError(f"ema_update_: {what} {_label(names, i)} is sharded (a DTensor) in the {one} but not "
+                             f"in the {other}: shard both models alike (fully_shard on the same modules)")
+        if t_sharded and (t.device_mesh != s.device_mesh or t.placements != s.placements):
+            raise ValueError(f"ema_update_: {what} {_label(names, i)} is sharded as {t.placements} on "
+                             f"{t.device_mesh} in the teacher but as {s.placements} on {s.device_mesh} in the "
+                             "student: shard both models alike")
+    return _to_local(t_list), _to_local(s_list)
+
+
+def _to_local(xs) -> list:
+    return [x.to_local() if isinstance(x, DTensor) else x for x in xs]
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -327,7 +357,9 @@ def ema_update_(teacher: nn.Module | Sequence[torch.Tensor], student: nn.Module 
         teacher: an ``nn.Module`` or a sequence of tensors, updated in place.
         student: the same for the student. Modules are paired by parameter name, in
             ``named_parameters()`` order (the authors' ``zip``); DDP, DataParallel and
-            ``torch.compile`` wrappers are looked through.
+            ``torch.compile`` wrappers are looked through. Sharded models (FSDP2's
+            ``fully_shard``: DTensor parameters) must be sharded alike: each rank
+            updates its own shards in place, nothing is gathered.
         momentum: a float in [0, 1], or a 0-dim floating tensor on the parameters'
             device, read by the kernel: no host sync, and a CUDA graph that captured
             the update follows the values later written into it. A tensor on a GPU
@@ -368,6 +400,9 @@ def ema_update_(teacher: nn.Module | Sequence[torch.Tensor], student: nn.Module 
     copy_names = _check_names(t_copy, s_copy, t_copy_names, s_copy_names, "buffer")
     _check_shapes_devices(t_copy, s_copy, copy_names, "buffer")
     momentum = _check_momentum(momentum, t_list[0].device if t_list else None)
+    if _has_shards(t_list, s_list):
+        _check_shapes_devices(t_list, s_list, names, "tensor")  # the global shapes
+        t_list, s_list = _local_shards(t_list, s_list, names, "tensor")
     if t_list:
         resolved = resolve_backend(backend, t_list[0].device, "ema_update_")
         if not _cpu_loop(t_list, s_list, momentum, resolved):
@@ -428,7 +463,8 @@ class MomentumTeacher(nn.Module):
         momentum_schedule: a float (constant), a sequence of per-iteration values
             in [0, 1], or a callable ``step -> momentum``.
         teacher: an existing teacher to update instead of a copy of the student
-            (the authors build it separately and load the student's weights).
+            (the authors build it separately and load the student's weights). Under
+            FSDP2, copy the student before sharding it and shard the copy alike.
         dtype: a floating dtype to convert the teacher to (e.g. ``torch.bfloat16``);
             math stays fp32.
         buffers: ``"leave"``, ``"copy"`` or ``"average"``, as in :func:`ema_update_`.
@@ -491,6 +527,9 @@ class MomentumTeacher(nn.Module):
                                                                 self.buffers_mode)
         self._names = _check_names(self._t, self._s, t_names, s_names, "tensor")
         _check_shapes_devices(self._t, self._s, self._names, "tensor")
+        self._sharded = _has_shards(self._t, self._s)
+        if self._sharded:
+            _local_shards(self._t, self._s, self._names, "tensor")  # sharded alike
         copy_names = _check_names(self._t_copy, self._s_copy, t_copy_names, s_copy_names, "buffer")
         _check_shapes_devices(self._t_copy, self._s_copy, copy_names, "buffer")
         self._plan, self._signature = None, None
@@ -519,13 +558,15 @@ class MomentumTeacher(nn.Module):
             raise ValueError("MomentumTeacher.update: pass step or momentum=, not both")
         device = self._t[0].device if self._t else None
         momentum = _check_momentum(momentum, device, "MomentumTeacher.update")
-        if self._t:
+        # The shards afresh each time (cheap without autograd): FSDP2 may give a parameter new storage.
+        t_list, s_list = (_to_local(self._t), _to_local(self._s)) if self._sharded else (self._t, self._s)
+        if t_list:
             backend = resolve_backend(self.backend, device, "MomentumTeacher")
-            if not _cpu_loop(self._t, self._s, momentum, backend):
-                signature = _signature(self._t, self._s)
+            if not _cpu_loop(t_list, s_list, momentum, backend):
+                signature = _signature(t_list, s_list)
                 if signature != self._signature:  # first update, or parameters moved (.to(), .half())
-                    self._plan, self._signature = _Plan(self._t, self._s, self._names, backend), signature
-                self._plan.run(self._t, self._s, momentum)
+                    self._plan, self._signature = _Plan(t_list, s_list, self._names, backend), signature
+                self._plan.run(t_list, s_list, momentum)
         for t, s in zip(self._t_copy, self._s_copy, strict=True):
             t.copy_(s)
         return momentum
