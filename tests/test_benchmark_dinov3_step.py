@@ -79,3 +79,48 @@ def test_the_target_and_lease_presets_are_issue_20s():
     lease, target = dinov3_step.PRESETS["lease"], dinov3_step.PRESETS["target"]
     assert lease.rounds * (lease.warmup + lease.steps) < target.rounds * (target.warmup + target.steps)
     assert dinov3_step.default_preset(dinov3_step.torch.device("cpu")) == "cpu"
+
+
+def test_the_authors_objective_is_the_trainers_in_float64():
+    # The benchmark's two contenders compute one objective: fastssl.reference.dinov3.AuthorsDinov3Loss (the
+    # authors' targets and compute_losses) and the trainer's Dinov3Loss, on the same float64 outputs of 2 global
+    # crops and 3 local ones of 6 images, K = 40 (DINO) and 24 (iBOT), block masks of 7 x 7 patches, separated
+    # CLS tokens. The fused losses return fp32 scalars (their sums in fp32): fp32's agreement.
+    import random
+
+    import numpy as np
+    import torch
+
+    from fastssl.reference.dinov3 import AuthorsDinov3Loss
+    from fastssl.train.dinov3 import Dinov3Loss
+    from fastssl.train.masking import MaskingGenerator, block_masks
+
+    cfg = dinov3_step.DINOV3_PRESETS["dinov3_vits16_im1k"].replace(dino_out_dim=40, ibot_out_dim=24,
+                                                                   local_crops_number=3)
+    B, gen = 6, torch.Generator().manual_seed(0)
+    masks = block_masks(2 * B, MaskingGenerator((7, 7), max_num_patches=24), cfg.mask_ratio_min_max,
+                        cfg.mask_sample_probability, random.Random(0), np.random.RandomState(0))
+    n = masks.n_masked
+    assert n > 0
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    outs = [randn(2, B, 40), randn(3, B, 40), randn(n, 24), randn(2, B, 16)]  # student global, local, masked, CLS
+    teacher_cls, teacher_masked = 3 * torch.randn(2 * B, 40, generator=gen, dtype=torch.float64), \
+        3 * torch.randn(n, 24, generator=gen, dtype=torch.float64)
+    ours = Dinov3Loss(cfg)
+    theirs = AuthorsDinov3Loss(student_temp=cfg.student_temp, dino_weight=cfg.dino_loss_weight,
+                               koleo_weight=cfg.koleo_loss_weight, ibot_weight=cfg.ibot_loss_weight,
+                               ignore_diagonal=cfg.global_ignore_diagonal)
+    temp = 0.06
+    loss, parts = ours(*outs, *ours.teacher_targets(teacher_cls, teacher_masked, temp), masks)
+    want, want_parts = theirs(*outs, *theirs.teacher_targets(teacher_cls, teacher_masked, temp), masks.masks,
+                              masks_weight=masks.weights.double(), n_masked_patches=n)
+    assert set(parts) == set(want_parts)
+    for k in parts:
+        torch.testing.assert_close(parts[k].double(), want_parts[k], rtol=1e-6, atol=1e-7, msg=k)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+    grads, want_grads = torch.autograd.grad(loss, outs), torch.autograd.grad(want, outs)
+    for name, g, w in zip(("global", "local", "masked", "cls"), grads, want_grads, strict=True):
+        assert float((g.double() - w).norm() / w.norm()) < 1e-5, name
