@@ -6,6 +6,7 @@
     torchrun --nproc_per_node=8 -m fastssl.train dino --data ... --preset dino_vits16
     fastssl-train knn --checkpoint runs/vits16/checkpoint.pth --data .../train --val-data .../val
     fastssl-train attention --checkpoint runs/vits16/checkpoint.pth --image dog.jpg
+    fastssl-train export --checkpoint runs/vits16/checkpoint.pth --output vits16.safetensors
     fastssl-train demo                  # `make demo`: DINO on scikit-learn's digits, then k-NN
 
 Every option is a field of a config class (``dino_config.py``, ``paws_config.py``, ``eval_config.py``),
@@ -28,12 +29,12 @@ from typing import Any, Literal
 
 from .config import Options, RunConfig, shown, split_optional
 from .errors import UserError
-from .eval_config import AttentionConfig, KnnCommandConfig
+from .eval_config import AttentionConfig, ExportConfig, KnnCommandConfig
 from .methods import METHODS
 
 __all__ = ["Parsed", "build_parser", "main", "parse_args", "parse_command", "preset_values"]
 
-COMMANDS: dict[str, type[Options]] = {"knn": KnnCommandConfig, "attention": AttentionConfig}
+COMMANDS: dict[str, type[Options]] = {"knn": KnnCommandConfig, "attention": AttentionConfig, "export": ExportConfig}
 DEMO_PRESETS = ("demo", "demo_gpu")
 
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, KnnCommandConfig)
     p = _subparser(sub, "attention", "the last layer's CLS self-attention maps of a ViT checkpoint, as PNGs")
     add_options(p, AttentionConfig)
+    p = _subparser(sub, "export", "a checkpoint's backbone as a safetensors file timm loads (+ its timm arguments)")
+    add_options(p, ExportConfig)
     return parser
 
 
@@ -175,6 +178,10 @@ def run(parsed: Parsed) -> int:
         from .attention import attention_command
 
         attention_command(cfg)
+    elif isinstance(cfg, ExportConfig):
+        from .export import export_command
+
+        export_command(cfg)
     return 0
 
 

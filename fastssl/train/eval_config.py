@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from .config import KNN, KnnOptions, Options, at_least, in_range, known_arch, not_empty, option, positive, vit_only
 from .errors import ConfigError
 
-__all__ = ["AttentionConfig", "KnnCommandConfig"]
+__all__ = ["AttentionConfig", "ExportConfig", "KnnCommandConfig"]
 
 WHAT = "what to evaluate"
 
@@ -69,5 +69,30 @@ class AttentionConfig(Options):
         super().check()
         if self.image.startswith("digits:") and not self.image.removeprefix("digits:").isdigit():
             raise self.fail("image", "must be an image file or digits:N with N a test digit's index")
+        if self.arch is not None:
+            vit_only(self, self.arch, patch_size=self.patch_size)
+
+
+@dataclass(frozen=True)
+class ExportConfig(Options):
+    """A checkpoint's backbone as a safetensors file that timm loads, with the arguments to build it."""
+
+    command: ClassVar[str] = "export"
+
+    checkpoint: str = option("", "a fastssl-train checkpoint (DINO, DINOv3 or PAWS), or the DINO authors' (give "
+                             "--arch)", group=WHAT, checks=[not_empty], required=True)
+    which: Literal["teacher", "student"] = option("teacher", "network to export (DINO and DINOv3 runs)", group=WHAT)
+    output: str = option("", "the safetensors file to write; its timm arguments go beside it, with the suffix "
+                         ".json", group=WHAT, checks=[not_empty], required=True)
+    overwrite: bool = option(False, "replace existing output files (without it, an existing file is an error)",
+                             group=WHAT)
+    arch: str | None = option(None, "backbone, for checkpoints without a fastssl config", group=WHAT,
+                              checks=[known_arch])
+    patch_size: int | None = option(None, "ViT patch size, as --arch", group=WHAT, checks=[at_least(1)])
+
+    def check(self) -> None:
+        super().check()
+        if not self.output.endswith(".safetensors"):
+            raise self.fail("output", "must name a .safetensors file")
         if self.arch is not None:
             vit_only(self, self.arch, patch_size=self.patch_size)

@@ -11,7 +11,7 @@ from .data import DataError, DigitsImages, ImageFolder, load_digits_split
 from .dino_config import DinoConfig
 from .dinov3_config import Dinov3Config
 from .errors import ConfigError
-from .eval_config import AttentionConfig, KnnCommandConfig
+from .eval_config import AttentionConfig, ExportConfig, KnnCommandConfig
 from .knn import knn_eval
 from .models import MultiCropModel, PawsModel
 
@@ -21,7 +21,7 @@ from .paws_config import PawsConfig
 
 __all__ = ["knn_command", "model_from_checkpoint"]
 
-EvalConfig = KnnCommandConfig | AttentionConfig
+EvalConfig = KnnCommandConfig | AttentionConfig | ExportConfig
 
 
 def _paws_model_from_checkpoint(cfg: EvalConfig, state: dict) -> tuple[PawsModel, PawsConfig]:

@@ -74,6 +74,9 @@ def build_backbone(arch: str, *, drop_path_rate: float = 0.0, img_size: int | No
         raise ValueError(f"--img-size / --patch-size apply to ViTs only, not to {arch!r}")
     model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs,
                               **timm_kwargs)
+    # What timm.create_model needs to build this network again (for `fastssl-train export`); drop path only
+    # regularises training.
+    model.__dict__["fastssl_timm_args"] = {"model_name": name, "num_classes": 0, **kwargs, **timm_kwargs}
     return model
 
 

@@ -1,0 +1,87 @@
+"""``fastssl-train export``: a checkpoint's backbone as the file users take downstream.
+
+Writes the teacher's (or student's) backbone weights as a safetensors file and, beside it, a JSON file of
+the arguments of ``timm.create_model`` that build the same network, so that::
+
+    args = json.load(open("vits16.json"))["timm_create_model"]
+    model = timm.create_model(**args, pretrained=True, pretrained_cfg_overlay=dict(file="vits16.safetensors"))
+
+gives the trained backbone (``forward`` returns the CLS features, as during training). What only training
+uses is left out: the heads, and DINOv3's mask token (named when dropped). Existing files are replaced only
+with ``--overwrite``; each file is written through a temporary file and a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+from .eval_config import ExportConfig
+from .evaluate import model_from_checkpoint
+from .log import write_atomically
+
+__all__ = ["export_command"]
+
+
+def _targets(cfg: ExportConfig) -> tuple[Path, Path]:
+    weights = Path(cfg.output)
+    meta = weights.with_suffix(".json")
+    if not cfg.overwrite:
+        for path in (weights, meta):
+            if path.exists():
+                raise ConfigError(f"--output {cfg.output}: {path} exists; pass --overwrite to replace it")
+    return weights, meta
+
+
+def backbone_tensors(backbone: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+    """``(timm arguments, the weights timm's network of those arguments takes, names left out)`` of a
+    backbone built by :func:`~fastssl.train.models.build_backbone`."""
+    import timm
+
+    args = getattr(backbone, "fastssl_timm_args", None)
+    if args is None:
+        raise CheckpointError("this backbone was not built by fastssl-train: no timm arguments to export")
+    expected = timm.create_model(**args, pretrained=False).state_dict()
+    ours = backbone.state_dict()
+    dropped = sorted(set(ours) - set(expected))
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise CheckpointError(f"the backbone lacks weights timm's {args['model_name']} has: {missing[:5]}")
+    tensors = {}
+    for name, ref in expected.items():
+        if ours[name].shape != ref.shape:
+            raise CheckpointError(f"{name} has shape {tuple(ours[name].shape)}, timm's {args['model_name']} "
+                                  f"{tuple(ref.shape)}")
+        tensors[name] = ours[name].detach().to("cpu").contiguous().clone()  # safetensors: no shared storage
+    return args, tensors, dropped
+
+
+def export_command(cfg: ExportConfig) -> dict:
+    """Write the files; returns ``{"weights": path, "meta": path, "timm_create_model": args, "dropped": names}``."""
+    from safetensors.torch import save_file
+
+    weights, meta = _targets(cfg)  # before the checkpoint is read: a refused run does nothing
+    model, _ = model_from_checkpoint(cfg, torch.device("cpu"))
+    args, tensors, dropped = backbone_tensors(model.backbone)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "checkpoint": str(cfg.checkpoint), "which": cfg.which})
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    info = {"timm_create_model": args, "weights": weights.name, "checkpoint": str(cfg.checkpoint),
+            "which": cfg.which, "left_out": dropped}
+    write_atomically(meta, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    left = f" (left out, used in training only: {', '.join(dropped)})" if dropped else ""
+    print(f"wrote {weights} ({len(tensors)} tensors of the {cfg.which}'s backbone{left}) and {meta}; load with:\n"
+          f"  timm.create_model(**json.load(open({str(meta)!r}))['timm_create_model'], pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file={str(weights)!r}))", flush=True)
+    return {"weights": weights, "meta": meta, "timm_create_model": args, "dropped": dropped}
