@@ -206,25 +206,28 @@ class DinoAugment(torch.nn.Module):
         if N == 0:
             return x
         # ColorJitter in 4 rounds: in round r each crop applies its op order[:, r]. The three blends
-        # (brightness: with 0, contrast: with the gray mean, saturation: with gray) run as one
-        # blend for every crop (factor 1 where the crop's op is hue or it has no jitter: exact identity);
-        # hue runs on the crops whose round it is, gathered by index.
+        # (brightness: with 0, contrast: with the gray mean, saturation: with gray) run as one blend for
+        # every crop, factor 1 (an exact identity) where a crop does not blend in that round. The hue
+        # runs once, on every crop, between the blends before each crop's hue round and those after
+        # it: no host read of which crops take the hue in which round, and each crop's arithmetic is
+        # the per-round one (the identity blends change nothing).
         factors = torch.stack([p.brightness, p.contrast, p.saturation, torch.ones_like(p.hue)], dim=1)
         hue_round = torch.where(p.jitter, (p.order == JITTER_OPS.index("hue")).int().argmax(dim=1), 4)
-        by_round = torch.argsort(hue_round, stable=True)
-        counts = torch.bincount(hue_round, minlength=5).tolist()  # one sync for all rounds
-        hue_idx = by_round.split(counts)
-        for r in range(4):
+
+        def blend(x: torch.Tensor, r: int, active: torch.Tensor) -> torch.Tensor:
             op = p.order[:, r]
-            f = torch.where(p.jitter, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0).view(-1, 1, 1, 1)
+            f = torch.where(active, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0).view(-1, 1, 1, 1)
             gray = F.rgb_to_grayscale(x)
             other = torch.where((op == 2).view(-1, 1, 1, 1), gray,
                                 torch.where((op == 1).view(-1, 1, 1, 1),
                                             gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
-            x = (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
-            if counts[r]:
-                idx = hue_idx[r]
-                x = x.index_copy(0, idx, F.adjust_hue(x.index_select(0, idx), p.hue.index_select(0, idx)))
+            return (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
+
+        for r in range(3):  # the rounds before a crop's hue (a hue in round 0 has none)
+            x = blend(x, r, p.jitter & (hue_round > r))
+        x = torch.where(p.jitter.view(-1, 1, 1, 1), F.adjust_hue(x, p.hue), x)
+        for r in range(1, 4):  # the rounds after it
+            x = blend(x, r, p.jitter & (hue_round < r))
         x = torch.where(p.grayscale.view(-1, 1, 1, 1), F.rgb_to_grayscale(x, 3), x)
         # Every crop through the blur (size 1 where it does not apply: an exact identity), sized by the
         # largest kernel the sigma range allows: no host sync to read the batch's largest.

@@ -104,6 +104,9 @@ def _per_channel(name: str, value, C: int, device: torch.device) -> torch.Tensor
     if name == "std":
         if torch.compiler.is_compiling():  # traced: checked on the device
             torch._assert_async((t != 0).all(), "resized_crops: std must be non-zero")
+        elif isinstance(value, (int, float, list, tuple)):  # host numbers: checked as such, no tensor read
+            if 0 in (value if isinstance(value, (list, tuple)) else [value]):
+                raise ValueError(f"resized_crops: std must be non-zero, got {t.tolist()}")
         elif bool((t == 0).any()):  # a host sync only for a std given on a GPU
             raise ValueError(f"resized_crops: std must be non-zero, got {t.tolist()}")
     return t.to(device).contiguous()
@@ -229,7 +232,8 @@ def _resized_crops(packed: Packed, boxes, size, *, flips, interpolation, antiali
     normalise = mean_t is not None or std_t is not None
     input_scale = 1.0 / 255.0 if normalise and data.dtype == torch.uint8 else 1.0
     boxes = boxes.to(dtype=torch.float32)
-    on_host = not torch.compiler.is_compiling() and (check_on_host or boxes.device.type == "cpu")
+    # check_on_host=False: the device-side check on a CPU too, so that the CPU path reads nothing, as the GPU's.
+    on_host = not torch.compiler.is_compiling() and check_on_host
     if on_host:
         _check_box_values(boxes, packed.info_host)  # a sync when the boxes are on a GPU
     boxes = boxes.to(device=device).contiguous()

@@ -34,10 +34,10 @@ from .data import (
     load_digits_split,
 )
 from .dino_config import DinoConfig
-from .errors import TrainingError
 from .knn import knn_eval
 from .log import EpochMeter, Logger
 from .models import DinoHead, MultiCropModel, build_backbone
+from .nonfinite import NonFiniteGuard
 from .resume import plan_start, position, restore
 from .run_folder import rewind_log, run_folder
 from .runtime import (
@@ -51,7 +51,6 @@ from .runtime import (
     print_stop,
     resolve_precision,
     seed_all,
-    should_stop,
     step_seed,
     version,
 )
@@ -183,10 +182,11 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
                              center_momentum=cfg.center_momentum).to(device)
         groups = param_groups(student)
         optimizer: torch.optim.Optimizer
+        # fused: their kernels skip a step on the device (a non-finite loss, see optim.step_unless)
         if cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups)
+            optimizer = torch.optim.AdamW(groups, fused=True)
         else:
-            optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+            optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, fused=True)
         # Plain floats: numpy scalars in the optimiser state would not load with weights_only=True.
         lr_schedule = cosine_schedule(base_lr, cfg.min_lr, epochs, niter, cfg.warmup_epochs).tolist()
         wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, epochs, niter).tolist()
@@ -218,6 +218,8 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
             return ckpt.save_checkpoint(state, out / name)
 
         signal_received = stack.enter_context(ckpt.StopSignal())
+        guard = NonFiniteGuard(device, rank, world, niter, (student, teacher_net, dino_loss),
+                               hint="lower --lr, raise --clip-grad, or try --precision fp32")
         last_loss, knn_result, stopped, path, steps_run = math.nan, None, False, None, 0
         it, epochs_done = start.epoch * niter + start.step - 1, start.epoch
         for epoch in range(start.epoch, epochs):
@@ -226,27 +228,35 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
             loader_gen.manual_seed(cfg.seed * 7919 + epoch)
             student.train()
             meter = EpochMeter(log, epoch, epochs, niter, first, device, offset=start.offset,
-                               saved=start.meter if epoch == start.epoch else None)
-            i = first - 1
+                               saved=start.meter if epoch == start.epoch else None, guard=guard)
+            done = first  # iterations of this epoch done
             for i, data in enumerate(loader, start=first):
-                it = epoch * niter + i
+                images, skipped = decode_batch(data, device)
+                skipped += data.skipped
+                # Host flags, the same on every rank: a signal (stop before this iteration), a batch of
+                # unreadable images here or on another rank (skip it).
+                signalled, empty = any_rank(bool(signal_received), not len(images))
+                if signalled:
+                    stopped = True
+                    break
+                it, done = epoch * niter + i, i + 1
                 for j, group in enumerate(optimizer.param_groups):
                     group["lr"] = lr_schedule[it]
                     if j == 0:  # only the weights are regularised
                         group["weight_decay"] = wd_schedule[it]
-                images, skipped = decode_batch(data, device)
-                skipped += data.skipped
-                if any_rank(not len(images))[0]:  # a batch of unreadable images, here or on another rank
+                if empty:
                     meter.skip(skipped + len(images), i)
                     continue
                 aug_gen.manual_seed(step_seed(cfg.seed, rank, it))  # the same crops on resume
                 global_crops, local_crops = augment(images, generator=aug_gen)
 
+                guard.hold()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     with torch.no_grad():
                         teacher_out = teacher(global_crops)
                     student_out = student_ddp(global_crops, local_crops)
                     loss = dino_loss(student_out, teacher_out, epoch)
+                skip = guard.observe(loss, it)  # a non-finite loss: this step and the rest skipped on the device
 
                 def before_step(epoch=epoch):
                     if cfg.clip_grad > 0:
@@ -255,24 +265,21 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
                         for p in student.get_submodule("head.last_layer").parameters():
                             p.grad = None
 
-                backward_and_step(loss, optimizer, scaler, before_step)
-                m = teacher.update(it)
-                loss_value = loss.item()
+                backward_and_step(loss, optimizer, scaler, before_step, skip)
+                teacher.update(momentum=guard.momentum(teacher.momentum_at(it)))
+                guard.release()
 
-                meter.update(loss_value, len(images), skipped, i=i, it=it, lr=lr_schedule[it], wd=wd_schedule[it],
-                             momentum=m, teacher_temp=dino_loss.teacher_temp_at(epoch))
+                # Read (with the guard's flags) once per --log-freq iterations: it raises on a non-finite loss.
+                meter.update(loss, len(images), skipped, i=i, it=it, lr=lr_schedule[it], wd=wd_schedule[it],
+                             momentum=teacher.momentum_at(it), teacher_temp=dino_loss.teacher_temp_at(epoch))
                 steps_run += 1
-                stop, diverged = should_stop(signal_received, cfg, steps_run, loss_value)
-                if diverged:  # never saved: the last checkpoint holds the state before
-                    raise TrainingError(f"the loss is not finite ({loss_value} on rank 0) at epoch {epoch + 1}, "
-                                        f"iteration {i}: stopped without saving; lower --lr, raise --clip-grad, or "
-                                        "try --precision fp32")
-                if stop:
+                if cfg.stop_after_steps is not None and steps_run >= cfg.stop_after_steps:
                     stopped = True
                     break
-            if stopped and i + 1 < niter:  # mid-epoch: the epoch's end comes when the run resumes
+            stopped = stopped or any_rank(bool(signal_received))[0]  # a signal in the epoch's last iteration
+            if stopped and done < niter:  # mid-epoch: the epoch's end comes when the run resumes
                 meter.close_bar()
-                path = save(epoch, i + 1, meter=meter.state())
+                path = save(epoch, done, meter=meter.state())  # state() raises on a non-finite loss: no save
                 break
             last_loss = meter.close()
             epochs_done = epoch + 1

@@ -36,11 +36,11 @@ from . import checkpoint as ckpt
 from .data import StreamSampler, collate, decode_batch, gpu_jpeg_decoding_available, training_sets
 from .dino import TrainResult
 from .dinov3_config import Dinov3Config
-from .errors import TrainingError
 from .knn import knn_eval
 from .log import EpochMeter, Logger
 from .masking import BlockMasks, MaskingGenerator, block_masks, max_num_patches
 from .models import DinoHead, add_mask_token, build_backbone, features_with_masks, uniform_drop_path_
+from .nonfinite import NonFiniteGuard
 from .resume import plan_start, position, restore
 from .run_folder import rewind_log, run_folder
 from .runtime import (
@@ -52,7 +52,6 @@ from .runtime import (
     print_stop,
     resolve_precision,
     seed_all,
-    should_stop,
     step_seed,
     version,
 )
@@ -322,8 +321,9 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                                                           else None) if world > 1 else student
 
         losses = Dinov3Loss(cfg).to(device)
+        # fused: one kernel, which also skips a step on the device (a non-finite loss)
         optimizer = torch.optim.AdamW(dinov3_param_groups(student, cfg.layerwise_decay, cfg.patch_embed_lr_mult),
-                                      betas=(cfg.adamw_beta1, cfg.adamw_beta2), fused=device.type == "cuda")
+                                      betas=(cfg.adamw_beta1, cfg.adamw_beta2), fused=True)
         # The authors' schedules (CosineScheduler), per iteration; plain floats for the checkpoint.
         lr_schedule = cosine_schedule(base_lr, cfg.min_lr, epochs, niter, cfg.warmup_epochs)
         last_layer_lr_schedule = lr_schedule.copy()
@@ -374,22 +374,30 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                             num_workers=cfg.num_workers, amp_dtype=amp_dtype)
 
         signal_received = stack.enter_context(ckpt.StopSignal())
+        guard = NonFiniteGuard(device, rank, world, niter, (student, teacher_net, losses),
+                               hint="lower --lr, or try --precision fp32")
         last_loss, knn_result, stopped, path, steps_run = math.nan, None, False, None, 0
         it, epochs_done = start.epoch * niter + start.step - 1, start.epoch
         for epoch in range(start.epoch, epochs):
             first = start.step if epoch == start.epoch else 0
             student.train()
             meter = EpochMeter(log, epoch, epochs, niter, first, device, offset=start.offset,
-                               saved=start.meter if epoch == start.epoch else None)
-            i = first - 1
+                               saved=start.meter if epoch == start.epoch else None, guard=guard)
+            done = first  # iterations of this epoch done
             for i, data in zip(range(first, niter), batches, strict=False):  # the stream never ends
-                it = epoch * niter + i
-                apply_optim_schedule(optimizer, lrs[it], wd_schedule[it], last_lrs[it])
                 images, skipped = decode_batch(data, device)
                 skipped += data.skipped
-                # A batch of unreadable images, here or on another rank; or, with KoLeo over every rank's rows (which
-                # needs the same batch on each), a batch short of an unreadable image.
-                if any(any_rank(not len(images), cfg.koleo_loss_distributed and len(images) != batch)):
+                # Host flags, the same on every rank: a signal (stop before this iteration); a batch of unreadable
+                # images here or on another rank, or, with KoLeo over every rank's rows (which needs the same batch
+                # on each), a batch short of an unreadable image (skip it).
+                signalled, empty = any_rank(bool(signal_received), not len(images) or
+                                            (cfg.koleo_loss_distributed and len(images) != batch))
+                if signalled:
+                    stopped = True
+                    break
+                it, done = epoch * niter + i, i + 1
+                apply_optim_schedule(optimizer, lrs[it], wd_schedule[it], last_lrs[it])
+                if empty:
                     meter.skip(skipped + len(images), i)
                     continue
                 # The same crops and masks on resume: seeded by (seed, rank, iteration).
@@ -402,6 +410,7 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                                     random_circular_shift=cfg.mask_random_circular_shift).to(device)
                 B = len(images)
 
+                guard.hold()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     teacher_cls, teacher_masked = teacher_net.teacher_outputs(global_crops, masks.indices)
                     dino_targets, ibot_targets = losses.teacher_targets(teacher_cls, teacher_masked,
@@ -411,6 +420,7 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                     loss, parts = losses(s_global.unflatten(0, (N_GLOBAL, B)), s_local.unflatten(0, (-1, B)),
                                          s_masked, g_cls.unflatten(0, (N_GLOBAL, B)), dino_targets, ibot_targets,
                                          masks)
+                skip = guard.observe(loss, it)  # a non-finite loss: this step and the rest skipped on the device
 
                 norms: list[torch.Tensor] = []
 
@@ -418,29 +428,26 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                     if cfg.clip_grad > 0:
                         norms.extend(clip_each_(student, cfg.clip_grad))
 
-                backward_and_step(loss, optimizer, scaler, before_step)
-                m = teacher.update(it)
-                values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values()),
-                                      *(n.float() for n in norms)]).tolist()  # one sync
-                loss_value = values[0]
-                extra = dict(zip(parts, values[1:], strict=False))
-                extra.update(zip(("backbone_grad_norm", "dino_head_grad_norm", "ibot_head_grad_norm"),
-                                 values[1 + len(parts):], strict=False))
+                backward_and_step(loss, optimizer, scaler, before_step, skip)
+                teacher.update(momentum=guard.momentum(teacher.momentum_at(it)))
+                guard.release()
 
-                meter.update(loss_value, len(images), skipped, i=i, it=it, lr=lrs[it], wd=wd_schedule[it],
-                             momentum=m, teacher_temp=temp_schedule[it], last_layer_lr=last_lrs[it],
-                             n_masked_patches=masks.n_masked, **extra)
+                # Every value stays on the device: read (with the guard's flags, raising on a non-finite loss) in
+                # one transfer once per --log-freq iterations.
+                extra: dict[str, float | torch.Tensor] = {k: v.detach() for k, v in parts.items()}
+                extra.update(zip(("backbone_grad_norm", "dino_head_grad_norm", "ibot_head_grad_norm"), norms,
+                                 strict=False))
+                meter.update(loss, len(images), skipped, i=i, it=it, lr=lrs[it], wd=wd_schedule[it],
+                             momentum=teacher.momentum_at(it), teacher_temp=temp_schedule[it],
+                             last_layer_lr=last_lrs[it], n_masked_patches=masks.n_masked, **extra)
                 steps_run += 1
-                stop, diverged = should_stop(signal_received, cfg, steps_run, loss_value)
-                if diverged:  # never saved: the last checkpoint holds the state before
-                    raise TrainingError(f"the loss is not finite ({loss_value} on rank 0) at epoch {epoch + 1}, "
-                                        f"iteration {i}: stopped without saving; lower --lr, or try --precision fp32")
-                if stop:
+                if cfg.stop_after_steps is not None and steps_run >= cfg.stop_after_steps:
                     stopped = True
                     break
-            if stopped and i + 1 < niter:  # mid-epoch: the epoch's end comes when the run resumes
+            stopped = stopped or any_rank(bool(signal_received))[0]  # a signal in the epoch's last iteration
+            if stopped and done < niter:  # mid-epoch: the epoch's end comes when the run resumes
                 meter.close_bar()
-                path = save(epoch, i + 1, meter=meter.state())
+                path = save(epoch, done, meter=meter.state())  # state() raises on a non-finite loss: no save
                 break
             last_loss = meter.close()
             epochs_done = epoch + 1

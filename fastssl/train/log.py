@@ -22,8 +22,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +32,10 @@ from .. import distributed
 from .config import RunConfig
 from .errors import DataError
 
-__all__ = ["UNREADABLE_BATCHES_LIMIT", "EpochMeter", "Logger", "json_row", "write_atomically"]
+if TYPE_CHECKING:
+    from .nonfinite import NonFiniteGuard
+
+__all__ = ["UNREADABLE_BATCHES_LIMIT", "EpochMeter", "Logger", "json_row", "read_scalars", "write_atomically"]
 
 # A run fails after this many batches in a row without one readable image (on every rank): a folder of
 # unreadable files is an error, not a run of skipped steps that ends looking like a success.
@@ -130,15 +134,38 @@ class Logger:
                 self.tb.close()
 
 
+def read_scalars(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every tensor among them read to the host in one transfer (the one wait for the device):
+    a 0-dim tensor as a float, a larger one as a list of floats (float64: exact for fp32 values and for
+    integers below 2**53); other values as they are."""
+    tensors = {k: v.detach().reshape(-1).to(torch.float64) for k, v in values.items() if isinstance(v, torch.Tensor)}
+    host = torch.cat(list(tensors.values())).tolist() if tensors else []
+    out, pos = {}, 0
+    for k, v in values.items():
+        if k in tensors:
+            n = tensors[k].numel()
+            out[k] = host[pos] if v.dim() == 0 else host[pos:pos + n]
+            pos += n
+        else:
+            out[k] = v
+    return out
+
+
 class EpochMeter:
     """One epoch's progress bar (rank 0), step rows and sums. ``state()`` is saved in a mid-epoch
-    checkpoint and given back as ``saved`` on resume, so the epoch's row covers all its steps."""
+    checkpoint and given back as ``saved`` on resume, so the epoch's row covers all its steps.
+
+    The steps' values stay on the device: the meter reads them once per ``--log-freq`` iterations (the
+    logged step's values, with ``guard``'s flags, in one transfer), and the epoch's loss sum at its end or
+    for a checkpoint; each of these reads raises if ``guard`` saw a non-finite loss since the last one."""
 
     def __init__(self, log: Logger, epoch: int, epochs: int, niter: int, first: int, device: torch.device, *,
-                 offset: int = 0, saved: dict | None = None):
+                 offset: int = 0, saved: dict | None = None, guard: NonFiniteGuard | None = None):
         self.log, self.epoch, self.niter, self.device, self.offset = log, epoch, niter, device, offset
+        self.guard = guard
         saved = saved or {}
-        self.loss_sum: float = saved.get("loss_sum", 0.0)
+        # float64 on the device: the same sum of the fp32 losses as Python floats would make
+        self.loss_sum = torch.full((), float(saved.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
         self.steps: int = saved.get("steps", 0)
         self.skipped: int = saved.get("skipped", 0)
         self.unreadable_in_a_row: int = saved.get("unreadable_in_a_row", 0)
@@ -155,8 +182,19 @@ class EpochMeter:
             except ImportError:
                 pass
 
+    def _read(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` and the guard's flags in one read; the values once written, :meth:`check` raises."""
+        return read_scalars({**values, **(self.guard.tensors() if self.guard is not None else {})})
+
+    def _check(self, read: Mapping[str, Any]) -> None:
+        if self.guard is not None:
+            self.guard.check(read)
+
     def state(self) -> dict:
-        return {"loss_sum": self.loss_sum, "steps": self.steps, "skipped": self.skipped,
+        """The sums so far, for a mid-epoch checkpoint (a read; raises if a loss was not finite)."""
+        read = self._read({"loss_sum": self.loss_sum})
+        self._check(read)
+        return {"loss_sum": read["loss_sum"], "steps": self.steps, "skipped": self.skipped,
                 "unreadable_in_a_row": self.unreadable_in_a_row,
                 "time_s": self.time_before + time.perf_counter() - self.t0}
 
@@ -169,25 +207,30 @@ class EpochMeter:
                             f"{self.epoch + 1}, iterations {i + 2 - UNREADABLE_BATCHES_LIMIT}-{i + 1}): check "
                             "the data folder (see the warnings above)")
 
-    def update(self, loss: float, images: int, skipped: int, *, i: int, it: int, **values: float) -> None:
-        """Iteration ``i`` of the epoch (``it`` over the run) trained on ``images`` images."""
-        self.loss_sum += loss
+    def update(self, loss: torch.Tensor, images: int, skipped: int, *, i: int, it: int,
+               **values: float | torch.Tensor) -> None:
+        """Iteration ``i`` of the epoch (``it`` over the run) trained on ``images`` images; ``loss`` and any of
+        ``values`` may be 0-dim tensors on the device (read only on a logged iteration)."""
+        self.loss_sum += loss.detach().to(torch.float64)
         self.steps += 1
         self.skipped += skipped
         self.unreadable_in_a_row = 0
         self.images_since_log += images * distributed.world_size()
         if self.bar is not None:
             self.bar.update(1)
-        if (i + 1) % self.log.cfg.log_freq == 0 or not math.isfinite(loss):
+        if (i + 1) % self.log.cfg.log_freq == 0:
+            read = self._read({"loss": loss, **values})
             now = time.perf_counter()
             rate = self.images_since_log / max(now - self.t_log, 1e-9)
             self.t_log, self.images_since_log = now, 0
             mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
-            self.log.write({"epoch": self.epoch, "step": self.offset + it, "loss": loss, **values,
-                            "images_per_s": rate, "skipped_images": self.skipped, "gpu_mem_gb": mem})
+            logged = {k: read[k] for k in ("loss", *values)}
+            self.log.write({"epoch": self.epoch, "step": self.offset + it, **logged, "images_per_s": rate,
+                            "skipped_images": self.skipped, "gpu_mem_gb": mem})
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{rate:.0f}",
+                self.bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}", img_s=f"{rate:.0f}",
                                      mem=f"{mem:.1f}G", refresh=False)
+            self._check(read)  # after the row: a non-finite loss is logged (as a string), then the run stops
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -195,12 +238,15 @@ class EpochMeter:
             self.bar = None
 
     def close(self) -> float:
-        """The epoch is complete: its row, and its mean loss. An epoch without one trained step fails."""
+        """The epoch is complete: its row, and its mean loss (a read; raises if a loss was not finite). An
+        epoch without one trained step fails."""
         self.close_bar()
         if self.steps == 0:
             raise DataError(f"epoch {self.epoch + 1}: none of its {self.niter} batches had a readable image; check "
                             "the data folder (see the warnings above)")
-        mean = self.loss_sum / self.steps
+        read = self._read({"loss_sum": self.loss_sum})
+        self._check(read)
+        mean = read["loss_sum"] / self.steps
         self.log.write({"epoch": self.epoch, "epoch_loss": mean, "skipped_images": self.skipped,
                         "epoch_time_s": self.time_before + time.perf_counter() - self.t0})
         return mean

@@ -54,10 +54,10 @@ from .data import (
     labelled_subset,
     load_digits_split,
 )
-from .errors import TrainingError
 from .knn import embed_datasets
 from .log import EpochMeter, Logger
 from .models import PawsModel, build_backbone
+from .nonfinite import NonFiniteGuard
 from .optim import Lars
 from .paws_config import PawsConfig
 from .resume import plan_start, position, restore
@@ -73,7 +73,6 @@ from .runtime import (
     print_stop,
     resolve_precision,
     seed_all,
-    should_stop,
     step_seed,
     strip_prefix,
     version,
@@ -292,6 +291,7 @@ def _train(cfg: PawsConfig, device: torch.device, rank: int, world: int, augment
             return ckpt.save_checkpoint(state, out / name)
 
         signal_received = stack.enter_context(ckpt.StopSignal())
+        guard = NonFiniteGuard(device, rank, world, niter, (model, paws), hint="lower --lr, or try --precision fp32")
         last_loss, snn_result, stopped, path, steps_run = math.nan, None, False, None, 0
         it, epochs_done = first_it - 1, start.epoch
         for epoch in range(start.epoch, epochs):
@@ -300,18 +300,23 @@ def _train(cfg: PawsConfig, device: torch.device, rank: int, world: int, augment
             loader_gen.manual_seed(cfg.seed * 7919 + epoch)
             model.train()
             meter = EpochMeter(log, epoch, epochs, niter, first, device, offset=start.offset,
-                               saved=start.meter if epoch == start.epoch else None)
-            i = first - 1
+                               saved=start.meter if epoch == start.epoch else None, guard=guard)
+            done = first  # iterations of this epoch done
             for i, data in enumerate(loader, start=first):
-                it = epoch * niter + i
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_schedule[it]
                 sdata = next(supports_iter)  # one support batch per iteration, skipped images or not
                 images, skipped = decode_batch(data, device)
                 simages, s_skipped = decode_batch(sdata, device)
                 skipped += data.skipped
-                # Decided alike on every rank: a rank that skipped the step's collectives would hang the rest.
-                bad_supports, empty = any_rank(bool(s_skipped or sdata.skipped), not len(images))
+                # Host flags, decided alike on every rank: a rank that skipped the step's collectives would hang
+                # the rest. A signal stops before this iteration.
+                signalled, bad_supports, empty = any_rank(bool(signal_received), bool(s_skipped or sdata.skipped),
+                                                          not len(images))
+                if signalled:
+                    stopped = True
+                    break
+                it, done = epoch * niter + i, i + 1
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule[it]
                 if bad_supports:  # the label slots assume complete support batches
                     raise DataError(f"a labelled image could not be read (support batch of iteration {it}): fix or "
                                     "remove it from the labelled set")
@@ -323,6 +328,7 @@ def _train(cfg: PawsConfig, device: torch.device, rank: int, world: int, augment
                 support_views, _ = support_aug(simages, generator=aug_gen)
                 B = len(images)
 
+                guard.hold()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     h, z = model_ddp(torch.cat([support_views, global_views]), small_views)
                 h, z = h.float(), z.float()  # the loss in full precision, as the authors
@@ -331,23 +337,22 @@ def _train(cfg: PawsConfig, device: torch.device, rank: int, world: int, augment
                 target_views = torch.cat([target_views[B:], target_views[:B]])  # each view's target: the other
                 ploss, me_max = paws(z[ns:], z[:ns], support_labels, target_views, h[:ns].detach(), support_labels)
                 loss = ploss + me_max
+                skip = guard.observe(loss, it)  # a non-finite loss: this step and the rest skipped on the device
 
-                backward_and_step(loss, optimizer, scaler, clip)
-                loss_value, ploss_value, me_value = (v.item() for v in (loss, ploss, me_max))
+                backward_and_step(loss, optimizer, scaler, clip, skip)
+                guard.release()
 
-                meter.update(loss_value, B, skipped, i=i, it=it, lr=lr_schedule[it], paws_xent=ploss_value,
-                             me_max=me_value)
+                # Read (with the guard's flags) once per --log-freq iterations: it raises on a non-finite loss.
+                meter.update(loss, B, skipped, i=i, it=it, lr=lr_schedule[it], paws_xent=ploss.detach(),
+                             me_max=me_max.detach())
                 steps_run += 1
-                stop, diverged = should_stop(signal_received, cfg, steps_run, loss_value)
-                if diverged:  # never saved: the last checkpoint holds the state before
-                    raise TrainingError(f"the loss is not finite ({loss_value} on rank 0) at epoch {epoch + 1}, "
-                                        f"iteration {i}: stopped without saving; lower --lr, or try --precision fp32")
-                if stop:
+                if cfg.stop_after_steps is not None and steps_run >= cfg.stop_after_steps:
                     stopped = True
                     break
-            if stopped and i + 1 < niter:  # mid-epoch: the epoch's end comes when the run resumes
+            stopped = stopped or any_rank(bool(signal_received))[0]  # a signal in the epoch's last iteration
+            if stopped and done < niter:  # mid-epoch: the epoch's end comes when the run resumes
                 meter.close_bar()
-                path = save(epoch, i + 1, meter=meter.state())
+                path = save(epoch, done, meter=meter.state())  # state() raises on a non-finite loss: no save
                 break
             last_loss = meter.close()
             epochs_done = epoch + 1

@@ -181,7 +181,12 @@ def restore(start: Start, modules: dict[str, nn.Module], optimizer: torch.optim.
         weights = strip_prefix(state[what])
         check_state_dict(module, weights, what, start.path)
         module.load_state_dict(weights)
-    optimizer.load_state_dict(state["optimizer"])
+    # The checkpoint's state and hyperparameters, this build's implementation (fused: a run saved unfused
+    # resumes fused, which the trainers need to skip a step on the device).
+    saved = state["optimizer"]
+    groups = [{**g, **{k: now[k] for k in ("fused", "foreach") if k in now}}
+              for g, now in zip(saved["param_groups"], optimizer.param_groups, strict=False)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"], device)

@@ -2,7 +2,8 @@
 
 Joining and leaving the process group under torchrun, the optimiser's parameter split and
 gradient clipping, mixed precision, the seeds, and decisions every rank takes together (a stop,
-an error). Logging is in ``log.py``, the run folder in ``run_folder.py``, resuming in ``resume.py``.
+an error) from host flags, without reading anything from the device. Logging is in ``log.py``,
+the run folder in ``run_folder.py``, resuming in ``resume.py``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from torch import nn
 from .. import distributed
 from .config import RunConfig
 from .errors import ConfigError, DataError, RunError, UserError
+from .optim import step_unless
 
 T = TypeVar("T")
 R = TypeVar("R", bound=RunConfig)
 
 __all__ = ["any_rank", "backward_and_step", "clip_gradients_", "in_process_group", "iterations_per_epoch",
            "mixed_precision", "param_groups", "print_stop", "raise_on_every_rank", "resolve_precision", "seed_all",
-           "setup_distributed", "should_stop", "step_seed", "strip_prefix", "teardown_distributed", "version"]
+           "setup_distributed", "step_seed", "strip_prefix", "teardown_distributed", "version"]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -118,10 +120,15 @@ def mixed_precision(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype |
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                      before_step: Callable[[], None] | None = None) -> None:
-    """Backward (scaled under fp16), ``before_step()`` on the true gradients (clipping, freezing), step."""
+                      before_step: Callable[[], None] | None = None, skip: torch.Tensor | None = None) -> None:
+    """Backward (scaled under fp16), ``before_step()`` on the true gradients (clipping, freezing), step; where
+    the 0-dim bool ``skip`` (on the device) is set, the step leaves the parameters and the optimiser's state
+    as they were (``optimizer`` must skip on the device, see :func:`~fastssl.train.optim.step_unless`), with
+    no host read."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
+        if skip is not None:  # a skipped step's gradients made non-finite: the scaler's own check skips it
+            loss = loss * torch.where(skip, math.nan, 1.0)  # x 1.0 elsewhere: the same gradients
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
@@ -129,8 +136,12 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scal
     if before_step is not None:
         before_step()
     if scaler is not None:
+        # found_inf goes to the optimiser, which skips on the device (an optimiser without that contract
+        # would have GradScaler read found_inf on the host); update() backs the scale off, as on an overflow.
         scaler.step(optimizer)
         scaler.update()
+    elif skip is not None:
+        step_unless(optimizer, skip)
     else:
         optimizer.step()
 
@@ -165,22 +176,28 @@ def step_seed(seed: int, rank: int, it: int) -> int:
 
 
 def any_rank(*flags: bool) -> list[bool]:
-    """Each flag OR-ed over the ranks: decisions that skip collectives (DDP's all-reduce, the loss's
-    all-gather) must be the same on every rank, else the others wait forever."""
+    """Each host flag OR-ed over the ranks: decisions that skip collectives (DDP's all-reduce, the loss's
+    all-gather) or stop the run must be the same on every rank, else the others wait forever. The flags
+    travel as a CPU tensor through a gloo group (the default group when it is gloo): no device read."""
     if distributed.world_size() <= 1:
         return [bool(f) for f in flags]
-    t = torch.tensor([float(f) for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return [bool(v) for v in (t > 0).tolist()]
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, group=_host_group())
+    return [v > 0 for v in t.numpy().tolist()]  # .numpy(): host memory (it refuses a device tensor)
 
 
-def should_stop(signal_received, cfg: RunConfig, steps_run: int, loss: float) -> tuple[bool, bool]:
-    """``(stop, diverged)`` after a step, the same on every rank (one collective): a signal arrived or this
-    invocation ran ``--stop-after-steps`` steps; the loss is not finite. All ranks stop together (one of
-    them got the signal, or its loss is NaN)."""
-    stop = bool(signal_received) or (cfg.stop_after_steps is not None and steps_run >= cfg.stop_after_steps)
-    stop, diverged = any_rank(stop, not math.isfinite(loss))
-    return stop, diverged
+def _host_group():
+    """A gloo group over every rank for host flags: None (the default group) when that is gloo, else one
+    made once per default group (a collective: every rank reaches it at the same call of any_rank)."""
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if not _HOST_GROUP or _HOST_GROUP[0] is not world:
+        _HOST_GROUP[:] = [world, dist.new_group(backend="gloo")]
+    return _HOST_GROUP[1]
+
+
+_HOST_GROUP: list = []  # [the default group it was made in, the gloo group]
 
 
 def raise_on_every_rank(error: UserError | None) -> None:
