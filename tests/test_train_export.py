@@ -82,3 +82,22 @@ def test_bad_options_are_refused_by_name(runs, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "none.pth"), "--output", str(tmp_path / "x.safetensors")]) \
         != 0
     assert "none.pth" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_sharded_checkpoint_exports_as_its_single_file(runs, tmp_path):
+    # The same run's state as an FSDP2 run's sharded folder (written on one process here): consolidated on the
+    # way, the export is the single file's, tensor for tensor.
+    from safetensors.torch import load_file
+
+    from fastssl.train.checkpoint import load_checkpoint
+    from fastssl.train.sharded_checkpoint import save_sharded
+
+    checkpoint = runs / "dinov3" / "checkpoint.pth"
+    save_sharded(load_checkpoint(checkpoint), tmp_path / "sharded")
+    for source, out in ((checkpoint, tmp_path / "file.safetensors"),
+                        (tmp_path / "sharded", tmp_path / "dir.safetensors")):
+        assert main(["export", "--checkpoint", str(source), "--output", str(out)]) == 0
+    a, b = load_file(tmp_path / "file.safetensors"), load_file(tmp_path / "dir.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "dir.safetensors", "file.json",
+                                                          "file.safetensors", "sharded"]

@@ -6,7 +6,8 @@ the arguments of ``timm.create_model`` that build the same network, so that::
     args = json.load(open("vits16.json"))["timm_create_model"]
     model = timm.create_model(**args, pretrained=True, pretrained_cfg_overlay=dict(file="vits16.safetensors"))
 
-gives the trained backbone (``forward`` returns the CLS features, as during training). What only training
+gives the trained backbone (``forward`` returns the CLS features, as during training). The checkpoint may be
+a file or an FSDP2 run's sharded folder (consolidated on the way). What only training
 uses is left out: the heads, and DINOv3's mask token (named when dropped). Existing files are replaced only
 with ``--overwrite``; each file is written through a temporary file and a rename.
 """
@@ -24,6 +25,7 @@ from .errors import CheckpointError, ConfigError
 from .eval_config import ExportConfig
 from .evaluate import model_from_checkpoint
 from .log import write_atomically
+from .sharded_checkpoint import consolidate, is_sharded_checkpoint
 
 __all__ = ["export_command"]
 
@@ -66,7 +68,12 @@ def export_command(cfg: ExportConfig) -> dict:
     from safetensors.torch import save_file
 
     weights, meta = _targets(cfg)  # before the checkpoint is read: a refused run does nothing
-    model, _ = model_from_checkpoint(cfg, torch.device("cpu"))
+    if is_sharded_checkpoint(cfg.checkpoint):  # an FSDP2 run's folder: its full tensors first, in one file
+        with tempfile.TemporaryDirectory(dir=weights.parent if weights.parent.exists() else None) as scratch:
+            single = consolidate(cfg.checkpoint, Path(scratch) / "consolidated.pth")
+            model, _ = model_from_checkpoint(cfg.replace(checkpoint=str(single)), torch.device("cpu"))
+    else:
+        model, _ = model_from_checkpoint(cfg, torch.device("cpu"))
     args, tensors, dropped = backbone_tensors(model.backbone)
     weights.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)

@@ -19,6 +19,8 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,8 +42,21 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / _METADATA).is_file()
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _one_process_is_meant():
+    """Without a process group one process reads or writes the whole checkpoint, on purpose: torch's warning
+    that it assumes so says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _same_on_every_rank(value: str) -> str:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -49,7 +64,7 @@ def _same_on_every_rank(value: str) -> str:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
@@ -62,12 +77,13 @@ def save_sharded(state: dict, path: str | os.PathLike) -> Path:
     if path.exists() and not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} exists and is not a sharded checkpoint: it is not replaced")
     tmp = path.parent / _same_on_every_rank(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = dist.get_rank() if _distributed() else 0
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
     _barrier()
     try:
-        dcp.save(state, checkpoint_id=tmp)
+        with _one_process_is_meant():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
         _barrier()  # every rank's shards are on disk
         if rank == 0:
             old = None
@@ -92,7 +108,8 @@ def load_sharded(state: dict, path: str | os.PathLike) -> dict:
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is not a sharded checkpoint (no {_METADATA} in it)")
-    dcp.load(state, checkpoint_id=path)
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     return state
 
 
