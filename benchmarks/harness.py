@@ -236,6 +236,34 @@ def _time_cpu(fn: Callable[..., Any], setup: Callable[[], Any] | None, warmup: i
     return _stats([call() for _ in range(reps)])
 
 
+def _time_cpu_interleaved(fns: dict[str, Callable[..., Any]], names: Sequence[str],
+                          setups: dict[str, Callable[[], Any]], warmup: int | None, reps: int | None) -> dict:
+    """CPU timing of several contenders call by call in turn (the order rotated every round): a CPU shared
+    with other work slows whichever contender runs at the moment, so timing one contender's calls in a block
+    and then the next's gives ratios that swing by +-10% from run to run; interleaved, every contender's
+    calls see the same conditions (and, as in training, each follows other work, as the GPU timing's L2
+    flush does)."""
+    d_warmup, d_reps = _DEFAULT_COUNTS["cpu"]
+    warmup = d_warmup if warmup is None else max(0, int(warmup))
+    reps = d_reps if reps is None else max(1, int(reps))
+    def call(name: str) -> float:
+        setup = setups.get(name)
+        arg = () if setup is None else (setup(),)
+        t0 = time.perf_counter()
+        fns[name](*arg)
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        for name in names:
+            call(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        order = list(names[r % len(names):]) + list(names[:r % len(names)])
+        for name in order:
+            times[name].append(call(name))
+    return {name: {**_stats(times[name]), "peak_mem_bytes": None} for name in names}
+
+
 def time_fn(fn: Callable[..., Any], device: torch.device | str, *, warmup: int | None = None,
             reps: int | None = None, setup: Callable[[], Any] | None = None) -> dict:
     """Time ``fn()`` on ``device``: ``{"median_ms", "min_ms", "max_ms", "reps"}``.
@@ -289,15 +317,20 @@ def time_contenders(fns: dict[str, Callable[..., Any]], device: torch.device | s
     """Time several contenders on one input set: ``{name: time_fn stats + "peak_mem_bytes"}``.
 
     The callables must close over the *same* input tensors, built by the caller
-    before this call. ``setups`` gives a contender an untimed per-call setup (see
-    :func:`time_fn`). ``rotate`` shifts the order the contenders run in (pass the
-    input-set index), so that no contender is always first or last.
+    before this call. On a CPU the contenders' calls alternate (see
+    :func:`_time_cpu_interleaved`); on a GPU each is timed in turn by :func:`time_fn`.
+    ``setups`` gives a contender an untimed per-call setup (see :func:`time_fn`).
+    ``rotate`` shifts the order the contenders run in (pass the input-set index), so
+    that no contender is always first or last.
     """
     setups = setups or {}
     names = list(fns)
     if names:
         shift = rotate % len(names)
         names = names[shift:] + names[:shift]
+    if _normalize(device).type == "cpu":
+        out = _time_cpu_interleaved(fns, names, setups, warmup, reps)
+        return {name: out[name] for name in fns}
     out = {}
     for name in names:
         setup = setups.get(name)

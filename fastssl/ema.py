@@ -126,7 +126,8 @@ def _check_shapes_devices(t_list, s_list, names, what: str) -> None:
 
 
 def _has_shards(t_list, s_list) -> bool:
-    return DTensor is not None and any(isinstance(x, DTensor) for x in itertools.chain(t_list, s_list))
+    # C-level loops (map, not a generator): called on every update of every tensor set
+    return DTensor is not None and any(map(isinstance, itertools.chain(t_list, s_list), itertools.repeat(DTensor)))
 
 
 def _local_shards(t_list, s_list, names, what: str) -> tuple[list, list]:
