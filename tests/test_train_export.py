@@ -12,12 +12,14 @@ import torch
 from test_train import TINY as DINO_TINY
 from test_train import write_folder
 from test_train_dinov3 import TINY as DINOV3_TINY
+from test_train_paws import TINY as PAWS_TINY
 
 from fastssl.train.cli import main, parse_args
 from fastssl.train.dino import train_dino
 from fastssl.train.dinov3 import train_dinov3
 from fastssl.train.eval_config import KnnCommandConfig
 from fastssl.train.evaluate import model_from_checkpoint
+from fastssl.train.paws import train_paws
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,8 @@ def runs(tmp_path_factory):
                            "--stop-after-steps", "1"]))
     train_dinov3(parse_args(["dinov3", "--data", str(data), "--output-dir", str(root / "dinov3"), *DINOV3_TINY,
                              "--stop-after-steps", "1"]))
+    train_paws(parse_args(["paws", "--data", str(data), "--output-dir", str(root / "paws"), *PAWS_TINY,
+                           "--stop-after-steps", "1", "--snn-freq", "0"]))
     return root
 
 
@@ -38,7 +42,7 @@ def _trained_backbone(checkpoint, which):
 
 
 @pytest.mark.parametrize("run,which,left_out", [("dino", "teacher", []), ("dinov3", "teacher", ["mask_token"]),
-                                                ("dinov3", "student", ["mask_token"])])
+                                                ("dinov3", "student", ["mask_token"]), ("paws", "teacher", [])])
 def test_timm_loads_the_exported_backbone(runs, tmp_path, run, which, left_out):
     checkpoint = runs / run / "checkpoint.pth"
     out = tmp_path / "sub" / "backbone.safetensors"
