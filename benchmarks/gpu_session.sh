@@ -12,8 +12,8 @@
 #   bash benchmarks/gpu_session.sh test-train      # the trainers on CUDA (tests/test_train_gpu.py)
 #   bash benchmarks/gpu_session.sh test-rest       # the CPU-side tests (gloo, packaging, benchmarks' smoke) and
 #                                                  # the AOT build: CI runs them too, so only if time is left
-#   bash benchmarks/gpu_session.sh bench dino      # one benchmark's target preset (dino, ema, multicrop, paws,
-#                                                  # train_step)
+#   bash benchmarks/gpu_session.sh bench dino      # one benchmark's target preset (dino, dinov3, dinov3_step,
+#                                                  # ema, gram, koleo, multicrop, paws, train_step)
 #   bash benchmarks/gpu_session.sh bench dino full K=65536   # another preset, cases filtered by label tokens
 #   bash benchmarks/gpu_session.sh tune dino       # the launch-configuration sweep of a kernel family (dino,
 #                                                  # paws, ema): commit a winner after its AOT build is spill-free
@@ -71,7 +71,8 @@ python3 -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=300)
 # What only a GPU runs; the rest (gloo runs on CPU, packaging, the benchmarks' CPU smoke) is CI's.
 gpu_tests=(tests/test_dino_loss.py tests/test_dino_distributed.py tests/test_ema.py tests/test_paws.py
            tests/test_paws_distributed.py tests/test_resized_crops.py tests/test_crop_programs.py tests/test_multicrop.py
-           tests/test_dino_augment.py tests/test_launch.py)
+           tests/test_dino_augment.py tests/test_launch.py tests/test_crop_pairs.py tests/test_teacher_targets.py
+           tests/test_dinov2_dinov3_losses.py tests/test_gram.py tests/test_koleo.py)
 train_tests=(tests/test_train_gpu.py)
 # A command has 10 minutes: pytest gets what the install left of 9.5 of them, so that a hung test
 # still leaves its log behind.
@@ -99,7 +100,7 @@ case "$stage" in
     exit "$rc"
     ;;
   bench)
-    name="${2:?which benchmark: dino, ema, multicrop, paws or train_step}"
+    name="${2:?which benchmark: dino, dinov3, dinov3_step, ema, gram, koleo, multicrop, paws or train_step}"
     preset="${3:-target}"
     shift $(( $# < 3 ? $# : 3 ))
     args=(--preset "$preset")
