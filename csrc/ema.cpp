@@ -76,7 +76,7 @@ struct Momentum {
 };
 
 template <typename T, typename S>
-FASTSSL_VECTOR_CLONES void ema_span(void* teacher, const void* student, int64_t begin, int64_t end,
+FASTSSL_STREAMING_CLONES void ema_span(void* teacher, const void* student, int64_t begin, int64_t end,
                                     const Momentum& mom) {
   using A = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<S, double>, double, float>;
   using TB = Bits<T, A>;
