@@ -13,6 +13,10 @@ pairs; the global term without a crop's pair with itself), KoLeo on the pre-head
 masked patches. AdamW steps with per-parameter-group learning rates (layer-wise decay, the patch embedding's
 multiplier, the heads' last layers at lr 0 at first) and weight decays; the gradients of the backbone and of
 each head are clipped on their own; :class:`~fastssl.MomentumTeacher` updates the teacher in one launch.
+
+With ``--fsdp`` the student and the teacher are sharded with FSDP2 instead of the student wrapped in DDP
+(:mod:`.fsdp`: per transformer block, per head and on the root; the same losses and collectives), and the
+checkpoints are sharded folders (``OUTPUT_DIR/checkpoint``), resumed exactly on the same number of processes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +41,7 @@ from . import checkpoint as ckpt
 from .data import StreamSampler, collate, decode_batch, gpu_jpeg_decoding_available, training_sets
 from .dino import TrainResult
 from .dinov3_config import Dinov3Config
+from .fsdp import full_state_dict, one_process_group, restore_sharded, save_sharded_run, shard_
 from .knn import knn_eval
 from .log import EpochMeter, Logger
 from .masking import BlockMasks, MaskingGenerator, block_masks, max_num_patches
@@ -246,6 +252,13 @@ def apply_optim_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float,
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
 
 
+def _local(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (under FSDP2 a replicated DTensor: its local value is the norm)."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 def clip_each_(model: Dinov3Model, clip: float) -> list[torch.Tensor]:
     """``clip_grad_norm_`` on the backbone and on each head on its own (the authors' loop over
     ``student.items()``); returns their norms before clipping."""
@@ -260,7 +273,8 @@ def train_dinov3(cfg: Dinov3Config | Mapping[str, Any], *, augment=None) -> Trai
 
     ``augment`` replaces the augmentation (a callable ``(uint8 images, generator=) -> (globals, locals)``),
     e.g. in tests. Resumes from ``output_dir/checkpoint.pth`` when it exists (or from ``resume``); saves a
-    checkpoint and returns on SIGTERM / SIGINT.
+    checkpoint and returns on SIGTERM / SIGINT. With ``fsdp`` the networks are sharded with FSDP2 (``fsdp.py``)
+    and the checkpoint is the sharded folder ``output_dir/checkpoint``.
     """
     config = Dinov3Config.coerce(cfg)
     config.validate()
@@ -289,6 +303,12 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
     niter = cfg.official_epoch_length or data_niter
 
     with contextlib.ExitStack() as stack:
+        if cfg.fsdp:  # FSDP2 needs a process group: one of this process alone without torchrun
+            stack.enter_context(one_process_group())
+            # The student returns slices of its outputs, which nothing changes in place (the equality with DDP
+            # is tested): FSDP2's warning about in-place ops on views says nothing to a user.
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         notes = stack.enter_context(run_folder(out, main))
         start = plan_start(cfg, out, world=world, niter=niter, n_images=n_images)
         if start.complete:
@@ -310,15 +330,24 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
             student = cast(Dinov3Model, nn.SyncBatchNorm.convert_sync_batchnorm(student))
             teacher_net = cast(Dinov3Model, nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net))
         teacher_net.load_state_dict(student.state_dict())
+        amp_dtype, scaler = mixed_precision(cfg, device)
+        if cfg.fsdp:  # sharded alike: the EMA updates each rank's local shards
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            shard_(student, amp_dtype, compile_blocks=cfg.compile, checkpoint_blocks=cfg.activation_checkpointing)
+            shard_(teacher_net, amp_dtype, compile_blocks=cfg.compile, teacher=True)
+            register_fsdp_forward_method(teacher_net, "teacher_outputs")  # gathers the root's shards as forward
         epochs = cfg.epochs
         momentum = cosine_momentum_schedule(cfg.momentum_teacher, cfg.final_momentum_teacher, epochs, niter)
         teacher = MomentumTeacher(student, momentum.tolist(), teacher=teacher_net)
-        if cfg.compile:  # the backbones' forward_features, which every caller goes through (state dict unchanged)
+        # --compile: the backbones' forward_features, which every caller goes through (state dict unchanged);
+        # under --fsdp each block (shard_).
+        if cfg.compile and not cfg.fsdp:
             for net in (student, teacher_net):
                 vit = cast(Any, net.backbone)
                 vit.forward_features = torch.compile(vit.forward_features)
         student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                          else None) if world > 1 else student
+                                                          else None) if world > 1 and not cfg.fsdp else student
 
         losses = Dinov3Loss(cfg).to(device)
         # fused: one kernel, which also skips a step on the device (a non-finite loss)
@@ -333,7 +362,6 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                                         cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp).tolist()
         lrs, last_lrs = lr_schedule.tolist(), last_layer_lr_schedule.tolist()
 
-        amp_dtype, scaler = mixed_precision(cfg, device)
         augment = augment if augment is not None else build_dinov3_augment(cfg)
         aug_gen = torch.Generator(device=device)
         patch = int(cast(Any, student.backbone).patch_embed.patch_size[0])
@@ -342,7 +370,16 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                                           max_num_patches=max_num_patches(cfg.global_crop_size, patch),
                                           min_aspect=cfg.mask_min_aspect)
 
-        restore(start, {"student": student, "teacher": teacher_net, "losses": losses}, optimizer, scaler, device)
+        if cfg.fsdp and start.state is not None:
+            assert start.path is not None
+            plain = restore_sharded(start.path, {"student": student, "teacher": teacher_net}, optimizer,
+                                    {"losses": losses.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+                                    device)
+            losses.load_state_dict(plain["losses"])
+            if scaler is not None and plain["scaler"]:
+                scaler.load_state_dict(plain["scaler"])
+        else:
+            restore(start, {"student": student, "teacher": teacher_net, "losses": losses}, optimizer, scaler, device)
         if main:
             notes.append(rewind_log(out, start.steps_done, start.epoch) or "")
         log = stack.enter_context(Logger(out, cfg, main))
@@ -359,6 +396,12 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
         batches = iter(loader)
 
         def save(epoch: int, step: int, name: str = "checkpoint.pth", meter: dict | None = None) -> Path | None:
+            if cfg.fsdp:  # every rank writes its shards: the folder OUTPUT_DIR/checkpoint[NNNN]
+                plain = {"scaler": scaler.state_dict() if scaler else None, "losses": losses.state_dict(),
+                         **position(start, epoch, step, world, meter), "config": cfg.to_dict(),
+                         "fastssl_version": version()}
+                return save_sharded_run(out / name.removesuffix(".pth"), {"student": student, "teacher": teacher_net},
+                                        optimizer, plain, device)
             rng = ckpt.rng_states(device)  # every rank's (a collective)
             if not main:
                 return None
@@ -367,6 +410,15 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                      "losses": losses.state_dict(), **position(start, epoch, step, world, meter), "rng": rng,
                      "config": cfg.to_dict(), "fastssl_version": version()}
             return ckpt.save_checkpoint(state, out / name)
+
+        def knn_teacher() -> nn.Module:
+            if not cfg.fsdp:
+                return teacher_net.backbone
+            full = full_state_dict(teacher_net)  # a collective: every rank evaluates
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG untouched
+                plain_net = build_dinov3_model(cfg, drop_path_rate=0.0)
+            plain_net.load_state_dict(full)
+            return plain_net.backbone.to(device)
 
         def knn(backbone: nn.Module) -> dict[str, float]:
             return knn_eval(backbone, knn_bank, knn_query, device, k=cfg.knn_k, T=cfg.knn_t, size=cfg.global_crop_size,
@@ -426,7 +478,7 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
 
                 def before_step(norms=norms):
                     if cfg.clip_grad > 0:
-                        norms.extend(clip_each_(student, cfg.clip_grad))
+                        norms.extend(_local(n) for n in clip_each_(student, cfg.clip_grad))
 
                 backward_and_step(loss, optimizer, scaler, before_step, skip)
                 teacher.update(momentum=guard.momentum(teacher.momentum_at(it)))
@@ -456,7 +508,7 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                 save(epoch + 1, 0, f"checkpoint{epoch + 1:04d}.pth")
             # k-NN of the teacher every --knn-freq epochs, and after the last one whenever there is a bank.
             if knn_bank is not None and ((cfg.knn_freq and (epoch + 1) % cfg.knn_freq == 0) or epoch + 1 == epochs):
-                knn_result = knn(teacher_net.backbone)
+                knn_result = knn(knn_teacher())
                 log.write({"epoch": epoch + 1, **{f"knn_{k}": v for k, v in knn_result.items()}})
                 log.say(f"epoch {epoch + 1}: k-NN top-1 {knn_result['top1']:.2f}% top-5 {knn_result['top5']:.2f}% "
                         f"(k={cfg.knn_k}, T={cfg.knn_t})")

@@ -62,6 +62,14 @@ class Dinov3Config(KnnOptions, RunConfig):
 
     output_dir: str = option("runs/dinov3", "the run folder: checkpoints, config.json and log.jsonl; a run resumes "
                              "from its checkpoint.pth", group=RUN, checks=[not_empty], resumable=True)
+    fsdp: bool = option(False, "shard the student and the teacher with FSDP2 instead of DDP (fully_shard per "
+                        "transformer block, per head and on the root; with --precision bf16/fp16 parameters "
+                        "gathered in that dtype, gradients reduced in fp32; --compile compiles each block): "
+                        "checkpoints are then the folder OUTPUT_DIR/checkpoint (torch.distributed.checkpoint), "
+                        "resumed on the same number of processes", group=RUN)
+    activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the "
+                                            "backward pass (with --fsdp): less memory, one more forward",
+                                            group=RUN)
 
     # The networks [student.*, dino.head_*, ibot.head_*].
     arch: str = option("vit_large_patch16_dinov3_qkvb", "timm ViT: vit_{small,base,large}_patch16_dinov3[_qkvb] "
@@ -245,6 +253,11 @@ class Dinov3Config(KnnOptions, RunConfig):
                               "classify)")
         if self.knn_freq and self.data != "digits" and self.knn_data is None:
             raise self.fail("knn_freq", "needs --knn-data and --knn-val-data (or --data digits)")
+        if self.fsdp and self.change_world_size:
+            raise self.fail("change_world_size", "cannot resume a sharded checkpoint (--fsdp): it resumes on the "
+                            "same number of processes")
+        if self.activation_checkpointing and not self.fsdp:
+            raise self.fail("activation_checkpointing", "needs --fsdp")
         if self.change_world_size:
             raise self.fail("change_world_size", "is not supported by dinov3 yet: resume on the same number of "
                             "processes")

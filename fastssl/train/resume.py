@@ -1,6 +1,7 @@
 """Where a run starts: from scratch, or from the checkpoint it resumes, checked against this run first.
 
-The checkpoint (``OUTPUT_DIR/checkpoint.pth``, or ``--resume``) is read and checked before any model is
+The checkpoint (``OUTPUT_DIR/checkpoint.pth``, or ``--resume``; with ``--fsdp`` the sharded folder
+``OUTPUT_DIR/checkpoint``, its plain values only, see ``fsdp.py``) is read and checked before any model is
 built: its config must equal this run's, except the options that do not change the training (marked
 ``resumable`` in the config classes). A finished run is said to be complete, and nothing is written.
 Two deliberate overrides, each said in the output and logged as an event row:
@@ -75,13 +76,31 @@ def _method(command: str | None) -> str | None:
 
 def plan_start(cfg: RunConfig, out: Path, *, world: int, niter: int, n_images: int) -> Start:
     """Read and check the checkpoint this run resumes (if any) and say where the run starts."""
-    path = Path(cfg.resume) if cfg.resume is not None else out / "checkpoint.pth"
-    if cfg.resume is not None and not path.is_file():
+    from .fsdp import SHARDED_NAME, read_plain
+    from .sharded_checkpoint import is_sharded_checkpoint
+
+    # --fsdp: the sharded folder OUTPUT_DIR/checkpoint; else the file OUTPUT_DIR/checkpoint.pth.
+    sharded = bool(getattr(cfg, "fsdp", False))
+    single, folder = out / "checkpoint.pth", out / SHARDED_NAME
+    path = Path(cfg.resume) if cfg.resume is not None else folder if sharded else single
+    exists = is_sharded_checkpoint(path) if sharded else path.is_file()
+    if cfg.resume is not None and not exists:
+        if sharded and path.is_file():
+            raise CheckpointError(f"--resume {path} is a single-file checkpoint: a run with --fsdp resumes a sharded "
+                                  "checkpoint folder (an --fsdp run's OUTPUT_DIR/checkpoint)")
+        if not sharded and is_sharded_checkpoint(path):
+            raise CheckpointError(f"--resume {path} is a sharded checkpoint (an --fsdp run's): resume it with --fsdp")
         raise CheckpointError(f"--resume {path}: no such checkpoint")
-    if not path.is_file():
+    if not exists:
+        if cfg.resume is None and sharded and single.is_file():
+            raise CheckpointError(f"{single} was written by a run without --fsdp: resume it without --fsdp, or give "
+                                  "a new --output-dir")
+        if cfg.resume is None and not sharded and is_sharded_checkpoint(folder):
+            raise CheckpointError(f"{folder} is the sharded checkpoint of an --fsdp run: resume it with --fsdp, or "
+                                  "give a new --output-dir")
         _refuse_foreign_config(out / "config.json")
         return Start(niter)
-    state = load_checkpoint(path)
+    state = read_plain(path) if sharded else load_checkpoint(path)
     saved = state.get("config")
     if not isinstance(saved, dict) or not all(k in state for k in ("epoch", "step", "rng")):
         raise CheckpointError(f"{path} is not a checkpoint of fastssl-train (it has no config, epoch, step or RNG "
