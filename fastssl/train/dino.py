@@ -6,6 +6,10 @@ the student all of them (one backbone call per resolution, one head call); the f
 :class:`~fastssl.DinoLoss` scores every (teacher, student) pair and moves its center; AdamW steps
 with the per-iteration lr and weight decay; :class:`~fastssl.MomentumTeacher` updates the teacher
 with the per-iteration momentum in one launch.
+
+With ``--fsdp`` (a ViT) the student and the teacher are sharded with FSDP2 instead of the student wrapped
+in DDP (:mod:`.fsdp`), and the checkpoints are sharded folders (``OUTPUT_DIR/checkpoint``), resumed exactly
+on the same number of processes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .data import (
     load_digits_split,
 )
 from .dino_config import DinoConfig
+from .fsdp import full_state_dict, one_process_group, restore_sharded, save_sharded_run, shard_
 from .knn import knn_eval
 from .log import EpochMeter, Logger
 from .models import DinoHead, MultiCropModel, build_backbone
@@ -147,6 +152,8 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
 
     with contextlib.ExitStack() as stack:
         # The run folder is this run's from here (a lock); its checkpoint is checked before any model exists.
+        if cfg.fsdp:  # FSDP2 needs a process group: one of this process alone without torchrun
+            stack.enter_context(one_process_group())
         notes = stack.enter_context(run_folder(out, main))
         start = plan_start(cfg, out, world=world, niter=niter, n_images=len(train_set))
         if start.complete:
@@ -167,14 +174,18 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher_net = nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net)
         teacher_net.load_state_dict(student.state_dict())
+        amp_dtype, scaler = mixed_precision(cfg, device)
+        if cfg.fsdp:  # sharded alike: the EMA updates each rank's local shards
+            shard_(student, amp_dtype, compile_blocks=cfg.compile, checkpoint_blocks=cfg.activation_checkpointing)
+            shard_(teacher_net, amp_dtype, compile_blocks=cfg.compile, teacher=True)
         epochs = cfg.epochs
         momentum = cosine_momentum_schedule(cfg.momentum_teacher, 1.0, epochs, niter)
         teacher = MomentumTeacher(student, momentum.tolist(), teacher=teacher_net)
-        if cfg.compile:  # in place: the state dict keeps its keys (no _orig_mod.)
+        if cfg.compile and not cfg.fsdp:  # in place: the state dict keeps its keys (no _orig_mod.); --fsdp: per block
             student.backbone.compile()
             teacher_net.backbone.compile()
         student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                          else None) if world > 1 else student
+                                                          else None) if world > 1 and not cfg.fsdp else student
 
         ncrops = 2 + cfg.local_crops_number
         dino_loss = DinoLoss(cfg.out_dim, ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
@@ -191,11 +202,20 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
         lr_schedule = cosine_schedule(base_lr, cfg.min_lr, epochs, niter, cfg.warmup_epochs).tolist()
         wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, epochs, niter).tolist()
 
-        amp_dtype, scaler = mixed_precision(cfg, device)
         augment = augment if augment is not None else build_augment(cfg)
         aug_gen = torch.Generator(device=device)
 
-        restore(start, {"student": student, "teacher": teacher_net, "dino_loss": dino_loss}, optimizer, scaler, device)
+        if cfg.fsdp and start.state is not None:
+            assert start.path is not None
+            plain = restore_sharded(start.path, {"student": student, "teacher": teacher_net}, optimizer,
+                                    {"dino_loss": dino_loss.state_dict(),
+                                     "scaler": scaler.state_dict() if scaler else None}, device)
+            dino_loss.load_state_dict(plain["dino_loss"])
+            if scaler is not None and plain["scaler"]:
+                scaler.load_state_dict(plain["scaler"])
+        else:
+            restore(start, {"student": student, "teacher": teacher_net, "dino_loss": dino_loss}, optimizer, scaler,
+                    device)
         if main:
             notes.append(rewind_log(out, start.steps_done, start.epoch) or "")
         log = stack.enter_context(Logger(out, cfg, main))
@@ -208,6 +228,12 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
                             generator=loader_gen, persistent_workers=False)
 
         def save(epoch: int, step: int, name: str = "checkpoint.pth", meter: dict | None = None) -> Path | None:
+            if cfg.fsdp:  # every rank writes its shards: the folder OUTPUT_DIR/checkpoint[NNNN]
+                plain = {"scaler": scaler.state_dict() if scaler else None, "dino_loss": dino_loss.state_dict(),
+                         **position(start, epoch, step, world, meter), "config": cfg.to_dict(),
+                         "fastssl_version": version()}
+                return save_sharded_run(out / name.removesuffix(".pth"), {"student": student, "teacher": teacher_net},
+                                        optimizer, plain, device)
             rng = ckpt.rng_states(device)  # every rank's (a collective: every rank saves, rank 0 writes)
             if not main:
                 return None
@@ -216,6 +242,15 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
                      "dino_loss": dino_loss.state_dict(), **position(start, epoch, step, world, meter),
                      "rng": rng, "config": cfg.to_dict(), "fastssl_version": version()}
             return ckpt.save_checkpoint(state, out / name)
+
+        def knn_teacher() -> nn.Module:
+            if not cfg.fsdp:
+                return teacher_net.backbone
+            full = full_state_dict(teacher_net)  # a collective: every rank evaluates
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG untouched
+                plain_net = build_dino_model(cfg, drop_path_rate=0.0)
+            plain_net.load_state_dict(full)
+            return plain_net.backbone.to(device)
 
         signal_received = stack.enter_context(ckpt.StopSignal())
         guard = NonFiniteGuard(device, rank, world, niter, (student, teacher_net, dino_loss),
@@ -287,7 +322,7 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
             if cfg.saveckp_freq and (epoch + 1) % cfg.saveckp_freq == 0:
                 save(epoch + 1, 0, f"checkpoint{epoch + 1:04d}.pth")
             if knn_bank is not None and cfg.knn_freq and ((epoch + 1) % cfg.knn_freq == 0 or epoch + 1 == epochs):
-                knn_result = knn_eval(teacher_net.backbone, knn_bank, knn_query, device, k=cfg.knn_k, T=cfg.knn_t,
+                knn_result = knn_eval(knn_teacher(), knn_bank, knn_query, device, k=cfg.knn_k, T=cfg.knn_t,
                                       size=cfg.global_crop_size, crop_fraction=cfg.eval_crop_fraction,
                                       batch_size=cfg.knn_batch_size, num_workers=cfg.num_workers, amp_dtype=amp_dtype)
                 log.write({"epoch": epoch + 1, **{f"knn_{k}": v for k, v in knn_result.items()}})

@@ -43,6 +43,14 @@ class DinoConfig(KnnOptions, RunConfig):
 
     output_dir: str = option("runs/dino", "the run folder: checkpoints, config.json and log.jsonl; a run resumes "
                              "from its checkpoint.pth", group=RUN, checks=[not_empty], resumable=True)
+    fsdp: bool = option(False, "shard the student and the teacher with FSDP2 instead of DDP (a ViT: fully_shard per "
+                        "transformer block, on the head and on the root; with --precision bf16/fp16 parameters "
+                        "gathered in that dtype, gradients reduced in fp32; --compile compiles each block): "
+                        "checkpoints are then the folder OUTPUT_DIR/checkpoint (torch.distributed.checkpoint), "
+                        "resumed on the same number of processes", group=RUN)
+    activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the "
+                                            "backward pass (with --fsdp): less memory, one more forward",
+                                            group=RUN)
 
     # The networks.
     arch: str = option("vit_small_patch16_224", "timm backbone name (vit_small_patch16_224, vit_base_patch16_224, "
@@ -131,3 +139,13 @@ class DinoConfig(KnnOptions, RunConfig):
         if self.knn_freq and self.data != "digits" and self.knn_data is None:
             raise self.fail("knn_freq", "needs --knn-data and --knn-val-data (or --data digits)")
         vit_only(self, self.arch, img_size=self.img_size, patch_size=self.patch_size)
+        if self.fsdp:
+            from .models import is_vit_name
+
+            if not is_vit_name(self.arch):
+                raise self.fail("fsdp", f"shards a ViT's transformer blocks, not --arch {self.arch}")
+            if self.change_world_size:
+                raise self.fail("change_world_size", "cannot resume a sharded checkpoint (--fsdp): it resumes on "
+                                "the same number of processes")
+        if self.activation_checkpointing and not self.fsdp:
+            raise self.fail("activation_checkpointing", "needs --fsdp")
