@@ -249,3 +249,26 @@ def test_dino_fsdp_refuses_bad_combinations_by_name(tmp_path, monkeypatch, capsy
         err = capsys.readouterr().err
         assert err.startswith(f"fastssl-train dino: error: {message}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_knn_of_a_sharded_teacher(tmp_path):
+    # The k-NN evaluation runs on a gathered copy of the sharded teacher: on one process the same accuracy as
+    # the plain run's teacher, and the run's RNG is left as it was (the straight and the resumed run agree).
+    from fastssl.train.cli import parse_args
+
+    def run(out, *extra):
+        return train_dinov3(parse_args(["dinov3", "--preset", "dinov3_digits", "--output-dir", str(out), "--epochs",
+                                        "2", "--warmup-epochs", "0", "--warmup-teacher-temp-epochs", "0",
+                                        "--official-epoch-length", "2", "--knn-freq", "1", "--progress", "false",
+                                        *extra]))
+
+    plain, sharded = run(tmp_path / "plain"), run(tmp_path / "sharded", "--fsdp")
+    assert sharded.knn is not None and plain.knn is not None
+    assert sharded.knn["top1"] == pytest.approx(plain.knn["top1"], abs=1.0)
+    run(tmp_path / "resumed", "--fsdp", "--stop-after-steps", "2")  # stops after epoch 1 and its k-NN
+    resumed = run(tmp_path / "resumed", "--fsdp")
+    assert resumed.knn == sharded.knn
+    a = ckpt.load_checkpoint(consolidate(tmp_path / "sharded" / "checkpoint", tmp_path / "a.pth"))
+    b = ckpt.load_checkpoint(consolidate(tmp_path / "resumed" / "checkpoint", tmp_path / "b.pth"))
+    for name, t in a["student"].items():
+        assert torch.equal(t, b["student"][name]), name
