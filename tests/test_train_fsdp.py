@@ -162,6 +162,7 @@ def test_bf16_gathers_bf16_parameters(tmp_path, monkeypatch):
 BAD = [
     (["--fsdp", "--change-world-size"], "--change-world-size cannot resume a sharded checkpoint (--fsdp)"),
     (["--activation-checkpointing"], "--activation-checkpointing needs --fsdp, got true"),
+    (["--fsdp", "--precision", "fp16"], "--precision fp16 is not supported with --fsdp"),
 ]
 
 
@@ -243,7 +244,8 @@ def test_dino_fsdp_refuses_bad_combinations_by_name(tmp_path, monkeypatch, capsy
     for base, bad, message in (
             (convnet, ["--fsdp"], "--fsdp shards a ViT's transformer blocks, not --arch resnet18, got true"),
             (tiny, ["--fsdp", "--change-world-size"], "--change-world-size cannot resume a sharded checkpoint"),
-            (tiny, ["--activation-checkpointing"], "--activation-checkpointing needs --fsdp, got true")):
+            (tiny, ["--activation-checkpointing"], "--activation-checkpointing needs --fsdp, got true"),
+            (tiny, ["--fsdp", "--precision", "fp16"], "--precision fp16 is not supported with --fsdp")):
         capsys.readouterr()
         assert main(["dino", "--data", str(data), "--output-dir", str(tmp_path / "out"), *base, *bad]) == 2, bad
         err = capsys.readouterr().err

@@ -44,8 +44,8 @@ class DinoConfig(KnnOptions, RunConfig):
     output_dir: str = option("runs/dino", "the run folder: checkpoints, config.json and log.jsonl; a run resumes "
                              "from its checkpoint.pth", group=RUN, checks=[not_empty], resumable=True)
     fsdp: bool = option(False, "shard the student and the teacher with FSDP2 instead of DDP (a ViT: fully_shard per "
-                        "transformer block, on the head and on the root; with --precision bf16/fp16 parameters "
-                        "gathered in that dtype, gradients reduced in fp32; --compile compiles each block): "
+                        "transformer block, on the head and on the root; with --precision bf16 parameters "
+                        "gathered in bf16, gradients reduced in fp32; --compile compiles each block): "
                         "checkpoints are then the folder OUTPUT_DIR/checkpoint (torch.distributed.checkpoint), "
                         "resumed on the same number of processes", group=RUN)
     activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the "
@@ -144,6 +144,9 @@ class DinoConfig(KnnOptions, RunConfig):
 
             if not is_vit_name(self.arch):
                 raise self.fail("fsdp", f"shards a ViT's transformer blocks, not --arch {self.arch}")
+            if self.precision == "fp16":
+                raise self.fail("precision", "fp16 is not supported with --fsdp (the grad scaler would check each "
+                                "rank's gradient shards for overflow on their own): use bf16")
             if self.change_world_size:
                 raise self.fail("change_world_size", "cannot resume a sharded checkpoint (--fsdp): it resumes on "
                                 "the same number of processes")

@@ -63,8 +63,8 @@ class Dinov3Config(KnnOptions, RunConfig):
     output_dir: str = option("runs/dinov3", "the run folder: checkpoints, config.json and log.jsonl; a run resumes "
                              "from its checkpoint.pth", group=RUN, checks=[not_empty], resumable=True)
     fsdp: bool = option(False, "shard the student and the teacher with FSDP2 instead of DDP (fully_shard per "
-                        "transformer block, per head and on the root; with --precision bf16/fp16 parameters "
-                        "gathered in that dtype, gradients reduced in fp32; --compile compiles each block): "
+                        "transformer block, per head and on the root; with --precision bf16 parameters "
+                        "gathered in bf16, gradients reduced in fp32; --compile compiles each block): "
                         "checkpoints are then the folder OUTPUT_DIR/checkpoint (torch.distributed.checkpoint), "
                         "resumed on the same number of processes", group=RUN)
     activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the "
@@ -253,6 +253,9 @@ class Dinov3Config(KnnOptions, RunConfig):
                               "classify)")
         if self.knn_freq and self.data != "digits" and self.knn_data is None:
             raise self.fail("knn_freq", "needs --knn-data and --knn-val-data (or --data digits)")
+        if self.fsdp and self.precision == "fp16":
+            raise self.fail("precision", "fp16 is not supported with --fsdp (the grad scaler would check each "
+                            "rank's gradient shards for overflow on their own): use bf16")
         if self.fsdp and self.change_world_size:
             raise self.fail("change_world_size", "cannot resume a sharded checkpoint (--fsdp): it resumes on the "
                             "same number of processes")
