@@ -99,3 +99,40 @@ def test_a_folder_that_is_not_a_checkpoint_is_kept(tmp_path):
     with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
         sc.load_sharded({"x": torch.ones(2)}, folder)
     assert (folder / "mine.txt").read_text() == "a user's notes" and len(list(folder.iterdir())) == 1
+
+
+class _Payload:
+    """Unpickled, it would write a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    # A value that unpickles to a call (an index or a plain value), as a folder from elsewhere could hold:
+    # refused before torch's full unpickler sees it, by every reader; nothing runs.
+    import pickle
+
+    from fastssl.train.sharded_checkpoint import checkpoint_keys, read_values
+
+    marker = tmp_path / "ran"
+    value_ckpt = tmp_path / "value"
+    sc.save_sharded({"w": torch.ones(3), "note": _Payload(str(marker))}, value_ckpt)
+    assert not marker.exists()
+    index_ckpt = tmp_path / "index"
+    sc.save_sharded({"w": torch.ones(3)}, index_ckpt)
+    with open(index_ckpt / ".metadata", "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    for load in (lambda: sc.load_sharded({"w": torch.zeros(3), "note": None}, value_ckpt),
+                 lambda: read_values(value_ckpt), lambda: sc.consolidate(value_ckpt, tmp_path / "v.pth"),
+                 lambda: sc.load_sharded({"w": torch.zeros(3)}, index_ckpt), lambda: checkpoint_keys(index_ckpt),
+                 lambda: sc.consolidate(index_ckpt, tmp_path / "i.pth")):
+        with pytest.raises(CheckpointError, match="could run code"):
+            load()
+        assert not marker.exists()
+    assert not (tmp_path / "v.pth").exists() and not (tmp_path / "i.pth").exists()
+    # Plain values still load.
+    assert read_values(index_ckpt.parent / "value", {"w"})["w"].tolist() == [1.0, 1.0, 1.0]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,7 +30,14 @@ from torch import nn
 
 from .checkpoint import rng_state, set_rng_state
 from .errors import CheckpointError
-from .sharded_checkpoint import _one_process_is_meant, is_sharded_checkpoint, load_sharded, rank_key, save_sharded
+from .sharded_checkpoint import (
+    checkpoint_keys,
+    is_sharded_checkpoint,
+    load_sharded,
+    rank_key,
+    read_values,
+    save_sharded,
+)
 
 __all__ = ["SHARDED_NAME", "PLAIN_KEYS", "full_state_dict", "one_process_group", "read_plain", "restore_sharded",
            "save_sharded_run", "shard_"]
@@ -120,28 +126,13 @@ def save_sharded_run(path: Path, models: dict[str, nn.Module], optimizer: torch.
 def read_plain(path: Path) -> dict[str, Any]:
     """The plain values of the sharded checkpoint ``path`` (:data:`PLAIN_KEYS`) and ``"rng"``: whether this
     rank's RNG states are in it; read on every rank, no shard."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        keys = set(FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata)
-        state = _read_locally(path)
+        keys = checkpoint_keys(path)
+        state = read_values(path, set(PLAIN_KEYS))  # by this process alone: no collective
     except Exception as e:
         raise CheckpointError(f"cannot read the sharded checkpoint {path}: {type(e).__name__}: {e}") from e
     state["rng"] = rank_key("rng", rank) in keys  # a sharded checkpoint resumes on as many processes
-    return state
-
-
-def _read_locally(path: Path) -> dict[str, Any]:
-    """The plain values read by this process alone, in a process group (no collective)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    with _one_process_is_meant():
-        _load_state_dict(state, storage_reader=FileSystemReader(os.fspath(path)),
-                         planner=_EmptyStateDictLoadPlanner(keys=set(PLAIN_KEYS)), no_dist=True)
     return state
 
 

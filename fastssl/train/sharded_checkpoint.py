@@ -11,24 +11,34 @@ single file of full tensors that :func:`~fastssl.train.checkpoint.load_checkpoin
 
 Values that differ per rank (RNG states) go under per-rank keys (:func:`rank_key`): each rank writes and
 reads only its own.
+
+Reading one runs no code from the folder, as ``torch.load(weights_only=True)`` for a single file: torch's
+reader unpickles the ``.metadata`` index and the non-tensor values with the full unpickler, so every
+stream is first read by a restricted one (the index: the checkpoint format's own classes, torch's sizes,
+dtypes and layouts, paths; a value: ``weights_only=True``), and a stream it refuses stops the load with a
+:class:`~fastssl.train.errors.CheckpointError` before the full unpickler sees it.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import shutil
 import tempfile
 import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .errors import CheckpointError
 
-__all__ = ["consolidate", "is_sharded_checkpoint", "load_sharded", "rank_key", "save_sharded"]
+__all__ = ["checkpoint_keys", "consolidate", "is_sharded_checkpoint", "load_sharded", "rank_key", "read_values",
+           "save_sharded"]
 
 _METADATA = ".metadata"  # torch.distributed.checkpoint's index file
 
@@ -67,6 +77,108 @@ def _barrier() -> None:
     if _distributed():
         dist.barrier()
 
+
+# ----------------------------------------------------------------------------- reading without running code
+
+class _IndexUnpickler(pickle.Unpickler):
+    """The ``.metadata`` index's unpickler, for a check only: the classes torch's format writes, nothing else."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str):
+        allowed = (module in self._MODULES
+                   or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                                           (torch.dtype, torch.layout,
+                                                                            torch.memory_format))))
+                   or (module == "torch.serialization" and name == "_get_layout")
+                   or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                                        "PureWindowsPath"))
+                   or (module == "collections" and name == "OrderedDict"))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's index")
+        return super().find_class(module, name)
+
+
+def _checked(load):
+    """``load()`` with what a restricted check refused said as a CheckpointError."""
+    try:
+        return load()
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "weights_only" not in str(e).lower():
+            raise
+        raise CheckpointError(f"the sharded checkpoint holds something other than tensors and plain values, "
+                              f"which is not loaded (it could run code): {e}") from e
+
+
+def _check_index(path: Path) -> None:
+    """The folder's ``.metadata`` read by the restricted unpickler (torch's loader reports a failure there
+    only as a sentence of its own)."""
+    with open(path / _METADATA, "rb") as f:
+        _checked(lambda: _IndexUnpickler(f).load())
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            rank = kwargs.get("rank")
+            name = _METADATA if rank is None else f"__{rank}{_METADATA}"
+            with open(Path(os.fspath(self.path)) / name, "rb") as f:
+                _checked(lambda: _IndexUnpickler(f).load())
+            return super().read_metadata(*args, **kwargs)
+
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is not a sharded checkpoint (no {_METADATA} in it)")
+    _check_index(path)
+    return Reader(os.fspath(path))
+
+
+def _checked_planner(base: type) -> type:
+    class Planner(base):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            _checked(lambda: torch.load(value, map_location="cpu", weights_only=True))
+            value.seek(0)  # the same bytes, known to hold plain values only
+            super().load_bytes(read_item, value)
+
+    return Planner
+
+
+def _unwrapped(load):
+    """``load()``; a refusal of :func:`_checked` inside torch's loader (which wraps whatever a rank raised
+    in its own exception) raised as itself."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return load()
+    except CheckpointException as e:
+        ours = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
+def checkpoint_keys(path: str | os.PathLike) -> set[str]:
+    """The top-level keys of the sharded checkpoint ``path`` (its index only)."""
+    metadata = _reader(Path(path)).read_metadata()
+    return {key.split(".")[0] for key in metadata.state_dict_metadata} | set(metadata.state_dict_metadata)
+
+
+def read_values(path: str | os.PathLike, keys: set[str] | None = None) -> dict[str, Any]:
+    """The entries ``keys`` (default: all) of the sharded checkpoint ``path`` read in full by this process
+    alone (no collective, also inside a process group): what :func:`consolidate` writes."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    with _one_process_is_meant():
+        _unwrapped(lambda: _load_state_dict(state, storage_reader=_reader(Path(path)),
+                                            planner=_checked_planner(_EmptyStateDictLoadPlanner)(keys=keys),
+                                            no_dist=True))
+    return state
+
+
+# ----------------------------------------------------------------------------- writing, loading, consolidating
 
 def save_sharded(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` (DTensors from ``get_state_dict``, plain tensors and Python values) to the folder
@@ -108,16 +220,17 @@ def load_sharded(state: dict, path: str | os.PathLike) -> dict:
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is not a sharded checkpoint (no {_METADATA} in it)")
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
     with _one_process_is_meant():
-        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        _unwrapped(lambda: dcp.load(state, checkpoint_id=path, storage_reader=_reader(path),
+                                    planner=_checked_planner(DefaultLoadPlanner)(), no_dist=not _distributed()))
     return state
 
 
 def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """The sharded checkpoint ``path`` as one file ``out`` of full tensors (written through a temporary file
     and a rename; an existing ``out`` only with ``overwrite``). One process, no process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     path, out = Path(path), Path(out)
     if not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is not a sharded checkpoint (no {_METADATA} in it)")
@@ -127,7 +240,7 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        dcp_to_torch_save(path, tmp)
+        torch.save(read_values(path), tmp)
         torch.load(tmp, map_location="cpu", weights_only=True)  # readable as every checkpoint is: no code
         os.replace(tmp, out)
     except BaseException:
