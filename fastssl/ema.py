@@ -126,8 +126,10 @@ def _check_shapes_devices(t_list, s_list, names, what: str) -> None:
 
 
 def _has_shards(t_list, s_list) -> bool:
-    # C-level loops (map, not a generator): called on every update of every tensor set
-    return DTensor is not None and any(map(isinstance, itertools.chain(t_list, s_list), itertools.repeat(DTensor)))
+    # On every update of every tensor set: the few distinct types, collected by a C-level loop (isinstance
+    # against DTensor costs ~0.1 us a tensor, 26 us for a ViT's 2 x 152).
+    return DTensor is not None and any(issubclass(kind, DTensor)
+                                       for kind in set(map(type, itertools.chain(t_list, s_list))))
 
 
 def _local_shards(t_list, s_list, names, what: str) -> tuple[list, list]:
