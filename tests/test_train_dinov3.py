@@ -712,7 +712,7 @@ def test_a_bad_option_is_refused_by_name_before_any_file(tmp_path, monkeypatch, 
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no file, no folder
 
 
-CANDIDATES = (-1, 0, 1.5, 2, 4, 1.0, "", (0.9, 0.2), (0.0, 2.0), (-1.0, -1.0), (0, 0))
+CANDIDATES = (-1, 0, 1.5, 2, 4, 1.0, "", (0.9, 0.2), (0.0, 2.0), (-1.0, -1.0), (0, 0), -2)  # -2: --gram-it-load-*
 
 
 def test_every_option_has_a_bad_value_refused_by_name(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""DINOv3 training (Siméoni et al. 2025, https://arxiv.org/abs/2508.10104) without the Gram stage, read top to
+"""DINOv3 training (Siméoni et al. 2025, https://arxiv.org/abs/2508.10104), read top to
 bottom: the authors' ``SSLMetaArch`` (facebookresearch/dinov3 ``dinov3/train/ssl_meta_arch.py``) and the loop
 of their ``train.py``, on the fused objective.
 
@@ -13,6 +13,14 @@ pairs; the global term without a crop's pair with itself), KoLeo on the pre-head
 masked patches. AdamW steps with per-parameter-group learning rates (layer-wise decay, the patch embedding's
 multiplier, the heads' last layers at lr 0 at first) and weight decays; the gradients of the backbone and of
 each head are clipped on their own; :class:`~fastssl.MomentumTeacher` updates the teacher in one launch.
+
+With ``--gram-use-loss``, DINOv3's Gram anchoring (:mod:`.gram_anchor`): a Gram teacher, a frozen copy of the EMA
+teacher's backbone loaded before iteration ``--gram-it-load-ema-teacher`` and replaced by it on the authors'
+schedule (:class:`~.gram_anchor.GramRefresh`), sees the global crops; the Gram loss
+(:class:`fastssl.dinov3.GramLoss`) of the student's pre-head patch tokens of the global crops (masked, as the
+authors' ``patch_pre_head``) against its final-norm patch tokens, resized to the student's grid, is added
+with weight ``--gram-loss-weight`` (or the authors' schedule, ``--gram-loss-weight-schedule``) and logged as
+``gram_loss``.
 
 With ``--fsdp`` the student and the teacher are sharded with FSDP2 instead of the student wrapped in DDP
 (:mod:`.fsdp`: per transformer block, per head and on the root; the same losses and collectives), and the
@@ -34,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..dinov3 import DINOLoss, KoLeoLoss, KoLeoLossDistributed, iBOTPatchLoss
+from ..dinov3 import DINOLoss, GramLoss, KoLeoLoss, KoLeoLossDistributed, iBOTPatchLoss
 from ..ema import MomentumTeacher, cosine_momentum_schedule
 from ..losses.targets import TeacherTargets
 from . import checkpoint as ckpt
@@ -42,6 +50,7 @@ from .data import StreamSampler, collate, decode_batch, gpu_jpeg_decoding_availa
 from .dino import TrainResult
 from .dinov3_config import Dinov3Config
 from .fsdp import full_state_dict, one_process_group, restore_sharded, save_sharded_run, shard_
+from .gram_anchor import GramRefresh, GramTeacher, linear_warmup_cosine_decay, select_patches
 from .knn import knn_eval
 from .log import EpochMeter, Logger
 from .masking import BlockMasks, MaskingGenerator, block_masks, max_num_patches
@@ -87,17 +96,20 @@ class Dinov3Model(nn.Module):
         return (self.ibot_head if self.ibot_head is not None else self.dino_head)(x)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
-                mask_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                mask_indices: torch.Tensor, patches: bool = False) -> tuple[torch.Tensor, ...]:
         """The student (``get_student_output``): ``global_crops`` ``[2B, 3, S, S]`` and ``local_crops``
         ``[nB, 3, s, s]`` crop-major, ``masks`` ``[2B, patches]``, ``mask_indices`` their flat indices. Returns
         the DINO head's logits of the global ``[2B, K]`` and local ``[nB, K]`` CLS tokens, the iBOT head's
-        logits of the masked patches ``[n_masked, K']`` and the global crops' pre-head CLS tokens ``[2B, D]``."""
+        logits of the masked patches ``[n_masked, K']`` and the global crops' pre-head CLS tokens ``[2B, D]``; with
+        ``patches``, also their pre-head patch tokens ``[2B, P, D]`` (the authors' ``patch_pre_head``, masked)."""
         g = features_with_masks(self.backbone, global_crops, masks)
         loc = cast(Any, self.backbone).forward_features(local_crops)
         g_cls, l_cls = g[:, 0], loc[:, 0]
         masked = g[:, self.prefix:].flatten(0, 1).index_select(0, mask_indices)
         ibot = self._ibot(masked)
         cls = self.dino_head(torch.cat((g_cls, l_cls)))
+        if patches:
+            return cls[: len(g_cls)], cls[len(g_cls):], ibot, g_cls, g[:, self.prefix:]
         return cls[: len(g_cls)], cls[len(g_cls):], ibot, g_cls
 
     @torch.no_grad()
@@ -164,6 +176,23 @@ class Dinov3Loss(nn.Module):
         self.ignore_diagonal = cfg.global_ignore_diagonal
         self.dino_weight, self.koleo_weight, self.ibot_weight = (cfg.dino_loss_weight, cfg.koleo_loss_weight,
                                                                  cfg.ibot_loss_weight)
+        self.gram_loss = GramLoss(apply_norm=cfg.gram_normalized, remove_neg=cfg.gram_remove_neg,
+                                  remove_only_teacher_neg=cfg.gram_remove_only_teacher_neg) \
+            if cfg.gram_use_loss else None
+        self.gram_weight, self.gram_img_level, self.gram_tokens_used = (cfg.gram_loss_weight, cfg.gram_img_level,
+                                                                        cfg.gram_tokens_used)
+
+    def gram(self, student_patches: torch.Tensor, teacher_patches: torch.Tensor, masks: torch.Tensor,
+             weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gram part of ``compute_losses``: the term the total adds (``weight``, by default ``gram_weight``,
+        times the loss: the schedule's value of the iteration where there is one) and the
+        loss itself (logged as ``gram_loss``), of the student's global patch features ``[2B, P, D]`` against the
+        Gram teacher's ``[2B, P, D]`` (on the same grid), where ``--gram-tokens-used`` says (``masks``
+        ``[2B, P]``); ``img_level`` as the authors' forward argument."""
+        assert self.gram_loss is not None
+        s, t = select_patches(student_patches, teacher_patches, masks, self.gram_tokens_used)
+        loss = self.gram_loss(s, t, img_level=self.gram_img_level)
+        return (self.gram_weight if weight is None else weight) * loss, loss
 
     @torch.no_grad()
     def teacher_targets(self, cls_logits: torch.Tensor, masked_logits: torch.Tensor, teacher_temp: float
@@ -330,6 +359,8 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
             student = cast(Dinov3Model, nn.SyncBatchNorm.convert_sync_batchnorm(student))
             teacher_net = cast(Dinov3Model, nn.SyncBatchNorm.convert_sync_batchnorm(teacher_net))
         teacher_net.load_state_dict(student.state_dict())
+        # The Gram teacher (--gram-use-loss), built before --compile wraps the backbones.
+        gram_teacher = GramTeacher(teacher_net.backbone) if cfg.gram_use_loss else None
         amp_dtype, scaler = mixed_precision(cfg, device)
         if cfg.fsdp:  # sharded alike: the EMA updates each rank's local shards
             from torch.distributed.fsdp import register_fsdp_forward_method
@@ -350,6 +381,17 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                                                           else None) if world > 1 and not cfg.fsdp else student
 
         losses = Dinov3Loss(cfg).to(device)
+        # The Gram teacher (--gram-use-loss): a frozen copy of the EMA teacher's backbone, loaded before iteration
+        # --gram-it-load-ema-teacher and replaced as GramRefresh says; its weights and the replacements made so far
+        # are in the checkpoint.
+        refresh = GramRefresh(cfg.gram_it_load_ema_teacher, cfg.gram_rep_update, cfg.gram_update_frequency,
+                              cfg.gram_it_first_update, cfg.gram_max_updates)
+        gram_updates = 0
+        gram_weights = linear_warmup_cosine_decay(
+            cfg.gram_loss_weight_start, cfg.gram_loss_weight_peak, cfg.gram_loss_weight_end,
+            cfg.gram_loss_weight_warmup_epochs * niter, cfg.epochs * niter,
+            None if cfg.gram_loss_weight_cosine_epochs is None else cfg.gram_loss_weight_cosine_epochs * niter,
+        ).tolist() if cfg.gram_loss_weight_schedule else [cfg.gram_loss_weight] * (cfg.epochs * niter)
         # fused: one kernel, which also skips a step on the device (a non-finite loss)
         optimizer = torch.optim.AdamW(dinov3_param_groups(student, cfg.layerwise_decay, cfg.patch_embed_lr_mult),
                                       betas=(cfg.adamw_beta1, cfg.adamw_beta2), fused=True)
@@ -379,7 +421,11 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
             if scaler is not None and plain["scaler"]:
                 scaler.load_state_dict(plain["scaler"])
         else:
-            restore(start, {"student": student, "teacher": teacher_net, "losses": losses}, optimizer, scaler, device)
+            restore(start, {"student": student, "teacher": teacher_net, "losses": losses,
+                            **({"gram_teacher": gram_teacher} if gram_teacher is not None else {})},
+                    optimizer, scaler, device)
+            if gram_teacher is not None and start.state is not None:
+                gram_updates = int(start.state["gram_updates"])
         if main:
             notes.append(rewind_log(out, start.steps_done, start.epoch) or "")
         log = stack.enter_context(Logger(out, cfg, main))
@@ -409,6 +455,8 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                      "losses": losses.state_dict(), **position(start, epoch, step, world, meter), "rng": rng,
                      "config": cfg.to_dict(), "fastssl_version": version()}
+            if gram_teacher is not None:
+                state.update(gram_teacher=gram_teacher.state_dict(), gram_updates=gram_updates)
             return ckpt.save_checkpoint(state, out / name)
 
         def knn_teacher() -> nn.Module:
@@ -461,17 +509,30 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                                     np.random.RandomState(mask_seed % 2**32),
                                     random_circular_shift=cfg.mask_random_circular_shift).to(device)
                 B = len(images)
+                if gram_teacher is not None and refresh.loads_before(it):
+                    gram_teacher.load_(teacher_net.backbone)
 
                 guard.hold()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     teacher_cls, teacher_masked = teacher_net.teacher_outputs(global_crops, masks.indices)
                     dino_targets, ibot_targets = losses.teacher_targets(teacher_cls, teacher_masked,
                                                                         temp_schedule[it])
-                    s_global, s_local, s_masked, g_cls = student_ddp(global_crops, local_crops, masks.masks,
-                                                                     masks.indices)
+                    s_global, s_local, s_masked, g_cls, *s_patches = student_ddp(
+                        global_crops, local_crops, masks.masks, masks.indices, patches=gram_teacher is not None)
                     loss, parts = losses(s_global.unflatten(0, (N_GLOBAL, B)), s_local.unflatten(0, (-1, B)),
                                          s_masked, g_cls.unflatten(0, (N_GLOBAL, B)), dino_targets, ibot_targets,
                                          masks)
+                    # The Gram term, from the Gram teacher's loading on (the authors' raises before): it sees the
+                    # global crops, its patch grid resized to the student's.
+                    if gram_teacher is not None and it >= cfg.gram_it_load_ema_teacher:
+                        t_patches = gram_teacher.patch_features(global_crops, grid,
+                                                                cfg.gram_global_teacher_resize_method,
+                                                                cfg.gram_global_teacher_resize_antialias)
+                        term, parts["gram_loss"] = losses.gram(s_patches[0], t_patches, masks.masks,
+                                                               gram_weights[it])
+                        loss = loss + term
+                    elif gram_teacher is not None:
+                        parts["gram_loss"] = loss.detach() * 0.0
                 skip = guard.observe(loss, it)  # a non-finite loss: this step and the rest skipped on the device
 
                 norms: list[torch.Tensor] = []
@@ -482,6 +543,9 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
 
                 backward_and_step(loss, optimizer, scaler, before_step, skip)
                 teacher.update(momentum=guard.momentum(teacher.momentum_at(it)))
+                if gram_teacher is not None and refresh.updates_after(it, gram_updates):
+                    gram_teacher.load_(teacher_net.backbone)
+                    gram_updates += 1
                 guard.release()
 
                 # Every value stays on the device: read (with the guard's flags, raising on a non-finite loss) in
@@ -491,7 +555,8 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                                  strict=False))
                 meter.update(loss, len(images), skipped, i=i, it=it, lr=lrs[it], wd=wd_schedule[it],
                              momentum=teacher.momentum_at(it), teacher_temp=temp_schedule[it],
-                             last_layer_lr=last_lrs[it], n_masked_patches=masks.n_masked, **extra)
+                             last_layer_lr=last_lrs[it], n_masked_patches=masks.n_masked, **extra,
+                             **({"gram_loss_weight": gram_weights[it]} if gram_teacher is not None else {}))
                 steps_run += 1
                 if cfg.stop_after_steps is not None and steps_run >= cfg.stop_after_steps:
                     stopped = True

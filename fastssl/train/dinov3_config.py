@@ -37,6 +37,7 @@ LOSSES = "DINO, iBOT and KoLeo losses"
 MASKS = "iBOT block masks"
 TEACHER = "teacher"
 AUGMENT = "multi-crop augmentation (on the GPU)"
+GRAM = "Gram anchoring (DINOv3's late stage)"
 
 
 def probability_pair(v: tuple[float, float]) -> str | None:
@@ -58,7 +59,7 @@ class Dinov3Config(KnnOptions, RunConfig):
     (vitl_im1k_lin834.yaml: 100 epochs of 1250 iterations, 2048 images per step)."""
 
     command: ClassVar[str] = "dinov3"
-    group_order: ClassVar[tuple[str, ...]] = (RUN, MODEL, LOSSES, MASKS, TEACHER, OPTIM, AUGMENT, KNN)
+    group_order: ClassVar[tuple[str, ...]] = (RUN, MODEL, LOSSES, MASKS, TEACHER, OPTIM, AUGMENT, GRAM, KNN)
 
     output_dir: str = option("runs/dinov3", "the run folder: checkpoints, config.json and log.jsonl; a run resumes "
                              "from its checkpoint.pth", group=RUN, checks=[not_empty], resumable=True)
@@ -220,6 +221,59 @@ class Dinov3Config(KnnOptions, RunConfig):
     solarize_p: float = option(0.2, "solarisation probability of the second global crop", group=AUGMENT,
                                checks=[in_range(0.0, 1.0)])
 
+    # Gram anchoring [gram.*]: the Gram loss of the student's global patch features against those of the Gram
+    # teacher, a frozen copy of the EMA teacher's backbone (fastssl.train.gram_anchor).
+    gram_use_loss: bool = option(False, "add the Gram loss (the Gram teacher sees the global crops) [gram.use_loss]",
+                                 group=GRAM)
+    gram_loss_weight: float = option(1.0, "weight of the Gram loss [gram.loss_weight]", group=GRAM,
+                                     checks=[at_least(0.0)])
+    gram_it_load_ema_teacher: int = option(-1, "iteration before which the EMA teacher is copied into the Gram "
+                                           "teacher (needed, >= 0, with --gram-use-loss: there is no --gram-ckpt) "
+                                           "[gram.it_load_ema_teacher]", group=GRAM,
+                                           checks=[at_least(-1)])
+    gram_rep_update: bool = option(True, "replace the Gram teacher by the EMA teacher after every iteration it with "
+                                   "it + 1 >= --gram-it-first-update and it + 1 a multiple of --gram-update-frequency "
+                                   "[gram.rep_update]", group=GRAM)
+    gram_update_frequency: int = option(50000, "iterations between replacements [gram.update_frequency]", group=GRAM,
+                                        checks=[at_least(1)])
+    gram_it_first_update: int = option(0, "no replacement before this iteration [gram.it_first_update]", group=GRAM,
+                                       checks=[at_least(0)])
+    gram_max_updates: int | None = option(None, "at most this many replacements (default: no limit) "
+                                          "[gram.max_updates]", group=GRAM, checks=[at_least(0)])
+    gram_normalized: bool = option(True, "L2-normalise the patch features before their Gram matrices "
+                                   "[gram.normalized]", group=GRAM)
+    gram_img_level: bool = option(False, "a Gram matrix per image (false: one over the local batch's patches) "
+                                  "[gram.img_level]", group=GRAM)
+    gram_remove_neg: bool = option(False, "zero the negative similarities of both matrices [gram.remove_neg]",
+                                   group=GRAM)
+    gram_remove_only_teacher_neg: bool = option(False, "zero the teacher's negative similarities (and the "
+                                                "student's where both are negative) [gram.remove_only_teacher_neg]",
+                                                group=GRAM)
+    gram_tokens_used: Literal["all", "masked", "unmasked"] = option(
+        "all", "the patches compared: all, or those iBOT masks (masked) or not (unmasked; both need "
+        "--gram-img-level false) [gram.tokens_used]", group=GRAM)
+    gram_global_teacher_resize_method: Literal["bicubic", "bilinear", "nearest", "area"] = option(
+        "bicubic", "resize of the Gram teacher's patch grid to the student's, where they differ "
+        "[gram.global_teacher_resize_method]", group=GRAM)
+    gram_global_teacher_resize_antialias: bool = option(False, "antialias that resize [gram."
+                                                        "global_teacher_resize_antialias]", group=GRAM)
+    gram_loss_weight_schedule: bool = option(False, "weight the Gram loss on a schedule instead of --gram-loss-weight: "
+                                             "linear from --gram-loss-weight-start towards --gram-loss-weight-peak "
+                                             "over the warm-up epochs, a cosine to --gram-loss-weight-end, then "
+                                             "constant [gram.loss_weight_schedule]", group=GRAM)
+    gram_loss_weight_start: float = option(0.0, "the schedule's first weight [gram.loss_weight_schedule.start]",
+                                           group=GRAM, checks=[at_least(0.0)])
+    gram_loss_weight_peak: float = option(0.0, "the weight the warm-up leads to [gram.loss_weight_schedule.peak]",
+                                          group=GRAM, checks=[at_least(0.0)])
+    gram_loss_weight_end: float = option(2.0, "the cosine's last weight [gram.loss_weight_schedule.end]", group=GRAM,
+                                         checks=[at_least(0.0)])
+    gram_loss_weight_warmup_epochs: int = option(0, "epochs of the schedule's linear warm-up [gram."
+                                                 "loss_weight_schedule.warmup_epochs]", group=GRAM,
+                                                 checks=[at_least(0)])
+    gram_loss_weight_cosine_epochs: int | None = option(None, "epochs of its cosine (default: the rest) [gram."
+                                                        "loss_weight_schedule.cosine_epochs]", group=GRAM,
+                                                        checks=[at_least(0)])
+
     # k-NN evaluation of the teacher during and after training (knn_k, knn_t, ...: KnnOptions).
     knn_freq: int = option(0, "evaluate the teacher's CLS token by k-NN every this many epochs (0: only after the "
                            "last): the held-out digits with --data digits (and the network at its random "
@@ -261,6 +315,20 @@ class Dinov3Config(KnnOptions, RunConfig):
                             "same number of processes")
         if self.activation_checkpointing and not self.fsdp:
             raise self.fail("activation_checkpointing", "needs --fsdp")
+        if self.gram_use_loss:
+            if self.gram_it_load_ema_teacher < 0:
+                raise self.fail("gram_it_load_ema_teacher", "must be >= 0 with --gram-use-loss (the Gram teacher is "
+                                "loaded from the EMA teacher; there is no --gram-ckpt)")
+            if self.fsdp:
+                raise self.fail("fsdp", "is not supported with --gram-use-loss yet (the Gram teacher is not sharded)")
+        if self.gram_loss_weight_schedule and self.gram_loss_weight_warmup_epochs + (
+                self.gram_loss_weight_cosine_epochs or 0) > self.epochs:
+            raise self.fail("gram_loss_weight_warmup_epochs", "and --gram-loss-weight-cosine-epochs must fit in "
+                            f"--epochs {self.epochs}")
+        if self.gram_tokens_used != "all" and self.gram_img_level:
+            raise self.fail("gram_tokens_used", "masked or unmasked needs --gram-img-level false")
+        if self.gram_remove_neg and self.gram_remove_only_teacher_neg:
+            raise self.fail("gram_remove_only_teacher_neg", "and --gram-remove-neg exclude each other")
         if self.change_world_size:
             raise self.fail("change_world_size", "is not supported by dinov3 yet: resume on the same number of "
                             "processes")
