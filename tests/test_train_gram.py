@@ -148,16 +148,17 @@ def test_a_bad_choice_is_refused_by_argparse(capsys):
         assert f"argument {flag}: " in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stop_at", [1, 4])
-def test_resume_across_a_refresh_is_exact(folder, tmp_path, stop_at):
+@pytest.mark.parametrize("stop_at,extra", [(1, ()), (4, ()), (4, ("--gram-teacher-crops-size", "32"))])
+def test_resume_across_a_refresh_is_exact(folder, tmp_path, stop_at, extra):
     """Stopped before the load (1) or after the first replacement (4), resumed to the end (a replacement after
-    iteration 5 still to come): bitwise the straight run, the Gram teacher and its count included."""
-    straight = train_dinov3(cfg_for(folder, tmp_path / "a", *GRAM))
-    first = train_dinov3(cfg_for(folder, tmp_path / "b", *GRAM, "--stop-after-steps", str(stop_at)))
+    iteration 5 still to come): bitwise the straight run, the Gram teacher and its count included; with the Gram
+    teacher's own crops too (32 pixels: its 8 x 8 patch grid resized to the student's 4 x 4)."""
+    straight = train_dinov3(cfg_for(folder, tmp_path / "a", *GRAM, *extra))
+    first = train_dinov3(cfg_for(folder, tmp_path / "b", *GRAM, *extra, "--stop-after-steps", str(stop_at)))
     assert first.stopped_early and first.step == stop_at
     stopped = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.pth")
     assert stopped["gram_updates"] == (stop_at == 4)
-    second = train_dinov3(cfg_for(folder, tmp_path / "b", *GRAM))
+    second = train_dinov3(cfg_for(folder, tmp_path / "b", *GRAM, *extra))
     assert not second.stopped_early and second.step == straight.step == 8
     a = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pth")
     b = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.pth")
@@ -168,3 +169,30 @@ def test_resume_across_a_refresh_is_exact(folder, tmp_path, stop_at):
             assert torch.equal(t, b[key][name]), f"{key}.{name} differs after resume"
     rows = {r["step"]: r["gram_loss"] for r in read_log(tmp_path / "b") if "loss" in r}
     assert rows == {r["step"]: r["gram_loss"] for r in read_log(tmp_path / "a") if "loss" in r}
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_gram_teacher_crops_are_the_global_boxes_at_their_size(tmp_path, device):
+    """Without colour distortions, the Gram crops at the global size are the global crops; at another size, the
+    same boxes and flips resized (against MultiCrop making them directly, normalised)."""
+    from fastssl.augment.multicrop import IMAGENET_MEAN, IMAGENET_STD, CropParams, MultiCrop
+    from fastssl.train.dinov3 import build_dinov3_augment, gram_teacher_crops
+
+    cfg = cfg_for(tmp_path, tmp_path / "a", "--color-jitter-p", "0", "--grayscale-p", "0", "--global-blur-p", "0",
+                  "0", "--solarize-p", "0", "--flip-p", "0.5")
+    augment = build_dinov3_augment(cfg)
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(3, 3, 40, 36, generator=g, device=device)
+    crops, _, drawn = augment(images, generator=g, return_params=True)
+    torch.testing.assert_close(gram_teacher_crops(augment, images, drawn.crops, 16), crops, rtol=0, atol=1e-6)
+    big = gram_teacher_crops(augment, images, drawn.crops, 32)
+    assert big.shape == (6, 3, 32, 32)
+    direct = MultiCrop(32, 8, 2, 0, mean=IMAGENET_MEAN, std=IMAGENET_STD).apply(
+        images.clamp(0, 1), CropParams(drawn.crops.global_boxes, drawn.crops.global_flips,
+                                       drawn.crops.local_boxes[:0], drawn.crops.local_flips[:0]))[0]
+    assert drawn.crops.global_flips.any() and not drawn.crops.global_flips.all()
+    # MultiCrop normalises before any clipping; inside [0, 1] (the bicubic overshoot aside) the two agree.
+    inside = (direct * torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+              + torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)).clamp(0, 1)
+    torch.testing.assert_close(big, (inside - torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1))
+                               / torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1), rtol=0, atol=1e-5)

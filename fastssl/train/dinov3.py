@@ -16,7 +16,8 @@ each head are clipped on their own; :class:`~fastssl.MomentumTeacher` updates th
 
 With ``--gram-use-loss``, DINOv3's Gram anchoring (:mod:`.gram_anchor`): a Gram teacher, a frozen copy of the EMA
 teacher's backbone loaded before iteration ``--gram-it-load-ema-teacher`` and replaced by it on the authors'
-schedule (:class:`~.gram_anchor.GramRefresh`), sees the global crops; the Gram loss
+schedule (:class:`~.gram_anchor.GramRefresh`), sees the global crops (or, with ``--gram-teacher-crops-size``, their
+boxes and flips at that size without colour distortions: :func:`gram_teacher_crops`); the Gram loss
 (:class:`fastssl.dinov3.GramLoss`) of the student's pre-head patch tokens of the global crops (masked, as the
 authors' ``patch_pre_head``) against its final-norm patch tokens, resized to the student's grid, is added
 with weight ``--gram-loss-weight`` (or the authors' schedule, ``--gram-loss-weight-schedule``) and logged as
@@ -73,7 +74,7 @@ from .runtime import (
 from .schedules import cosine_schedule
 
 __all__ = ["Dinov3Config", "Dinov3Loss", "Dinov3Model", "build_dinov3_augment", "build_dinov3_model",
-           "dinov3_param_groups", "lr_scale", "train_dinov3"]
+           "dinov3_param_groups", "gram_teacher_crops", "lr_scale", "train_dinov3"]
 
 N_GLOBAL = 2  # global crops per image
 
@@ -141,6 +142,25 @@ def build_dinov3_model(cfg: Dinov3Config | Mapping[str, Any], *, drop_path_rate:
     ibot_head = head(cfg.ibot_out_dim, cfg.ibot_head_layers, cfg.ibot_head_hidden_dim,
                      cfg.ibot_head_bottleneck_dim) if cfg.ibot_separate_head else None
     return Dinov3Model(backbone, dino_head, ibot_head)
+
+
+def gram_teacher_crops(augment: Any, images: Any, crops: Any, size: int) -> torch.Tensor:
+    """The Gram teacher's crops ``[2B, 3, size, size]`` (the authors' ``gram_teacher_no_distortions``): the boxes
+    and flips ``crops`` (a :class:`~fastssl.augment.CropParams` of :class:`~fastssl.augment.DinoAugment`
+    ``augment``) of the global crops, resized to ``size`` the same way, clipped to [0, 1] and normalised, without
+    the colour distortions. One difference: the authors crop once at the larger size and resize that crop to
+    the global size for the student; here the student's global crops are resized from the image directly."""
+    from ..augment.multicrop import CropParams, MultiCrop
+
+    mc = augment.multicrop
+    maker = MultiCrop(size, mc.local_size, mc.n_global, 0, mc.global_scale, mc.local_scale, mc.ratio, mc.flip_p,
+                      interpolation=mc.interpolation, antialias=mc.antialias, mean=None, std=None)
+    boxes = CropParams(crops.global_boxes, crops.global_flips, crops.local_boxes[:0], crops.local_flips[:0],
+                       sampled=crops.sampled)
+    g = maker.apply(images, boxes)[0].clamp_(0.0, 1.0)
+    mean = torch.tensor(augment.mean, device=g.device, dtype=g.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(augment.std, device=g.device, dtype=g.dtype).view(1, -1, 1, 1)
+    return (g - mean) / std
 
 
 def build_dinov3_augment(cfg: Dinov3Config | Mapping[str, Any]):
@@ -502,7 +522,12 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                     continue
                 # The same crops and masks on resume: seeded by (seed, rank, iteration).
                 aug_gen.manual_seed(step_seed(cfg.seed, rank, it))
-                global_crops, local_crops = augment(images, generator=aug_gen)
+                if gram_teacher is not None and cfg.gram_teacher_crops_size is not None:
+                    global_crops, local_crops, drawn = augment(images, generator=aug_gen, return_params=True)
+                    gram_crops = gram_teacher_crops(augment, images, drawn.crops, cfg.gram_teacher_crops_size)
+                else:
+                    global_crops, local_crops = augment(images, generator=aug_gen)
+                    gram_crops = global_crops
                 mask_seed = step_seed(cfg.seed + 1, rank, it)
                 masks = block_masks(N_GLOBAL * len(images), mask_generator, cfg.mask_ratio_min_max,
                                     cfg.mask_sample_probability, random.Random(mask_seed),
@@ -525,7 +550,7 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
                     # The Gram term, from the Gram teacher's loading on (the authors' raises before): it sees the
                     # global crops, its patch grid resized to the student's.
                     if gram_teacher is not None and it >= cfg.gram_it_load_ema_teacher:
-                        t_patches = gram_teacher.patch_features(global_crops, grid,
+                        t_patches = gram_teacher.patch_features(gram_crops, grid,
                                                                 cfg.gram_global_teacher_resize_method,
                                                                 cfg.gram_global_teacher_resize_antialias)
                         term, parts["gram_loss"] = losses.gram(s_patches[0], t_patches, masks.masks,

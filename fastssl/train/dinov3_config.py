@@ -223,7 +223,7 @@ class Dinov3Config(KnnOptions, RunConfig):
 
     # Gram anchoring [gram.*]: the Gram loss of the student's global patch features against those of the Gram
     # teacher, a frozen copy of the EMA teacher's backbone (fastssl.train.gram_anchor).
-    gram_use_loss: bool = option(False, "add the Gram loss (the Gram teacher sees the global crops) [gram.use_loss]",
+    gram_use_loss: bool = option(False, "add the Gram loss [gram.use_loss]",
                                  group=GRAM)
     gram_loss_weight: float = option(1.0, "weight of the Gram loss [gram.loss_weight]", group=GRAM,
                                      checks=[at_least(0.0)])
@@ -257,6 +257,11 @@ class Dinov3Config(KnnOptions, RunConfig):
         "[gram.global_teacher_resize_method]", group=GRAM)
     gram_global_teacher_resize_antialias: bool = option(False, "antialias that resize [gram."
                                                         "global_teacher_resize_antialias]", group=GRAM)
+    gram_teacher_crops_size: int | None = option(None, "side of the Gram teacher's crops: the global crops' boxes "
+                                                 "and flips at this size, without colour distortions (the authors' "
+                                                 "gram_teacher_no_distortions; default: the Gram teacher sees the "
+                                                 "global crops themselves) [crops.gram_teacher_crops_size]",
+                                                 group=GRAM, checks=[at_least(1)])
     gram_loss_weight_schedule: bool = option(False, "weight the Gram loss on a schedule instead of --gram-loss-weight: "
                                              "linear from --gram-loss-weight-start towards --gram-loss-weight-peak "
                                              "over the warm-up epochs, a cosine to --gram-loss-weight-end, then "

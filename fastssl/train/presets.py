@@ -120,9 +120,11 @@ DINOV3_PRESETS: dict[str, Dinov3Config] = {
 # a Gram matrix per image, the weight 0 until the stage starts then a one-epoch cosine to 2.0, the Gram teacher
 # replaced every update_frequency iterations from it_first_update, at most 3 times): the Gram teacher loaded
 # from the EMA teacher before iteration 880 (epoch 40), replaced after iterations 989 and 1099 (every 5 epochs
-# from epoch 45). Their Gram crops at 512 against 256 are not made here: the Gram teacher sees the global crops.
+# from epoch 45). The Gram teacher's crops at twice the global crops' side, without colour distortions, as
+# theirs (512 against 256, gram_teacher_no_distortions).
 DINOV3_PRESETS["dinov3_digits_gram"] = dataclasses.replace(
     DINOV3_PRESETS["dinov3_digits"], output_dir="runs/dinov3_digits_gram", gram_use_loss=True,
     gram_it_load_ema_teacher=880, gram_update_frequency=110, gram_it_first_update=990, gram_max_updates=3,
-    gram_img_level=True, gram_loss_weight_schedule=True, gram_loss_weight_start=0.0, gram_loss_weight_peak=0.0,
-    gram_loss_weight_end=2.0, gram_loss_weight_warmup_epochs=40, gram_loss_weight_cosine_epochs=1)
+    gram_img_level=True, gram_teacher_crops_size=32, gram_loss_weight_schedule=True, gram_loss_weight_start=0.0,
+    gram_loss_weight_peak=0.0, gram_loss_weight_end=2.0, gram_loss_weight_warmup_epochs=40,
+    gram_loss_weight_cosine_epochs=1)
