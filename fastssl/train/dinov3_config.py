@@ -2,8 +2,10 @@
 
 The defaults are facebookresearch/dinov3 ``dinov3/configs/train/vitl_im1k_lin834.yaml`` over
 ``ssl_default_config.yaml`` (the names in brackets in the help texts are theirs), for the parts
-``SSLMetaArch`` trains without the Gram loss: DINO's CLS loss on local and global crops, iBOT's
-masked-patch loss, KoLeo, Sinkhorn-Knopp centering, the teacher an EMA of the student. Read with
+``SSLMetaArch`` trains: DINO's CLS loss on local and global crops, iBOT's masked-patch loss, KoLeo,
+Sinkhorn-Knopp centering, the teacher an EMA of the student; and the Gram anchoring stage's ``gram.*``
+options (off by default, as theirs; ``gram.ckpt``, ``gram.ema_teacher`` and ``gram.compute_stats`` not
+offered). Read with
 :mod:`fastssl.train.config` (how an option is declared) and ``presets.py`` (the recipes as
 instances of :class:`Dinov3Config`).
 """
@@ -55,7 +57,7 @@ def odd_or_zero(v: int) -> str | None:
 
 @dataclass(frozen=True)
 class Dinov3Config(KnnOptions, RunConfig):
-    """DINOv3 training (Siméoni et al. 2025) without the Gram stage: the authors' ViT-L/16 ImageNet-1k recipe
+    """DINOv3 training (Siméoni et al. 2025), the Gram stage off: the authors' ViT-L/16 ImageNet-1k recipe
     (vitl_im1k_lin834.yaml: 100 epochs of 1250 iterations, 2048 images per step)."""
 
     command: ClassVar[str] = "dinov3"
