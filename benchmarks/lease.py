@@ -32,6 +32,7 @@ bench-paws             60 / 20
 bench-multicrop        45 / 15
 bench-train_step       75 / 30
 bench-dinov3_step     120 / 60   issue 20's DINOv3 training step (ViT-S/16, 64 images, bf16)
+bench-dinov3_fsdp     150 / 90   issue 21's DINOv3 ViT-L/16 trainer at 64 images, bf16, with and without --fsdp
                                  against the same step with the authors' loss code, few steps
 sweep-dino            120 / 60   wider sweeps, with whatever is left
 sweep-paws            120 / 60
@@ -115,6 +116,8 @@ def stages() -> list[Stage]:
         _bench("train_step", 75, 30, needs_extension=True),
         # Issue 20's step (after the op headlines: model builds and the authors' torch.compile take most of it).
         _bench("dinov3_step", 120, 60, needs_extension=True),
+        # Issue 21's: the DINOv3 ViT-L/16 trainer with and without --fsdp on one GPU (two model builds).
+        _bench("dinov3_fsdp", 150, 90, needs_extension=True),
         _bench("dino", 120, 60, preset="full", stage="sweep-dino", extra=("--filter", "K=65536")),
         _bench("paws", 120, 60, preset="full", stage="sweep-paws", extra=("--filter", "bf16")),
     ]

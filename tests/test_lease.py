@@ -84,6 +84,7 @@ def test_every_stage_has_a_budget_and_the_headline_benchmarks_follow_the_checks(
     # budget), on its lease preset, with the extension (DinoAugment on the device), before the sweeps.
     step = next(s for s in lease.stages() if s.name == "bench-dinov3_step")
     assert names.index("bench-train_step") < names.index("bench-dinov3_step") < names.index("sweep-dino")
+    assert names.index("bench-dinov3_step") < names.index("bench-dinov3_fsdp") < names.index("sweep-dino")
     assert step.preset == "lease" and step.needs_extension and step.budget <= 120
     assert all(s.budget > 0 and s.minimum <= s.budget for s in lease.stages())
     assert all(s.budget <= 600 for s in lease.stages())  # a device command runs 10 minutes at most
