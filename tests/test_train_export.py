@@ -105,3 +105,29 @@ def test_a_sharded_checkpoint_exports_as_its_single_file(runs, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "dir.safetensors", "file.json",
                                                           "file.safetensors", "sharded"]
+
+
+def test_a_sharded_checkpoint_consolidates_into_one_file(runs, tmp_path, capsys):
+    # --consolidated keeps the folder's whole state as one checkpoint file, which knn / attention / export read.
+    from fastssl.train.checkpoint import load_checkpoint
+    from fastssl.train.sharded_checkpoint import save_sharded
+
+    checkpoint = runs / "dinov3" / "checkpoint.pth"
+    state = load_checkpoint(checkpoint)
+    save_sharded(state, tmp_path / "sharded")
+    single = tmp_path / "whole.pth"
+    args = ["export", "--checkpoint", str(tmp_path / "sharded"), "--consolidated", str(single)]
+    assert main([*args, "--output", str(tmp_path / "a.safetensors")]) == 0
+    whole = load_checkpoint(single)
+    assert whole.keys() == state.keys() and whole["epoch"] == state["epoch"]
+    assert all(torch.equal(whole["teacher"][k], v) for k, v in state["teacher"].items())
+    assert main(["export", "--checkpoint", str(single), "--output", str(tmp_path / "b.safetensors")]) == 0
+    # An existing file is kept without --overwrite; --consolidated needs a folder.
+    before = single.read_bytes()
+    assert main([*args, "--output", str(tmp_path / "c.safetensors")]) == 2
+    assert "--consolidated" in capsys.readouterr().err and single.read_bytes() == before
+    assert not (tmp_path / "c.safetensors").exists()
+    assert main([*args, "--output", str(tmp_path / "c.safetensors"), "--overwrite"]) == 0
+    assert main(["export", "--checkpoint", str(checkpoint), "--consolidated", str(tmp_path / "x.pth"), "--output",
+                 str(tmp_path / "d.safetensors")]) == 2
+    assert "--consolidated applies to a sharded checkpoint folder" in capsys.readouterr().err

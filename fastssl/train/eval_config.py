@@ -84,6 +84,9 @@ class ExportConfig(Options):
     which: Literal["teacher", "student"] = option("teacher", "network to export (DINO and DINOv3 runs)", group=WHAT)
     output: str = option("", "the safetensors file to write; its timm arguments go beside it, with the suffix "
                          ".json", group=WHAT, checks=[not_empty], required=True)
+    consolidated: str | None = option(None, "with an FSDP2 run's sharded checkpoint folder: also write its whole "
+                                      "state consolidated into this single file (full tensors, read by knn, "
+                                      "attention and export)", group=WHAT, checks=[not_empty])
     overwrite: bool = option(False, "replace existing output files (without it, an existing file is an error)",
                              group=WHAT)
     arch: str | None = option(None, "backbone, for checkpoints without a fastssl config", group=WHAT,

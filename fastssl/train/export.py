@@ -7,7 +7,8 @@ the arguments of ``timm.create_model`` that build the same network, so that::
     model = timm.create_model(**args, pretrained=True, pretrained_cfg_overlay=dict(file="vits16.safetensors"))
 
 gives the trained backbone (``forward`` returns the CLS features, as during training). The checkpoint may be
-a file or an FSDP2 run's sharded folder (consolidated on the way). What only training
+a file or an FSDP2 run's sharded folder (consolidated on the way; ``--consolidated FILE`` keeps that whole
+state as one file, which ``knn``, ``attention`` and ``export`` read). What only training
 uses is left out: the heads, and DINOv3's mask token (named when dropped). Existing files are replaced only
 with ``--overwrite``; each file is written through a temporary file and a rename.
 """
@@ -33,10 +34,15 @@ __all__ = ["export_command"]
 def _targets(cfg: ExportConfig) -> tuple[Path, Path]:
     weights = Path(cfg.output)
     meta = weights.with_suffix(".json")
+    if cfg.consolidated is not None and not is_sharded_checkpoint(cfg.checkpoint):
+        raise ConfigError(f"--consolidated applies to a sharded checkpoint folder (an --fsdp run's); "
+                          f"{cfg.checkpoint} is not one")
     if not cfg.overwrite:
         for path in (weights, meta):
             if path.exists():
                 raise ConfigError(f"--output {cfg.output}: {path} exists; pass --overwrite to replace it")
+        if cfg.consolidated is not None and Path(cfg.consolidated).exists():
+            raise ConfigError(f"--consolidated {cfg.consolidated} exists; pass --overwrite to replace it")
     return weights, meta
 
 
@@ -68,7 +74,11 @@ def export_command(cfg: ExportConfig) -> dict:
     from safetensors.torch import save_file
 
     weights, meta = _targets(cfg)  # before the checkpoint is read: a refused run does nothing
-    if is_sharded_checkpoint(cfg.checkpoint):  # an FSDP2 run's folder: its full tensors first, in one file
+    if cfg.consolidated is not None:  # an FSDP2 run's folder, kept as one file too
+        single = consolidate(cfg.checkpoint, cfg.consolidated, overwrite=cfg.overwrite)
+        print(f"wrote {single}: the whole state of {cfg.checkpoint} in one file", flush=True)
+        model, _ = model_from_checkpoint(cfg.replace(checkpoint=str(single)), torch.device("cpu"))
+    elif is_sharded_checkpoint(cfg.checkpoint):  # an FSDP2 run's folder: its full tensors first, in one file
         with tempfile.TemporaryDirectory(dir=weights.parent if weights.parent.exists() else None) as scratch:
             single = consolidate(cfg.checkpoint, Path(scratch) / "consolidated.pth")
             model, _ = model_from_checkpoint(cfg.replace(checkpoint=str(single)), torch.device("cpu"))
