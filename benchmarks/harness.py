@@ -225,15 +225,8 @@ def _time_cuda_setup(fn: Callable[[Any], Any], setup: Callable[[], Any], device:
 
 
 def _time_cpu(fn: Callable[..., Any], setup: Callable[[], Any] | None, warmup: int, reps: int) -> dict:
-    def call():
-        arg = () if setup is None else (setup(),)
-        t0 = time.perf_counter()
-        fn(*arg)
-        return (time.perf_counter() - t0) * 1e3
-
-    for _ in range(warmup):
-        call()
-    return _stats([call() for _ in range(reps)])
+    stats = _time_cpu_interleaved({"fn": fn}, ["fn"], {"fn": setup} if setup is not None else {}, warmup, reps)
+    return {k: v for k, v in stats["fn"].items() if k != "peak_mem_bytes"}
 
 
 def _time_cpu_interleaved(fns: dict[str, Callable[..., Any]], names: Sequence[str],

@@ -38,7 +38,7 @@ from .data import (
     load_digits_split,
 )
 from .dino_config import DinoConfig
-from .fsdp import full_state_dict, one_process_group, restore_sharded, save_sharded_run, shard_
+from .fsdp import gathered_copy, one_process_group, restore_sharded, save_sharded_run, shard_
 from .knn import knn_eval
 from .log import EpochMeter, Logger
 from .models import DinoHead, MultiCropModel, build_backbone
@@ -246,11 +246,9 @@ def _train(cfg: DinoConfig, device: torch.device, rank: int, world: int, augment
         def knn_teacher() -> nn.Module:
             if not cfg.fsdp:
                 return teacher_net.backbone
-            full = full_state_dict(teacher_net)  # a collective: every rank evaluates
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG untouched
-                plain_net = build_dino_model(cfg, drop_path_rate=0.0)
-            plain_net.load_state_dict(full)
-            return plain_net.backbone.to(device)
+            # a collective: every rank evaluates
+            plain = gathered_copy(teacher_net, lambda: build_dino_model(cfg, drop_path_rate=0.0), device)
+            return cast(nn.Module, plain.backbone)
 
         signal_received = stack.enter_context(ckpt.StopSignal())
         guard = NonFiniteGuard(device, rank, world, niter, (student, teacher_net, dino_loss),

@@ -50,7 +50,7 @@ from . import checkpoint as ckpt
 from .data import StreamSampler, collate, decode_batch, gpu_jpeg_decoding_available, training_sets
 from .dino import TrainResult
 from .dinov3_config import Dinov3Config
-from .fsdp import full_state_dict, one_process_group, restore_sharded, save_sharded_run, shard_
+from .fsdp import gathered_copy, one_process_group, restore_sharded, save_sharded_run, shard_
 from .gram_anchor import GramRefresh, GramTeacher, linear_warmup_cosine_decay, select_patches
 from .knn import knn_eval
 from .log import EpochMeter, Logger
@@ -482,11 +482,9 @@ def _train(cfg: Dinov3Config, device: torch.device, rank: int, world: int, augme
         def knn_teacher() -> nn.Module:
             if not cfg.fsdp:
                 return teacher_net.backbone
-            full = full_state_dict(teacher_net)  # a collective: every rank evaluates
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG untouched
-                plain_net = build_dinov3_model(cfg, drop_path_rate=0.0)
-            plain_net.load_state_dict(full)
-            return plain_net.backbone.to(device)
+            # a collective: every rank evaluates
+            plain = gathered_copy(teacher_net, lambda: build_dinov3_model(cfg, drop_path_rate=0.0), device)
+            return cast(nn.Module, plain.backbone)
 
         def knn(backbone: nn.Module) -> dict[str, float]:
             return knn_eval(backbone, knn_bank, knn_query, device, k=cfg.knn_k, T=cfg.knn_t, size=cfg.global_crop_size,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,8 +40,8 @@ from .sharded_checkpoint import (
     save_sharded,
 )
 
-__all__ = ["SHARDED_NAME", "PLAIN_KEYS", "full_state_dict", "one_process_group", "read_plain", "restore_sharded",
-           "save_sharded_run", "shard_"]
+__all__ = ["SHARDED_NAME", "PLAIN_KEYS", "full_state_dict", "gathered_copy", "one_process_group", "read_plain",
+           "restore_sharded", "save_sharded_run", "shard_"]
 
 SHARDED_NAME = "checkpoint"  # OUTPUT_DIR/checkpoint: the folder beside where checkpoint.pth would be
 
@@ -161,3 +162,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
     return cast(dict[str, torch.Tensor], state)
+
+
+def gathered_copy(model: nn.Module, build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """A plain (unsharded) copy of the sharded ``model`` on every rank (a collective), for evaluation:
+    ``build()`` makes the network, under a forked RNG so that the run's random numbers stay as they were."""
+    full = full_state_dict(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        plain = build()
+    plain.load_state_dict(full)
+    return plain.to(device)
