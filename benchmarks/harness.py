@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -231,11 +232,13 @@ def _time_cpu(fn: Callable[..., Any], setup: Callable[[], Any] | None, warmup: i
 
 def _time_cpu_interleaved(fns: dict[str, Callable[..., Any]], names: Sequence[str],
                           setups: dict[str, Callable[[], Any]], warmup: int | None, reps: int | None) -> dict:
-    """CPU timing of several contenders call by call in turn (the order rotated every round): a CPU shared
-    with other work slows whichever contender runs at the moment, so timing one contender's calls in a block
-    and then the next's gives ratios that swing by +-10% from run to run; interleaved, every contender's
-    calls see the same conditions (and, as in training, each follows other work, as the GPU timing's L2
-    flush does)."""
+    """CPU timing of several contenders call by call in turn, in a fresh (seeded) order every round: a CPU
+    shared with other work slows whichever contender runs at the moment, so timing one contender's calls in
+    a block and then the next's gives ratios that swing by +-10% from run to run; interleaved, every
+    contender's calls see the same conditions. Shuffled rather than rotated: in a rotated order each
+    contender always follows the same one: in the EMA benchmark ``foreach_lerp`` always followed
+    ``foreach_mul_add`` and found the same tensors in the last-level cache, while ``fastssl`` followed
+    ``flat_lerp``, whose own copies had evicted them."""
     d_warmup, d_reps = _DEFAULT_COUNTS["cpu"]
     warmup = d_warmup if warmup is None else max(0, int(warmup))
     reps = d_reps if reps is None else max(1, int(reps))
@@ -250,8 +253,10 @@ def _time_cpu_interleaved(fns: dict[str, Callable[..., Any]], names: Sequence[st
         for name in names:
             call(name)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        order = list(names[r % len(names):]) + list(names[:r % len(names)])
+    rng = random.Random(0)
+    for _ in range(reps):
+        order = list(names)
+        rng.shuffle(order)
         for name in order:
             times[name].append(call(name))
     return {name: {**_stats(times[name]), "peak_mem_bytes": None} for name in names}
