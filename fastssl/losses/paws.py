@@ -215,9 +215,8 @@ def _unit_rows_backward(grad: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor
 class _SnnTorch(torch.autograd.Function):
     """The definition in plain PyTorch with a hand-written backward: fewer and lighter passes than
     autograd's (1 / tau folded into the query rows, the softmax's backward through ``<g, probs>``
-    per row, both normalisations' projections from one N x M product, their backwards in place, no
-    mixed-dtype op on a large tensor: on a CPU those copy their operands), so that it is at least
-    the authors' speed in every dtype.
+    per row, with one fp32 N x M temporary, both normalisations' projections from one N x M
+    product, their backwards in place), so that it is at least the authors' speed in every dtype.
 
     Precision: fp32 (and fp16) inputs in fp32 throughout. bf16 inputs multiply in bf16 with fp32
     accumulation, as the authors' autocast does: the similarities, the products with dense labels
@@ -262,13 +261,22 @@ class _SnnTorch(torch.autograd.Function):
         low = ctx.low  # the products' dtype
         if ctx.smoothing:  # the smoothing's constant adds the same to every column: the softmax drops it
             grad = grad * (1.0 - ctx.smoothing)
-        # d/dA = grad @ Y^T; the softmax's backward subtracts <A_i, d/dA_i> = <grad_i, probs_i>.
-        da = (grad.to(low) @ y.T).float() if y is not None else grad.index_select(1, labels)
-        dl = da.sub_(torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)).mul_(a.float())
+        # d/dA = grad @ Y^T; the softmax's backward subtracts <A_i, d/dA_i> = <grad_i, probs_i>. One fp32
+        # N x M temporary (on a CPU each costs a pass, and page faults where the allocator had returned
+        # the memory).
+        r = torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)
+        if y is not None:
+            dl = grad.to(low) @ y.T
+            dl = dl.sub_(r) if dl.dtype == r.dtype else torch.sub(dl, r)  # fp32: r's dtype
+        else:  # dl_ij = grad[i, labels_j] - r_i: gathered from grad - r, with a broadcast index
+            dl = torch.gather(grad - r, 1, labels.expand(grad.shape[0], -1))
+        dl.mul_(a)
         # The normalisations' projections <x^, d/dx^> from the similarities: for a support
         # sum_i dl_ij l_ij, for a query the same over j (1 / tau cancels): one N x M product.
-        dl_l = dl * logits
-        dl = dl.to(low)
+        if dl.dtype == low:  # fp32 products: dl itself goes into them
+            dl_l = dl * logits
+        else:
+            dl, dl_l = dl.to(low), dl.mul_(logits)
         dq = ds = None
         if need_q:  # the similarities are q_tau . s^, q_tau = q^ / tau
             dq = _unit_rows_backward(dl @ s_low, query, q_hat, q_inv, q_small, dl_l.sum(1), 1.0 / ctx.tau)
