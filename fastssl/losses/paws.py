@@ -214,18 +214,19 @@ def _unit_rows_backward(grad: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor
 
 class _SnnTorch(torch.autograd.Function):
     """The definition in plain PyTorch with a hand-written backward: fewer and lighter passes than
-    autograd's (1 / tau folded into the query rows, the softmax's backward through ``<g, probs>``
-    per row, with one fp32 N x M temporary, both normalisations' projections from one N x M
-    product, their backwards in place), so that it is at least the authors' speed in every dtype.
+    autograd's (1 / tau folded into the query rows, the softmax's backward in one pass or through
+    ``<g, probs>`` per row, both normalisations' projections from one N x M product, their
+    backwards in place), so that it is at least the authors' speed in every dtype.
 
     Precision: fp32 (and fp16) inputs in fp32 throughout. bf16 inputs multiply in bf16 with fp32
     accumulation, as the authors' autocast does: the similarities, the products with dense labels
-    Y and the backward's products are rounded to bf16; the softmax is computed in fp32 and, with
-    dense labels, rounded to bf16 (what autocast's cast before the product gives; the backward uses
-    the rounded probabilities); class ids' sums, the norms and the normalisations' projections are
-    fp32, the normalisations' last backward steps bf16 (the gradients' dtype). Results land about
-    two thirds as far from float64 as the authors' own bf16 formulation (a PAWS loss gradient ~1e-2
-    against their ~2e-2). Materialises the N x M similarities (as the authors do)."""
+    Y and the backward's products are rounded to bf16; the softmax and its backward are computed in
+    fp32 and, with dense labels, rounded to bf16 (what autocast's cast before the product gives; the
+    backward uses the rounded probabilities); class ids' sums, the norms and the sums of the
+    normalisations' projections are fp32 (with dense labels, of bf16 products), the normalisations'
+    last backward steps bf16 (the gradients' dtype). Results land about two thirds as far from
+    float64 as the authors' own bf16 formulation (a PAWS loss gradient ~1e-2 against their ~2e-2).
+    Materialises the N x M similarities (as the authors do)."""
 
     @staticmethod
     def forward(ctx, query, supports, labels, tau, num_classes, smoothing):
@@ -261,27 +262,32 @@ class _SnnTorch(torch.autograd.Function):
         low = ctx.low  # the products' dtype
         if ctx.smoothing:  # the smoothing's constant adds the same to every column: the softmax drops it
             grad = grad * (1.0 - ctx.smoothing)
-        # d/dA = grad @ Y^T; the softmax's backward subtracts <A_i, d/dA_i> = <grad_i, probs_i>. One fp32
-        # N x M temporary (on a CPU each costs a pass, and page faults where the allocator had returned
-        # the memory).
-        r = torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)
+        # d/dA = grad @ Y^T; the softmax's backward subtracts <A_i, d/dA_i> = <grad_i, probs_i> and
+        # multiplies by A. On a CPU every N x M pass counts (and every temporary, whose pages fault
+        # in again when the allocator had returned them), so:
         if y is not None:
-            dl = grad.to(low) @ y.T
-            dl = dl.sub_(r) if dl.dtype == r.dtype else torch.sub(dl, r)  # fp32: r's dtype
-        else:  # dl_ij = grad[i, labels_j] - r_i: gathered from grad - r, with a broadcast index
-            dl = torch.gather(grad - r, 1, labels.expand(grad.shape[0], -1))
-        dl.mul_(a)
-        # The normalisations' projections <x^, d/dx^> from the similarities: for a support
-        # sum_i dl_ij l_ij, for a query the same over j (1 / tau cancels): one N x M product.
-        if dl.dtype == low:  # fp32 products: dl itself goes into them
+            # one fused pass in the probabilities' dtype (fp32 inside, rounded once to the products'
+            # input), then the similarities' products in that dtype, summed in fp32 below;
+            dl = torch._softmax_backward_data(grad.to(low) @ y.T, a, 1, a.dtype)
             dl_l = dl * logits
         else:
-            dl, dl_l = dl.to(low), dl.mul_(logits)
+            # class ids: gathered from grad - <grad_i, probs_i> with a broadcast index, in fp32 (the
+            # probabilities' dtype), rounded to the products' dtype after the similarities' products.
+            r = torch.linalg.vecdot(grad, raw, dim=1).unsqueeze(1)
+            dl = torch.gather(grad - r, 1, labels.expand(grad.shape[0], -1)).mul_(a)
+            if dl.dtype == low:  # fp32 products: dl itself goes into them
+                dl_l = dl * logits
+            else:
+                dl, dl_l = dl.to(low), dl.mul_(logits)
+        # The normalisations' projections <x^, d/dx^> from the similarities: for a support
+        # sum_i dl_ij l_ij, for a query the same over j (1 / tau cancels).
         dq = ds = None
         if need_q:  # the similarities are q_tau . s^, q_tau = q^ / tau
-            dq = _unit_rows_backward(dl @ s_low, query, q_hat, q_inv, q_small, dl_l.sum(1), 1.0 / ctx.tau)
+            proj = dl_l.sum(1, dtype=torch.float32)
+            dq = _unit_rows_backward(dl @ s_low, query, q_hat, q_inv, q_small, proj, 1.0 / ctx.tau)
         if need_s:
-            ds = _unit_rows_backward(dl.T @ q_tau, supports, s_hat, s_inv, s_small, dl_l.sum(0), 1.0)
+            proj = dl_l.sum(0, dtype=torch.float32)
+            ds = _unit_rows_backward(dl.T @ q_tau, supports, s_hat, s_inv, s_small, proj, 1.0)
         return dq, ds, None, None, None, None
 
 
