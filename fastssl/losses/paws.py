@@ -188,28 +188,31 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
 _EPS = 1e-12  # F.normalize's
 
 
-def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x / max(|x|, eps), 1 / max(|x|, eps), |x| < eps)`` row by row, in fp32 (one copy of
-    16-bit rows: mixed-dtype ops, and vector_norm's dtype=, copy them on every op instead)."""
+def _unit_rows(x: torch.Tensor, scale: float, low: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x / max(|x|, eps) * scale in the dtype low, 1 / max(|x|, eps), |x|)`` row by row, the norms
+    and the product in fp32, rounded once to ``low`` (one fp32 copy of 16-bit rows: mixed-dtype ops,
+    and vector_norm's dtype=, copy them on every op instead)."""
     xf = x.float()
     norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
     inv = norm.clamp_min(_EPS).reciprocal_()
-    x_hat = xf * inv if xf is x else xf.mul_(inv)
-    return x_hat, inv, norm < _EPS
+    factor = inv * scale if scale != 1.0 else inv
+    if low != torch.float32:
+        return torch.mul(xf, factor, out=torch.empty_like(xf, dtype=low)), inv, norm
+    return (xf * factor if xf is x else xf.mul_(factor)), inv, norm
 
 
-def _unit_rows_backward(grad: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, inv: torch.Tensor,
-                        small: torch.Tensor, proj: torch.Tensor, scale: float) -> torch.Tensor:
+def _unit_rows_backward(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, norm: torch.Tensor,
+                        proj: torch.Tensor, scale: float) -> torch.Tensor:
     """The gradient to ``x`` of ``x^ = x / max(|x|, eps)``, given ``grad * scale``, the gradient to
     ``x^`` (``grad`` a fresh tensor, updated in place), and ``proj = <x^, grad * scale>`` per row:
     ``(grad * scale - x^ proj) / |x| = grad * scale / |x| - x * proj / |x|^2``; below eps the norm
     is the constant eps, so no projection. In x's dtype: for fp32 and bf16 rows two in-place ops on
     ``grad`` (no copy of a [rows, d] tensor: on a CPU those are what cost)."""
-    proj = proj.unsqueeze(1).masked_fill_(small, 0.0)
+    proj = proj.unsqueeze(1).masked_fill_(norm < _EPS, 0.0)
     if grad.dtype == x.dtype:
         return grad.mul_((inv * scale).to(x.dtype)).addcmul_(x, (proj * inv * inv).to(x.dtype), value=-1.0)
     # fp16 rows, whose products ran in fp32
-    return grad.mul_(inv * scale).addcmul_(x_hat, proj * inv, value=-1.0).to(x.dtype)
+    return grad.mul_(inv * scale).addcmul_(x.float(), proj * inv * inv, value=-1.0).to(x.dtype)
 
 
 class _SnnTorch(torch.autograd.Function):
@@ -230,11 +233,9 @@ class _SnnTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, supports, labels, tau, num_classes, smoothing):
-        q_hat, q_inv, q_small = _unit_rows(query)
-        s_hat, s_inv, s_small = _unit_rows(supports)
         low = torch.bfloat16 if torch.bfloat16 in (query.dtype, supports.dtype) else torch.float32
-        q_tau = (q_hat * (1.0 / tau)).to(low)
-        s_low = s_hat.to(low)
+        q_tau, q_inv, q_norm = _unit_rows(query, 1.0 / tau, low)
+        s_low, s_inv, s_norm = _unit_rows(supports, 1.0, low)
         logits = q_tau @ s_low.T  # bf16 products with fp32 accumulation for bf16 rows, as autocast
         if labels.is_floating_point():
             # The softmax in fp32, its output rounded to the products' dtype: what autocast's cast of an
@@ -247,15 +248,13 @@ class _SnnTorch(torch.autograd.Function):
             a = torch.softmax(logits, dim=1, dtype=torch.float32)
             y = None
             raw = a.new_zeros(a.shape[0], num_classes).index_add_(1, labels, a)
-        ctx.save_for_backward(query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, s_low, logits, a,
-                              labels, raw, y)
+        ctx.save_for_backward(query, supports, q_inv, s_inv, q_norm, s_norm, q_tau, s_low, logits, a, labels, raw, y)
         ctx.tau, ctx.smoothing, ctx.low = tau, smoothing, low
         return raw * (1.0 - smoothing) + smoothing / num_classes if smoothing else raw
 
     @staticmethod
     def backward(ctx, grad):
-        query, supports, q_hat, s_hat, q_inv, s_inv, q_small, s_small, q_tau, s_low, logits, a, labels, raw, y = \
-            ctx.saved_tensors
+        query, supports, q_inv, s_inv, q_norm, s_norm, q_tau, s_low, logits, a, labels, raw, y = ctx.saved_tensors
         need_q, need_s = ctx.needs_input_grad[:2]
         if not (need_q or need_s):
             return None, None, None, None, None, None
@@ -284,10 +283,10 @@ class _SnnTorch(torch.autograd.Function):
         dq = ds = None
         if need_q:  # the similarities are q_tau . s^, q_tau = q^ / tau
             proj = dl_l.sum(1, dtype=torch.float32)
-            dq = _unit_rows_backward(dl @ s_low, query, q_hat, q_inv, q_small, proj, 1.0 / ctx.tau)
+            dq = _unit_rows_backward(dl @ s_low, query, q_inv, q_norm, proj, 1.0 / ctx.tau)
         if need_s:
             proj = dl_l.sum(0, dtype=torch.float32)
-            ds = _unit_rows_backward(dl.T @ q_tau, supports, s_hat, s_inv, s_small, proj, 1.0)
+            ds = _unit_rows_backward(dl.T @ q_tau, supports, s_inv, s_norm, proj, 1.0)
         return dq, ds, None, None, None, None
 
 
