@@ -125,13 +125,15 @@ def test_odd_sizes_and_dtype_pairs(backend, t_dtype, s_dtype):
                                              (F16, BF16), (torch.float64, F32), (F32, torch.float64)], ids=str)
 def test_cpu_loop_and_foreach_give_the_authors_bits(monkeypatch, path, t_dtype, s_dtype):
     # The two PyTorch paths on the CPU: the C++ loop (one call; built with -ffp-contract=off, so its
-    # AVX-512 / AVX2 clones fuse no multiply-add) and torch._foreach_* (where the extension is not
-    # loaded). Both must give the loop's bits, for dense, channels-last, strided and transposed pairs.
+    # AVX-512 / AVX2 builds fuse no multiply-add) and torch._foreach_* (where the extension is not
+    # loaded). Both must give the loop's bits, for dense, channels-last, strided and transposed pairs,
+    # over more than two of the loop's chunks (2^18 elements, taken by the threads in turn) with
+    # chunk boundaries inside tensors.
     if path == "loop":
         monkeypatch.setattr(fastssl.ema, "_ema_torch", lambda *a: pytest.fail("the foreach path ran"))
     else:
         monkeypatch.setattr(_ext, "load_installed_extension", lambda: False)
-    teacher, student = _pair(ODD_SHAPES + [(70001,)], t_dtype, s_dtype)
+    teacher, student = _pair(ODD_SHAPES + [(70001,), (300007,), (3, 87383)], t_dtype, s_dtype)
     cl = torch.randn(3, 5, 4, 6).to(t_dtype)
     teacher += [cl.to(memory_format=torch.channels_last), torch.randn(6, 10).to(t_dtype)[:, ::2],
                 torch.randn(5, 7).to(t_dtype)]
