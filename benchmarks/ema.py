@@ -227,7 +227,7 @@ def run_case(case: Case, preset: Preset, device: torch.device, contenders: Seque
         if s and device.type == "cpu":
             # Fresh tensors: on a CPU the time depends on where they land (measured on 2 cores, ViT-Ti/16
             # fp32: 1.48 ms with the student 2 KiB off the teacher's page offset, 1.64 ms at 64 bytes off).
-            del calls
+            del calls, teacher, student
             teacher, student = make_tensors(case, device)
             calls = {name: build(name, teacher, student, MOMENTUM)[0] for name in names}
         if s:  # fresh values (on a GPU in the same tensors: the graph and plans stay bound to them)

@@ -230,13 +230,17 @@ def _time_cpu(fn: Callable[..., Any], setup: Callable[[], Any] | None, warmup: i
     return {k: v for k, v in stats["fn"].items() if k != "peak_mem_bytes"}
 
 
+_ORDER = random.Random(0)  # the contenders' orders on a CPU: one stream per run, reproducible
+
+
 def _time_cpu_interleaved(fns: dict[str, Callable[..., Any]], names: Sequence[str],
                           setups: dict[str, Callable[[], Any]], warmup: int | None, reps: int | None) -> dict:
-    """CPU timing of several contenders call by call in turn, in a fresh (seeded) order every round: a CPU
-    shared with other work slows whichever contender runs at the moment, so timing one contender's calls in
-    a block and then the next's gives ratios that swing by +-10% from run to run; interleaved, every
-    contender's calls see the same conditions. Shuffled rather than rotated: in a rotated order each
-    contender always follows the same one: in the EMA benchmark ``foreach_lerp`` always followed
+    """CPU timing of several contenders call by call in turn, in a fresh order every round (one seeded
+    stream for the whole run, so sets and cases draw different orders; no contender runs twice in a row):
+    a CPU shared with other work slows whichever contender runs at the moment, so timing one contender's
+    calls in a block and then the next's gives ratios that swing by +-10% from run to run; interleaved,
+    every contender's calls see the same conditions. Shuffled rather than rotated: in a rotated order
+    each contender always follows the same one: in the EMA benchmark ``foreach_lerp`` always followed
     ``foreach_mul_add`` and found the same tensors in the last-level cache, while ``fastssl`` followed
     ``flat_lerp``, whose own copies had evicted them."""
     d_warmup, d_reps = _DEFAULT_COUNTS["cpu"]
@@ -253,12 +257,15 @@ def _time_cpu_interleaved(fns: dict[str, Callable[..., Any]], names: Sequence[st
         for name in names:
             call(name)
     times: dict[str, list[float]] = {name: [] for name in names}
-    rng = random.Random(0)
+    last = names[-1] if names else None
     for _ in range(reps):
         order = list(names)
-        rng.shuffle(order)
+        _ORDER.shuffle(order)
+        if len(order) > 1 and order[0] == last:  # after itself it would find its own data in the cache
+            order.append(order.pop(0))
         for name in order:
             times[name].append(call(name))
+        last = order[-1]
     return {name: {**_stats(times[name]), "peak_mem_bytes": None} for name in names}
 
 

@@ -126,7 +126,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))) voi
 template <typename T, typename S>
 SpanFn span() {
 #ifdef FASTSSL_EMA_X86
-  static const bool avx512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if constexpr (sizeof(T) == 2 || sizeof(S) == 2) {
     if (avx512) return &ema_span_avx512<T, S>;
@@ -203,8 +204,8 @@ bool elements_overlap(const at::Tensor& a, const at::Tensor& b) {
   return false;
 }
 
-// A teacher element reachable twice would be updated twice (fastssl/ema.py checks a tensor set when
-// it first sees it, naming the tensors; a set seen again at the same addresses is checked here).
+// A teacher element reachable twice would be updated twice (checked on every call, before any write;
+// the caller then takes its validated path, which names the tensors).
 void check_no_aliases(at::TensorList teacher) {
   std::vector<std::tuple<uintptr_t, uintptr_t, size_t>> spans;
   for (size_t i = 0; i < teacher.size(); ++i) {
@@ -232,6 +233,8 @@ void check_no_aliases(at::TensorList teacher) {
 struct Pair {
   at::Tensor teacher, student;  // dense, one layout (copies of the caller's where they were not)
   at::Tensor write_back;        // the caller's teacher when `teacher` is a copy
+  void* t_data;                 // their first elements, taken before the threads start (taking a
+  const void* s_data;           // copy-on-write tensor's mutable pointer copies it: not in a thread)
   SpanFn fn;
 };
 
@@ -265,6 +268,8 @@ void ema_update_cpu(at::TensorList teacher, at::TensorList student, double momen
       p.student = at::empty_like(p.teacher, s.options()).copy_(s);
       p.write_back = t;
     }
+    p.t_data = p.teacher.mutable_data_ptr();
+    p.s_data = p.student.const_data_ptr();
     starts[i + 1] = starts[i] + t.numel();
   }
   // Chunks handed out from a shared counter rather than one fixed share per thread: on shared cores a
@@ -283,7 +288,7 @@ void ema_update_cpu(at::TensorList teacher, at::TensorList student, double momen
       for (; i < n && starts[i] < end; ++i) {
         const int64_t lo = std::max(begin, starts[i]) - starts[i];
         const int64_t hi = std::min(end, starts[i + 1]) - starts[i];
-        if (lo < hi) pairs[i].fn(pairs[i].teacher.mutable_data_ptr(), pairs[i].student.const_data_ptr(), lo, hi, mom);
+        if (lo < hi) pairs[i].fn(pairs[i].t_data, pairs[i].s_data, lo, hi, mom);
       }
     }
   };

@@ -147,6 +147,24 @@ def test_cpu_loop_and_foreach_give_the_authors_bits(monkeypatch, path, t_dtype, 
         assert all(t._version > v for t, v in zip(teacher, versions, strict=True))
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ loop is the CPU's (CUDA runs the Triton kernel)")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("t_dtype,s_dtype", [(F32, F32), (BF16, BF16), (F16, F32)], ids=str)
+def test_cpu_loop_with_any_thread_count(monkeypatch, threads, t_dtype, s_dtype):
+    # The loop's chunks on one thread (no worker started) and on more threads than this machine's cores
+    # (some take no chunk): the authors' bits either way.
+    monkeypatch.setattr(fastssl.ema, "_ema_torch", lambda *a: pytest.fail("the foreach path ran"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        teacher, student = _pair([(5,), (300007,), (3, 87383), (262144,)], t_dtype, s_dtype)
+        expected = authors_update(teacher, student, 0.996)
+        ema_update_(teacher, student, 0.996, backend="torch")
+        assert_updated(teacher, expected, "torch")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_loop_runs_one_call_for_every_tensor(monkeypatch):
     calls = []
     op = torch.ops.fastssl.ema_update_

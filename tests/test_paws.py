@@ -92,6 +92,23 @@ def test_snn_matches_reference_fp32(backend, N, M, d, C, kind, smoothing):
     _assert_snn_close(got, want, FP32_TOL)
 
 
+@pytest.mark.parametrize("q_dtype,s_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.bfloat16), (torch.float64, torch.float64),
+                                             (torch.float64, torch.float32)], ids=str)
+@pytest.mark.parametrize("kind", ["dense", "ids"])
+def test_torch_path_mixed_and_fp64_rows(kind, q_dtype, s_dtype):
+    # backend="torch" with queries and supports of different dtypes (products in bf16 where either side
+    # is bf16, else fp32) or in fp64 (fp32 math): the rows whose gradient comes in another dtype finish
+    # their normalisation's backward in fp32, and each gradient comes back in its input's dtype.
+    N, M, d, C = 23, 70, 19, 6
+    query, supports = _emb(N, d, q_dtype).requires_grad_(), _emb(M, d, s_dtype).requires_grad_()
+    labels = _soft_labels(M, C) if kind == "dense" else torch.randint(0, C, (M,), device=DEVICE)
+    got, want = _snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C,
+                                  smoothing=0.1 * (kind == "ids"))
+    assert got[0].dtype == torch.float32 and got[1].dtype == q_dtype and got[2].dtype == s_dtype
+    _assert_snn_close(got, want, TORCH_BF16_TOL if torch.bfloat16 in (q_dtype, s_dtype) else FP32_TOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["dense", "ids"])
 def test_snn_backward_over_support_chunks(backend, kind, dtype):

@@ -206,13 +206,14 @@ def _unit_rows_backward(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, 
     """The gradient to ``x`` of ``x^ = x / max(|x|, eps)``, given ``grad * scale``, the gradient to
     ``x^`` (``grad`` a fresh tensor, updated in place), and ``proj = <x^, grad * scale>`` per row:
     ``(grad * scale - x^ proj) / |x| = grad * scale / |x| - x * proj / |x|^2``; below eps the norm
-    is the constant eps, so no projection. In x's dtype: for fp32 and bf16 rows two in-place ops on
-    ``grad`` (no copy of a [rows, d] tensor: on a CPU those are what cost)."""
+    is the constant eps, so no projection. Where ``grad`` has x's dtype (fp32 and bf16 rows) two
+    in-place ops on it, in that dtype (no copy of a [rows, d] tensor: on a CPU those are what cost);
+    otherwise (fp16 and fp64 rows, whose products ran in fp32, and the fp32 rows of a pair with bf16
+    ones, whose gradient came in bf16) in fp32, then x's dtype."""
     proj = proj.unsqueeze(1).masked_fill_(norm < _EPS, 0.0)
     if grad.dtype == x.dtype:
         return grad.mul_((inv * scale).to(x.dtype)).addcmul_(x, (proj * inv * inv).to(x.dtype), value=-1.0)
-    # fp16 rows, whose products ran in fp32
-    return grad.mul_(inv * scale).addcmul_(x.float(), proj * inv * inv, value=-1.0).to(x.dtype)
+    return grad.float().mul_(inv * scale).addcmul_(x.float(), proj * inv * inv, value=-1.0).to(x.dtype)
 
 
 class _SnnTorch(torch.autograd.Function):
