@@ -1,4 +1,5 @@
-"""Shared test helpers: comparisons against float64 references, a 2-process torchrun launcher."""
+"""Shared test helpers: comparisons against float64 references, a gloo process group for spawned workers,
+a 2-process torchrun launcher."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.distributed as dist
 
 # The device every test puts its tensors on: CUDA when there is a GPU and the kernels are
 # not being interpreted, else the CPU (set up in conftest.py).
@@ -41,6 +44,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_rel_close(actual, expected, tol: float, what: str = "value") -> None:
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+@contextmanager
+def gloo_group(rank: int, init_file: str, world_size: int = 2):
+    """A worker of ``torch.multiprocessing.spawn`` inside a gloo process group (rendezvous on ``init_file``).
+    After a body that ran through, every rank waits for the others before leaving: one that tears its
+    connections down while a peer still finishes its last collective can make gloo abort that peer (SIGABRT,
+    "terminate called without an active exception"), as ``fastssl.train.runtime`` waits for the same reason."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300, script: str | None = None) -> str:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DEVICE, assert_rel_close
+from helpers import DEVICE, assert_rel_close, gloo_group
 
 import fastssl
 
@@ -25,16 +24,13 @@ def _shard(x, rank):
 
 
 def _worker(rank, init_file, seed, backend, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, init_file, WORLD):
         loss_fn = fastssl.DinoLoss(K, NCROPS, 0.04, 0.07, 2, 5, backend=backend).to(DEVICE)
         losses, centers = [], []
         for epoch, (student, teacher) in enumerate(_batches(seed)):
             losses.append(loss_fn(_shard(student, rank), _shard(teacher, rank), epoch))
             centers.append(loss_fn.center.clone())
         torch.save({"losses": torch.stack(losses), "centers": torch.stack(centers)}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

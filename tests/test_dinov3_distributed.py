@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DEVICE, assert_rel_close
+from helpers import DEVICE, assert_rel_close, gloo_group
 
 from fastssl import dinov2, dinov3
 
@@ -27,8 +26,7 @@ def _shard(x, rank):
 
 
 def _worker(rank, init_file, seed, backend, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, init_file, WORLD):
         dino = dinov3.DINOLoss(K, backend=backend).to(DEVICE)
         dino.init_weights()
         ibot = dinov3.iBOTPatchLoss(K, backend=backend).to(DEVICE)
@@ -52,8 +50,6 @@ def _worker(rank, init_file, seed, backend, out_dir):
             centered.apply_center_update()
             out["centers"].append(centered.center.clone())
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import gloo_group
 from test_ema import assert_updated, authors_update
 from torch import nn
 
@@ -37,8 +37,7 @@ def _shard(model, placement=None):
 
 
 def _worker(rank, init_file, seed, backend, t_dtype, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, init_file, WORLD):
         student = _model(seed)
         teacher = copy.deepcopy(student).to(t_dtype)
         with torch.no_grad():  # a teacher that differs from the student
@@ -77,8 +76,6 @@ def _worker(rank, init_file, seed, backend, t_dtype, out_dir):
             errors["other placements"] = str(e)
         out["errors"] = errors
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, gloo_group, rel_err
 
 from fastssl import dinov3
 from fastssl.reference import dinov3 as ref
@@ -30,8 +29,7 @@ def _batch(seed):
 
 
 def _worker(rank, init_file, seed, backend, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, init_file, WORLD):
         x = _batch(seed)[rank * B:(rank + 1) * B].to(DEVICE)
         out = {}
         for size, topk in LAYOUTS:
@@ -47,8 +45,6 @@ def _worker(rank, init_file, seed, backend, out_dir):
             except ValueError as e:
                 out[key] = str(e)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

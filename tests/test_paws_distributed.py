@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DEVICE, assert_rel_close
+from helpers import DEVICE, assert_rel_close, gloo_group
 
 import fastssl
 from fastssl.reference import make_labels_matrix
@@ -48,8 +47,7 @@ def _loss_and_grads(loss_fn, anchors, a_supports, labels, targets, t_supports):
 
 
 def _worker(rank, init_file, seed, kind, backend, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, init_file, WORLD):
         data = _batch(seed)
         rows = slice(rank * B, (rank + 1) * B)
         supports = slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
@@ -58,8 +56,6 @@ def _worker(rank, init_file, seed, kind, backend, out_dir):
                               _labels(kind, rank), data["targets"][:, rows].reshape(-1, D),
                               data["t_supports"][supports])
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend,kind", [("torch", "dense"), ("triton", "ids"), ("triton", "dense")])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import gloo_group
 from torch import nn
 
 from fastssl.train import sharded_checkpoint as sc
@@ -42,8 +42,7 @@ def _state(model, opt, rank, rng):
 
 
 def _worker(rank, init_file, seed, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, init_file, WORLD):
         model = _model(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         _step(model, opt, seed)
@@ -69,8 +68,6 @@ def _worker(rank, init_file, seed, out_dir):
                "epoch": state["epoch"], "rng": state[sc.rank_key("rng", rank)].tolist(),
                "full": {n: p.full_tensor() for n, p in model.named_parameters()}}
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_save_load_and_consolidate(tmp_path, fresh_seed):
