@@ -109,6 +109,61 @@ def test_torch_path_mixed_and_fp64_rows(kind, q_dtype, s_dtype):
     _assert_snn_close(got, want, TORCH_BF16_TOL if torch.bfloat16 in (q_dtype, s_dtype) else FP32_TOL)
 
 
+def _balanced_ids(M, C):
+    return (torch.arange(M, device=DEVICE) % C)[torch.randperm(M, device=DEVICE)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("N,M,d,C,used,smoothing,reordered", [
+    (37, 99, 20, 11, 11, 0.0, True),    # a class-balanced support set, d <= N: the supports reordered
+    (37, 99, 20, 11, 11, 0.2, True),
+    (23, 70, 23, 7, 7, 0.1, True),      # d == N
+    (9, 99, 20, 11, 11, 0.0, False),    # d > N: the scatter along the columns
+    (37, 98, 20, 11, None, 0.1, False),  # random ids (98 supports over 11 classes cannot be balanced)
+    (37, 99, 20, 12, 11, 0.0, False),   # balanced over 11 of the 12 classes: one has no supports
+])
+def test_torch_path_class_ids_of_a_balanced_support_set(N, M, d, C, used, smoothing, reordered, dtype):
+    # backend="torch" reorders the supports of a class-balanced support set to cycle through the classes
+    # (class sums over a middle dimension, a broadcast backward) where d <= N; the gradients come back in the
+    # caller's order.
+    query, supports = _emb(N, d, dtype).requires_grad_(), _emb(M, d, dtype).requires_grad_()
+    labels = _balanced_ids(M, used) if used else torch.randint(0, C, (M,), device=DEVICE)
+    got, want = _snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C, smoothing=smoothing)
+    seen = getattr(labels, "_fastssl_class_order", (None, None))
+    assert (seen[1] is not None) == reordered
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == dtype
+    # (fp16 rows compute in fp32; their gradients are rounded to fp16)
+    tol = {torch.bfloat16: TORCH_BF16_TOL, torch.float16: TOL[torch.float16]}.get(dtype, FP32_TOL)
+    _assert_snn_close(got, want, tol)
+
+
+def test_class_order_follows_the_labels_content():
+    # The grouping order is kept on the labels tensor with its version: an in-place write that breaks
+    # (or changes) the balance is seen, through a view too; inference tensors are read every time.
+    N, M, d, C = 30, 60, 12, 6
+    query, supports = _emb(N, d).requires_grad_(), _emb(M, d).requires_grad_()
+    labels = _balanced_ids(M, C)
+    for _ in range(2):
+        _assert_snn_close(*_snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C), FP32_TOL)
+    labels[:2] = torch.tensor([0, 0])  # no longer balanced (unless both already were class 0)
+    labels.narrow(0, 5, 3).copy_(labels[10:13].flip(0))
+    _assert_snn_close(*_snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C), FP32_TOL)
+    labels.copy_(_balanced_ids(M, C))  # balanced again, in another order
+    _assert_snn_close(*_snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C), FP32_TOL)
+    order, restore = labels._fastssl_class_order[1]
+    assert torch.equal(labels[order], torch.arange(M, device=DEVICE) % C)
+    assert torch.equal(order[restore], torch.arange(M, device=DEVICE))
+    with torch.inference_mode():
+        fixed = _balanced_ids(M, C)
+        first = snn(query, supports, fixed, 0.1, num_classes=C, backend="torch")
+        fixed.copy_(_balanced_ids(M, C))
+        second = snn(query, supports, fixed, 0.1, num_classes=C, backend="torch")
+    for probs, ids in ((first, None), (second, fixed)):
+        if ids is not None:
+            ref = snn_reference(query.detach().double(), supports.detach().double(), _dense_of(ids, C, 0.0), 0.1)
+            assert_rel_close(probs, ref, FP32_TOL, "probabilities after an in-place write under inference mode")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["dense", "ids"])
 def test_snn_backward_over_support_chunks(backend, kind, dtype):
