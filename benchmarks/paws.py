@@ -117,7 +117,7 @@ PRESETS = {
     "smoke": Preset(train=((16, 64, 32, 8),), eval=((24, 200, 16, 10),), compile="first", sets=1, warmup=1,
                     reps=2, note="Tiny shapes for the test suite: timings mean nothing."),
     "cpu": Preset(train=((128, 1024, 64, 64), (128, 1024, 256, 64)), eval=((256, 8192, 64, 100),),
-                  compile="first", sets=4, warmup=3, reps=20,  # ~1 ms calls on shared cores
+                  compile="first", sets=6, warmup=3, reps=30,  # ~1 ms calls on shared cores
                   note="`authors+compile` runs on the first case only: Inductor's C++ codegen takes "
                        "10-20 s per shape on a 2-core CPU."),
     "target": Preset(train=((TRAIN["N"], TRAIN["M"], 256, TRAIN["C"]), (TRAIN["N"], TRAIN["M"], 2048, TRAIN["C"])),
