@@ -138,30 +138,36 @@ def test_torch_path_class_ids_of_a_balanced_support_set(N, M, d, C, used, smooth
 
 
 def test_class_order_follows_the_labels_content():
-    # The grouping order is kept on the labels tensor with its version: an in-place write that breaks
-    # (or changes) the balance is seen, through a view too; inference tensors are read every time.
+    # The order is kept on the labels tensor with its version: in-place writes that break the balance
+    # or reorder the classes (through a view too) are seen; inference tensors are read every time.
     N, M, d, C = 30, 60, 12, 6
     query, supports = _emb(N, d).requires_grad_(), _emb(M, d).requires_grad_()
+
+    def check(labels):
+        _assert_snn_close(*_snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C), FP32_TOL)
+        return labels._fastssl_class_order[1]
+
     labels = _balanced_ids(M, C)
     for _ in range(2):
-        _assert_snn_close(*_snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C), FP32_TOL)
-    labels[:2] = torch.tensor([0, 0])  # no longer balanced (unless both already were class 0)
-    labels.narrow(0, 5, 3).copy_(labels[10:13].flip(0))
-    _assert_snn_close(*_snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C), FP32_TOL)
-    labels.copy_(_balanced_ids(M, C))  # balanced again, in another order
-    _assert_snn_close(*_snn_vs_reference(query, supports, labels, 0.1, "torch", num_classes=C), FP32_TOL)
-    order, restore = labels._fastssl_class_order[1]
+        order, restore = check(labels)
     assert torch.equal(labels[order], torch.arange(M, device=DEVICE) % C)
     assert torch.equal(order[restore], torch.arange(M, device=DEVICE))
+    labels[int(torch.nonzero(labels).flatten()[0])] = 0  # class 0 has one support more: unbalanced
+    assert check(labels) is None
+    labels.copy_(_balanced_ids(M, C))  # balanced again, in another order
+    assert check(labels) is not None
+    labels.narrow(0, 0, 10).copy_(labels[:10].flip(0))  # reordered through a view
+    order, _ = check(labels)
+    assert torch.equal(labels[order], torch.arange(M, device=DEVICE) % C)
     with torch.inference_mode():
         fixed = _balanced_ids(M, C)
-        first = snn(query, supports, fixed, 0.1, num_classes=C, backend="torch")
-        fixed.copy_(_balanced_ids(M, C))
-        second = snn(query, supports, fixed, 0.1, num_classes=C, backend="torch")
-    for probs, ids in ((first, None), (second, fixed)):
-        if ids is not None:
-            ref = snn_reference(query.detach().double(), supports.detach().double(), _dense_of(ids, C, 0.0), 0.1)
-            assert_rel_close(probs, ref, FP32_TOL, "probabilities after an in-place write under inference mode")
+        runs = []
+        for _ in range(2):
+            runs.append((snn(query, supports, fixed, 0.1, num_classes=C, backend="torch"), fixed.clone()))
+            fixed.copy_(_balanced_ids(M, C))
+    for probs, ids in runs:
+        ref = snn_reference(query.detach().double(), supports.detach().double(), _dense_of(ids, C, 0.0), 0.1)
+        assert_rel_close(probs, ref, FP32_TOL, "probabilities of inference-mode class ids written in place")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
