@@ -3,11 +3,13 @@ a 2-process torchrun launcher."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -46,18 +48,26 @@ def assert_rel_close(actual, expected, tol: float, what: str = "value") -> None:
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
-@contextmanager
-def gloo_group(rank: int, init_file: str, world_size: int = 2):
-    """A worker of ``torch.multiprocessing.spawn`` inside a gloo process group (rendezvous on ``init_file``).
-    After a body that ran through, every rank waits for the others before leaving: one that tears its
-    connections down while a peer still finishes its last collective can make gloo abort that peer (SIGABRT,
-    "terminate called without an active exception"), as ``fastssl.train.runtime`` waits for the same reason."""
+def gloo_worker(rank: int, world_size: int, init_file: str, work: Callable[..., None], *args: Any) -> None:
+    """The target of ``torch.multiprocessing.spawn``: ``work(rank, *args)`` inside a gloo process group of the
+    spawned processes (rendezvous on ``init_file``). After a ``work`` that ran through, every rank waits for
+    the others before leaving the group (one that tears its connections down while a peer still finishes
+    its last collective can make gloo abort that peer, as ``fastssl.train.runtime`` knows), then the
+    process ends with ``os._exit(0)``, without the interpreter's finalisation: the group outlives
+    ``destroy_process_group`` (FSDP2's state keeps it, even after a garbage collection), so its C++
+    teardown would run during finalisation, the likeliest place of an abort seen in 2 of 5 runs of the
+    whole suite and never alone (SIGABRT, "terminate called without an active exception"). An abort
+    anywhere else prints its Python stack (faulthandler), shown with the failure."""
+    faulthandler.enable(all_threads=True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        yield
+        work(rank, *args)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300, script: str | None = None) -> str:

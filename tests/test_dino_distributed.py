@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import DEVICE, assert_rel_close, gloo_group
+from helpers import DEVICE, assert_rel_close, gloo_worker
 
 import fastssl
 
@@ -23,19 +23,18 @@ def _shard(x, rank):
     return x[:, rank * B:(rank + 1) * B].reshape(-1, K)
 
 
-def _worker(rank, init_file, seed, backend, out_dir):
-    with gloo_group(rank, init_file, WORLD):
-        loss_fn = fastssl.DinoLoss(K, NCROPS, 0.04, 0.07, 2, 5, backend=backend).to(DEVICE)
-        losses, centers = [], []
-        for epoch, (student, teacher) in enumerate(_batches(seed)):
-            losses.append(loss_fn(_shard(student, rank), _shard(teacher, rank), epoch))
-            centers.append(loss_fn.center.clone())
-        torch.save({"losses": torch.stack(losses), "centers": torch.stack(centers)}, f"{out_dir}/rank{rank}.pt")
+def _work(rank, seed, backend, out_dir):
+    loss_fn = fastssl.DinoLoss(K, NCROPS, 0.04, 0.07, 2, 5, backend=backend).to(DEVICE)
+    losses, centers = [], []
+    for epoch, (student, teacher) in enumerate(_batches(seed)):
+        losses.append(loss_fn(_shard(student, rank), _shard(teacher, rank), epoch))
+        centers.append(loss_fn.center.clone())
+    torch.save({"losses": torch.stack(losses), "centers": torch.stack(centers)}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_two_gloo_processes_match_one_process(tmp_path, fresh_seed, backend):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), fresh_seed, backend, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(gloo_worker, args=(WORLD, str(tmp_path / "init"), _work, fresh_seed, backend, str(tmp_path)), nprocs=WORLD)
     single = fastssl.DinoLoss(K, NCROPS, 0.04, 0.07, 2, 5, backend=backend).to(DEVICE)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for step, (student, teacher) in enumerate(_batches(fresh_seed)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import DEVICE, assert_rel_close, gloo_group
+from helpers import DEVICE, assert_rel_close, gloo_worker
 
 from fastssl import dinov2, dinov3
 
@@ -25,36 +25,35 @@ def _shard(x, rank):
     return x[:, rank * B:(rank + 1) * B]
 
 
-def _worker(rank, init_file, seed, backend, out_dir):
-    with gloo_group(rank, init_file, WORLD):
-        dino = dinov3.DINOLoss(K, backend=backend).to(DEVICE)
-        dino.init_weights()
-        ibot = dinov3.iBOTPatchLoss(K, backend=backend).to(DEVICE)
-        ibot.init_weights()
-        centered = dinov2.DINOLoss(K, backend=backend).to(DEVICE)
-        out = dict(probs=[], ibot_probs=[], losses=[], centers=[], ibot_centers=[])
-        for step in _data(seed):
-            x = _shard(step["cls"], rank).to(DEVICE)
-            targets = dino.teacher_targets(x.reshape(-1, K), teacher_temp=0.07)
-            out["probs"].append(targets.probs())
-            assert_rel_close(dino.sinkhorn_knopp_teacher(x.reshape(-1, K), 0.07), out["probs"][-1], 1e-6,
-                             "drop-in and fused Sinkhorn-Knopp")
-            out["losses"].append(dino(_shard(step["student"], rank).to(DEVICE), targets))
-            patches = step["patches"][rank].to(DEVICE)
-            out["ibot_probs"].append(ibot.sinkhorn_knopp_teacher(patches, 0.07, torch.tensor(len(patches))))
-            ibot.update_center(patches[None])
-            ibot.apply_center_update()
-            out["ibot_centers"].append(ibot.center.clone())
-            centered.softmax_center_teacher(x.reshape(-1, K), 0.05)
-            centered.update_center(x.reshape(-1, K))
-            centered.apply_center_update()
-            out["centers"].append(centered.center.clone())
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+def _work(rank, seed, backend, out_dir):
+    dino = dinov3.DINOLoss(K, backend=backend).to(DEVICE)
+    dino.init_weights()
+    ibot = dinov3.iBOTPatchLoss(K, backend=backend).to(DEVICE)
+    ibot.init_weights()
+    centered = dinov2.DINOLoss(K, backend=backend).to(DEVICE)
+    out = dict(probs=[], ibot_probs=[], losses=[], centers=[], ibot_centers=[])
+    for step in _data(seed):
+        x = _shard(step["cls"], rank).to(DEVICE)
+        targets = dino.teacher_targets(x.reshape(-1, K), teacher_temp=0.07)
+        out["probs"].append(targets.probs())
+        assert_rel_close(dino.sinkhorn_knopp_teacher(x.reshape(-1, K), 0.07), out["probs"][-1], 1e-6,
+                         "drop-in and fused Sinkhorn-Knopp")
+        out["losses"].append(dino(_shard(step["student"], rank).to(DEVICE), targets))
+        patches = step["patches"][rank].to(DEVICE)
+        out["ibot_probs"].append(ibot.sinkhorn_knopp_teacher(patches, 0.07, torch.tensor(len(patches))))
+        ibot.update_center(patches[None])
+        ibot.apply_center_update()
+        out["ibot_centers"].append(ibot.center.clone())
+        centered.softmax_center_teacher(x.reshape(-1, K), 0.05)
+        centered.update_center(x.reshape(-1, K))
+        centered.apply_center_update()
+        out["centers"].append(centered.center.clone())
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_two_gloo_processes_match_one_process(tmp_path, fresh_seed, backend):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), fresh_seed, backend, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(gloo_worker, args=(WORLD, str(tmp_path / "init"), _work, fresh_seed, backend, str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     dino = dinov3.DINOLoss(K, backend=backend).to(DEVICE)
     ibot = dinov3.iBOTPatchLoss(K, backend=backend).to(DEVICE)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import gloo_group
+from helpers import gloo_worker
 from test_ema import assert_updated, authors_update
 from torch import nn
 
@@ -36,52 +36,52 @@ def _shard(model, placement=None):
     return model
 
 
-def _worker(rank, init_file, seed, backend, t_dtype, out_dir):
-    with gloo_group(rank, init_file, WORLD):
-        student = _model(seed)
-        teacher = copy.deepcopy(student).to(t_dtype)
-        with torch.no_grad():  # a teacher that differs from the student
-            for p in teacher.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + p.numel())))
-        _shard(student)
-        _shard(teacher)
-        assert all(isinstance(p, DTensor) for p in teacher.parameters())
-        student_full = [p.full_tensor() for p in student.parameters()]
-        local_before = [p.to_local().clone() for p in teacher.parameters()]
-        schedule = MomentumTeacher(student, [0.5, MOMENTA[2]], teacher=teacher, backend=backend)
-        updates = (lambda: ema_update_(teacher, student, MOMENTA[0], backend=backend),
-                   lambda: ema_update_(teacher, student, torch.tensor(MOMENTA[1]), backend=backend),
-                   lambda: schedule.update(1))
-        steps = []  # (the gathered teacher before, after, momentum): each update checked on its own
-        for update, m in zip(updates, (MOMENTA[0], torch.tensor(MOMENTA[1]), MOMENTA[2]), strict=True):
-            before = [p.full_tensor() for p in teacher.parameters()]
-            update()
-            steps.append((before, [p.full_tensor() for p in teacher.parameters()], m))
-        out = dict(steps=steps, student=student_full,
-                   local_shapes=[tuple(p.to_local().shape) for p in teacher.parameters()],
-                   local_changed=[not torch.equal(a, p.to_local()) for a, p in zip(local_before, teacher.parameters(),
-                                                                                     strict=True)])
+def _work(rank, seed, backend, t_dtype, out_dir):
+    student = _model(seed)
+    teacher = copy.deepcopy(student).to(t_dtype)
+    with torch.no_grad():  # a teacher that differs from the student
+        for p in teacher.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + p.numel())))
+    _shard(student)
+    _shard(teacher)
+    assert all(isinstance(p, DTensor) for p in teacher.parameters())
+    student_full = [p.full_tensor() for p in student.parameters()]
+    local_before = [p.to_local().clone() for p in teacher.parameters()]
+    schedule = MomentumTeacher(student, [0.5, MOMENTA[2]], teacher=teacher, backend=backend)
+    updates = (lambda: ema_update_(teacher, student, MOMENTA[0], backend=backend),
+               lambda: ema_update_(teacher, student, torch.tensor(MOMENTA[1]), backend=backend),
+               lambda: schedule.update(1))
+    steps = []  # (the gathered teacher before, after, momentum): each update checked on its own
+    for update, m in zip(updates, (MOMENTA[0], torch.tensor(MOMENTA[1]), MOMENTA[2]), strict=True):
+        before = [p.full_tensor() for p in teacher.parameters()]
+        update()
+        steps.append((before, [p.full_tensor() for p in teacher.parameters()], m))
+    out = dict(steps=steps, student=student_full,
+               local_shapes=[tuple(p.to_local().shape) for p in teacher.parameters()],
+               local_changed=[not torch.equal(a, p.to_local()) for a, p in zip(local_before, teacher.parameters(),
+                                                                                 strict=True)])
 
-        errors = {}
-        plain = _model(seed)
-        try:
-            ema_update_(teacher, plain, 0.9, backend=backend)
-        except ValueError as e:
-            errors["unsharded student"] = str(e)
-        # The first weight [13, 8] by its columns (FSDP2 shards a dimension other than 0 only evenly).
-        by_columns = _shard(_model(seed), placement=lambda p: Shard(1) if p.shape == (13, 8) else None)
-        try:
-            MomentumTeacher(by_columns, 0.9, teacher=teacher, backend=backend)
-        except ValueError as e:
-            errors["other placements"] = str(e)
-        out["errors"] = errors
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    errors = {}
+    plain = _model(seed)
+    try:
+        ema_update_(teacher, plain, 0.9, backend=backend)
+    except ValueError as e:
+        errors["unsharded student"] = str(e)
+    # The first weight [13, 8] by its columns (FSDP2 shards a dimension other than 0 only evenly).
+    by_columns = _shard(_model(seed), placement=lambda p: Shard(1) if p.shape == (13, 8) else None)
+    try:
+        MomentumTeacher(by_columns, 0.9, teacher=teacher, backend=backend)
+    except ValueError as e:
+        errors["other placements"] = str(e)
+    out["errors"] = errors
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
 def test_shards_updated_in_place_equal_the_full_update(tmp_path, fresh_seed, backend, t_dtype):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), fresh_seed, backend, t_dtype, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(gloo_worker, args=(WORLD, str(tmp_path / "init"), _work, fresh_seed, backend, t_dtype, str(tmp_path)),
+             nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for r, out in enumerate(ranks):
         for k, (before, after, m) in enumerate(out["steps"]):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import DEVICE, gloo_group, rel_err
+from helpers import DEVICE, gloo_worker, rel_err
 
 from fastssl import dinov3
 from fastssl.reference import dinov3 as ref
@@ -28,28 +28,27 @@ def _batch(seed):
     return x
 
 
-def _worker(rank, init_file, seed, backend, out_dir):
-    with gloo_group(rank, init_file, WORLD):
-        x = _batch(seed)[rank * B:(rank + 1) * B].to(DEVICE)
-        out = {}
-        for size, topk in LAYOUTS:
-            xr = x.clone().requires_grad_()
-            loss = dinov3.KoLeoLossDistributed(topk, size, backend=backend)(xr)
-            (grad,) = torch.autograd.grad(loss, xr)
-            out[(size, topk)] = (loss.detach().cpu(), grad.cpu())
-        for key in ERRORS:
-            size, topk = key if isinstance(key, tuple) else (key, 1)
-            try:
-                dinov3.KoLeoLossDistributed(topk, size, backend=backend)(x)
-                out[key] = None
-            except ValueError as e:
-                out[key] = str(e)
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+def _work(rank, seed, backend, out_dir):
+    x = _batch(seed)[rank * B:(rank + 1) * B].to(DEVICE)
+    out = {}
+    for size, topk in LAYOUTS:
+        xr = x.clone().requires_grad_()
+        loss = dinov3.KoLeoLossDistributed(topk, size, backend=backend)(xr)
+        (grad,) = torch.autograd.grad(loss, xr)
+        out[(size, topk)] = (loss.detach().cpu(), grad.cpu())
+    for key in ERRORS:
+        size, topk = key if isinstance(key, tuple) else (key, 1)
+        try:
+            dinov3.KoLeoLossDistributed(topk, size, backend=backend)(x)
+            out[key] = None
+        except ValueError as e:
+            out[key] = str(e)
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_two_gloo_processes_match_the_gathered_batch(tmp_path, fresh_seed, backend):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), fresh_seed, backend, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(gloo_worker, args=(WORLD, str(tmp_path / "init"), _work, fresh_seed, backend, str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for size, topk in LAYOUTS:
         x64 = _batch(fresh_seed).double().requires_grad_()

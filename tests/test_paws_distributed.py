@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import DEVICE, assert_rel_close, gloo_group
+from helpers import DEVICE, assert_rel_close, gloo_worker
 
 import fastssl
 from fastssl.reference import make_labels_matrix
@@ -46,21 +46,21 @@ def _loss_and_grads(loss_fn, anchors, a_supports, labels, targets, t_supports):
     return dict(loss=loss.detach(), rloss=rloss.detach(), ga=ga, gs=gs)
 
 
-def _worker(rank, init_file, seed, kind, backend, out_dir):
-    with gloo_group(rank, init_file, WORLD):
-        data = _batch(seed)
-        rows = slice(rank * B, (rank + 1) * B)
-        supports = slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
-        loss_fn = fastssl.PawsLoss(**_options(kind, backend))
-        out = _loss_and_grads(loss_fn, data["anchors"][:, rows].reshape(-1, D), data["a_supports"][supports],
-                              _labels(kind, rank), data["targets"][:, rows].reshape(-1, D),
-                              data["t_supports"][supports])
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+def _work(rank, seed, kind, backend, out_dir):
+    data = _batch(seed)
+    rows = slice(rank * B, (rank + 1) * B)
+    supports = slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
+    loss_fn = fastssl.PawsLoss(**_options(kind, backend))
+    out = _loss_and_grads(loss_fn, data["anchors"][:, rows].reshape(-1, D), data["a_supports"][supports],
+                          _labels(kind, rank), data["targets"][:, rows].reshape(-1, D),
+                          data["t_supports"][supports])
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("backend,kind", [("torch", "dense"), ("triton", "ids"), ("triton", "dense")])
 def test_two_gloo_processes_match_one_process(tmp_path, fresh_seed, backend, kind):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), fresh_seed, kind, backend, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(gloo_worker, args=(WORLD, str(tmp_path / "init"), _work, fresh_seed, kind, backend, str(tmp_path)),
+             nprocs=WORLD)
     data = _batch(fresh_seed)
     single = _loss_and_grads(fastssl.PawsLoss(**_options(kind, backend)), data["anchors"].reshape(-1, D),
                              data["a_supports"], _labels(kind), data["targets"].reshape(-1, D), data["t_supports"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import gloo_group
+from helpers import gloo_worker
 from torch import nn
 
 from fastssl.train import sharded_checkpoint as sc
@@ -41,37 +41,36 @@ def _state(model, opt, rank, rng):
     return {"model": model_sd, "optimizer": opt_sd, "epoch": 3, sc.rank_key("rng", rank): rng}
 
 
-def _worker(rank, init_file, seed, out_dir):
-    with gloo_group(rank, init_file, WORLD):
-        model = _model(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        _step(model, opt, seed)
-        path = f"{out_dir}/ckpt"
-        sc.save_sharded(_state(model, opt, rank, torch.tensor([rank, seed])), path)
-        _step(model, opt, seed + 1)  # the run goes on, then saves again over the first checkpoint
-        saved_params = [p.full_tensor().clone() for p in model.parameters()]
-        saved_moments = [opt.state[p]["exp_avg"].full_tensor().clone() for p in model.parameters()]
-        sc.save_sharded(_state(model, opt, rank, torch.tensor([rank, seed])), path)
+def _work(rank, seed, out_dir):
+    model = _model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, opt, seed)
+    path = f"{out_dir}/ckpt"
+    sc.save_sharded(_state(model, opt, rank, torch.tensor([rank, seed])), path)
+    _step(model, opt, seed + 1)  # the run goes on, then saves again over the first checkpoint
+    saved_params = [p.full_tensor().clone() for p in model.parameters()]
+    saved_moments = [opt.state[p]["exp_avg"].full_tensor().clone() for p in model.parameters()]
+    sc.save_sharded(_state(model, opt, rank, torch.tensor([rank, seed])), path)
 
-        # A fresh run (other weights, one step of other data) loads it back.
-        other = _model(seed + 7)
-        other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
-        _step(other, other_opt, seed + 9)
-        state = _state(other, other_opt, rank, torch.zeros(2, dtype=torch.long))
-        state["epoch"] = 0
-        sc.load_sharded(state, path)
-        set_state_dict(other, other_opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        out = {"params_equal": all(torch.equal(a, p.full_tensor()) for a, p in zip(saved_params, other.parameters(),
-                                                                                    strict=True)),
-               "moments_equal": all(torch.equal(a, other_opt.state[p]["exp_avg"].full_tensor())
-                                    for a, p in zip(saved_moments, other.parameters(), strict=True)),
-               "epoch": state["epoch"], "rng": state[sc.rank_key("rng", rank)].tolist(),
-               "full": {n: p.full_tensor() for n, p in model.named_parameters()}}
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    # A fresh run (other weights, one step of other data) loads it back.
+    other = _model(seed + 7)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    _step(other, other_opt, seed + 9)
+    state = _state(other, other_opt, rank, torch.zeros(2, dtype=torch.long))
+    state["epoch"] = 0
+    sc.load_sharded(state, path)
+    set_state_dict(other, other_opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    out = {"params_equal": all(torch.equal(a, p.full_tensor()) for a, p in zip(saved_params, other.parameters(),
+                                                                                strict=True)),
+           "moments_equal": all(torch.equal(a, other_opt.state[p]["exp_avg"].full_tensor())
+                                for a, p in zip(saved_moments, other.parameters(), strict=True)),
+           "epoch": state["epoch"], "rng": state[sc.rank_key("rng", rank)].tolist(),
+           "full": {n: p.full_tensor() for n, p in model.named_parameters()}}
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
 
 
 def test_save_load_and_consolidate(tmp_path, fresh_seed):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), fresh_seed, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(gloo_worker, args=(WORLD, str(tmp_path / "init"), _work, fresh_seed, str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["params_equal"] and out["moments_equal"], rank
