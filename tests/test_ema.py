@@ -62,9 +62,9 @@ def assert_updated(actual, expected, backend, what="teacher"):
                                f"one ulp off, e.g. {a64[bad][0].item()} vs {e64[bad][0].item()}")
 
 
-def _pair(shapes, t_dtype=F32, s_dtype=F32):
-    teacher = [torch.randn(s, device=DEVICE).to(t_dtype) for s in shapes]
-    student = [torch.randn(s, device=DEVICE).to(s_dtype) for s in shapes]
+def _pair(shapes, t_dtype=F32, s_dtype=F32, device=DEVICE):
+    teacher = [torch.randn(s, device=device).to(t_dtype) for s in shapes]
+    student = [torch.randn(s, device=device).to(s_dtype) for s in shapes]
     return teacher, student
 
 
@@ -133,7 +133,7 @@ def test_cpu_loop_and_foreach_give_the_authors_bits(monkeypatch, path, t_dtype, 
         monkeypatch.setattr(fastssl.ema, "_ema_torch", lambda *a: pytest.fail("the foreach path ran"))
     else:
         monkeypatch.setattr(_ext, "load_installed_extension", lambda: False)
-    teacher, student = _pair(ODD_SHAPES + [(70001,), (300007,), (3, 87383)], t_dtype, s_dtype)
+    teacher, student = _pair(ODD_SHAPES + [(70001,), (300007,), (3, 87383)], t_dtype, s_dtype, device="cpu")
     cl = torch.randn(3, 5, 4, 6).to(t_dtype)
     teacher += [cl.to(memory_format=torch.channels_last), torch.randn(6, 10).to(t_dtype)[:, ::2],
                 torch.randn(5, 7).to(t_dtype)]
@@ -147,7 +147,6 @@ def test_cpu_loop_and_foreach_give_the_authors_bits(monkeypatch, path, t_dtype, 
         assert all(t._version > v for t, v in zip(teacher, versions, strict=True))
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ loop is the CPU's (CUDA runs the Triton kernel)")
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("t_dtype,s_dtype", [(F32, F32), (BF16, BF16), (F16, F32)], ids=str)
 def test_cpu_loop_with_any_thread_count(monkeypatch, threads, t_dtype, s_dtype):
@@ -157,7 +156,7 @@ def test_cpu_loop_with_any_thread_count(monkeypatch, threads, t_dtype, s_dtype):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        teacher, student = _pair([(5,), (300007,), (3, 87383), (262144,)], t_dtype, s_dtype)
+        teacher, student = _pair([(5,), (300007,), (3, 87383), (262144,)], t_dtype, s_dtype, device="cpu")
         expected = authors_update(teacher, student, 0.996)
         ema_update_(teacher, student, 0.996, backend="torch")
         assert_updated(teacher, expected, "torch")

@@ -117,28 +117,32 @@ def _check_labels(op: str, labels: torch.Tensor, supports: torch.Tensor, rows: t
     return False, num_classes
 
 
-def _id_range(labels: torch.Tensor) -> tuple[int, int]:
-    """The least and greatest class id, read from the device once per tensor and content.
-
-    The range is kept on the tensor with its address and version counter (which every in-place
-    write bumps, through views too), so a loop that reuses its support labels (the trainer
-    does) syncs once. Writes that bypass the version counter (``.data``, numpy or DLPack
-    aliases) go unseen, as they do for autograd. Inference tensors have no version counter:
-    they are read every time.
-    """
+def _kept_on(labels: torch.Tensor, name: str, compute, *args):
+    """``compute(labels, *args)``, kept on the tensor (attribute ``name``) with its address, version
+    counter (which every in-place write bumps, through views too) and ``args``, so that a loop that
+    reuses its support labels (the trainer does) computes it, and syncs with the device for it, once.
+    Writes that bypass the version counter (``.data``, numpy or DLPack aliases) go unseen, as they do
+    for autograd. Inference tensors have no version counter: computed every time."""
     if labels.is_inference():
-        return tuple(torch.stack(torch.aminmax(labels)).tolist())
-    key = (labels.data_ptr(), labels._version)
-    seen = getattr(labels, "_fastssl_id_range", None)
+        return compute(labels, *args)
+    key = (labels.data_ptr(), labels._version, *args)
+    seen = getattr(labels, name, None)
     if seen is None or seen[0] != key:
-        seen = labels._fastssl_id_range = (key, tuple(torch.stack(torch.aminmax(labels)).tolist()))
+        seen = (key, compute(labels, *args))
+        setattr(labels, name, seen)
     return seen[1]
+
+
+def _id_range(labels: torch.Tensor) -> tuple[int, int]:
+    """The least and greatest class id, read from the device once per tensor and content."""
+    return _kept_on(labels, "_fastssl_id_range", lambda ids: tuple(torch.stack(torch.aminmax(ids)).tolist()))
 
 
 def _balanced_class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """An order of the supports that cycles through the classes (the first support of every class in
     class order, then the second, ...; stable), and its inverse, when each of the ``num_classes``
     classes has as many supports (a class-balanced support set, as PAWS samples them); else None.
+    Once per tensor and content, as :func:`_id_range`.
 
     In that order the PyTorch path's class sums are a sum over the middle dimension of the [N, M]
     similarities viewed as [N, M / C, C], and its backward a broadcast over it, instead of a scatter
@@ -147,22 +151,16 @@ def _balanced_class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch
     (index_select both ways: index_copy_ costs three times as much), so :func:`_snn_torch` asks for it
     where d <= N (snn fwd+bwd on 2 CPU cores, N=128, M=1024, C=64: 5-10% faster at d=64, 3% at d=128;
     7-11% slower at d=256 in fp32, 1-2% in bf16), and on a CPU only (elsewhere finding it would sync
-    with the device). Kept on the tensor with its address and version, as :func:`_id_range` keeps the
-    range. Not under torch.compile, which traces the scatter (no data-dependent branch).
+    with the device). Not under torch.compile, which traces the scatter (no data-dependent branch).
     """
-    if torch.compiler.is_compiling():
-        return None
-    inference = labels.is_inference()  # no version counter: computed every time
-    key = (labels.data_ptr(), None if inference else labels._version, num_classes)
-    seen = None if inference else getattr(labels, "_fastssl_class_order", None)
-    if seen is None or seen[0] != key:
-        counts = torch.bincount(labels, minlength=num_classes)
-        balanced = counts.numel() == num_classes and bool((counts == counts[0]).all())
-        order = torch.argsort(labels, stable=True).view(num_classes, -1).T.reshape(-1) if balanced else None
-        seen = (key, None if order is None else (order, torch.argsort(order)))
-        if not inference:
-            labels._fastssl_class_order = seen
-    return seen[1]
+    def compute(ids, C):
+        counts = torch.bincount(ids, minlength=C)  # ids already checked to lie in [0, C)
+        if not bool((counts == counts[0]).all()):
+            return None
+        order = torch.argsort(ids, stable=True).view(C, -1).T.reshape(-1)
+        return order, torch.argsort(order)
+
+    return None if torch.compiler.is_compiling() else _kept_on(labels, "_fastssl_class_order", compute, num_classes)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -334,10 +332,9 @@ class _SnnTorch(torch.autograd.Function):
 
 def _snn_torch(query, supports, labels, tau, num_classes, smoothing):
     """snn in plain PyTorch (see :class:`_SnnTorch`); autocast off, so the precision is its own."""
-    grouping = None
+    order = restore = None
     if not labels.is_floating_point() and labels.device.type == "cpu" and query.shape[1] <= query.shape[0]:
-        grouping = _balanced_class_order(labels, num_classes)
-    order, restore = grouping if grouping is not None else (None, None)
+        order, restore = _balanced_class_order(labels, num_classes) or (None, None)
     with torch.autocast(query.device.type, enabled=False):
         return _SnnTorch.apply(query, supports, labels, tau, num_classes, smoothing, order, restore)
 
